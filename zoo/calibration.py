@@ -1,0 +1,192 @@
+"""Calibration of long-tailed ensembles: prior adjustment, temperature, metrics.
+
+A model's combined logits ``z`` are calibrated for some class prior ``pi_src`` (uniform
+for balanced methods, the training prior for plain CE). Serving under a target prior
+``pi_tgt`` is Bayes' rule in logit space::
+
+    z' = z + log(pi_tgt) - log(pi_src)
+
+and the temperature ``T`` (fitted by NLL on the balanced validation split, after the
+balanced adjustment) then divides the adjusted logits: ``p = softmax(z' / T)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PriorSpec = str | Sequence[float] | torch.Tensor | None
+
+
+def _validate_prior(prior: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if prior.ndim != 1 or prior.numel() != num_classes:
+        raise ValueError(f"prior must have {num_classes} entries, got shape {tuple(prior.shape)}")
+    if not torch.isfinite(prior).all():
+        raise ValueError("prior contains NaN or infinite values")
+    if (prior < 0).any():
+        raise ValueError("prior entries must be >= 0")
+    total = prior.sum()
+    if total <= 0:
+        raise ValueError("prior must have a positive sum")
+    return prior / total
+
+
+def resolve_prior(
+    spec: PriorSpec, class_counts: Sequence[int] | None, num_classes: int
+) -> torch.Tensor:
+    """Turn ``"balanced"``, ``"train"`` or a vector of class weights into a probability vector.
+
+    Raises ``ValueError`` with a message saying what is wrong for invalid priors.
+    """
+    if spec is None or (isinstance(spec, str) and spec == "balanced"):
+        return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    if isinstance(spec, str):
+        if spec == "train":
+            if not class_counts:
+                raise ValueError("prior='train' needs the model's training class counts")
+            return _validate_prior(torch.tensor(class_counts, dtype=torch.float64), num_classes)
+        raise ValueError(f"unknown prior {spec!r}; use 'balanced', 'train' or a list of {num_classes} numbers")
+    try:
+        vec = torch.as_tensor(spec, dtype=torch.float64).flatten()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"prior must be a list of {num_classes} numbers") from exc
+    return _validate_prior(vec, num_classes)
+
+
+def prior_shift(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``log(target) - log(source)``; classes with target prior 0 get a very negative shift."""
+    return torch.log(target.clamp_min(1e-12)) - torch.log(source.clamp_min(1e-12))
+
+
+def calibrated_probs(
+    logits: torch.Tensor, shift: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """softmax((logits + shift) / T)."""
+    return torch.softmax((logits + shift.to(logits)) / temperature, dim=-1)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T)."""
+    logits = logits.detach().double()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp().item())
+
+
+def expected_calibration_error(
+    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, norm: str = "l1"
+) -> float:
+    """Top-label ECE (``norm="l1"``) or MCE (``norm="max"``) with equal-width bins.
+
+    Matches torchmetrics' ``MulticlassCalibrationError`` (bins are right-closed).
+    """
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    conf = conf.double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    gaps = (acc_sum - conf_sum).abs() / count.clamp_min(1)
+    if norm == "max":
+        return float(gaps[count > 0].max()) if (count > 0).any() else 0.0
+    return float((gaps * count).sum() / count.sum().clamp_min(1))
+
+
+def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Mean over classes of the one-vs-rest calibration error of that class's probability."""
+    errors = []
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    for c in range(probs.shape[1]):
+        p = probs[:, c].double()
+        hit = (labels == c).double()
+        idx = torch.bucketize(p, edges[1:-1])
+        count = torch.bincount(idx, minlength=n_bins).double()
+        gap = (torch.bincount(idx, weights=hit, minlength=n_bins) - torch.bincount(idx, weights=p, minlength=n_bins)).abs()
+        errors.append(float(gap.sum() / count.sum()))
+    return sum(errors) / len(errors)
+
+
+def calibration_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
+) -> dict[str, float]:
+    """ECE, MCE, classwise ECE, NLL and Brier score of probabilities ``probs`` (N, C)."""
+    probs = probs.double()
+    onehot = F.one_hot(labels, probs.shape[1]).double()
+    return {
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "mce": expected_calibration_error(probs, labels, n_bins, norm="max"),
+        "classwise_ece": classwise_ece(probs, labels, n_bins),
+        "nll": float(-torch.log(probs.gather(1, labels[:, None]).clamp_min(1e-12)).mean()),
+        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+    }
+
+
+def expert_disagreement(expert_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean pairwise symmetric KL between experts' probabilities, per sample.
+
+    ``expert_logits`` has shape (K, B, C); returns (B,). Zero for a single expert.
+    """
+    k = expert_logits.shape[0]
+    if k < 2:
+        return expert_logits.new_zeros(expert_logits.shape[1])
+    logp = torch.log_softmax(expert_logits / temperature, dim=-1)
+    p = logp.exp()
+    # sum_{i != j} KL(p_i || p_j) = sum_{i,j} sum_c p_i (logp_i - logp_j)
+    cross = torch.einsum("ibc,jbc->ijb", p, logp)
+    self_term = (p * logp).sum(-1)  # (K, B)
+    total = k * self_term.sum(0) - cross.sum((0, 1))
+    return total / (k * (k - 1))
+
+
+def estimate_prior_em(
+    probs: torch.Tensor, train_prior: torch.Tensor | None = None, max_iter: int = 100, tol: float = 1e-6
+) -> torch.Tensor:
+    """Estimate the class prior of an unlabelled set by EM (Saerens et al., 2002).
+
+    ``probs`` are calibrated posteriors under ``train_prior`` (uniform if None).
+    """
+    probs = probs.double()
+    c = probs.shape[1]
+    src = torch.full((c,), 1.0 / c, dtype=torch.float64) if train_prior is None else train_prior.double()
+    prior = src.clone()
+    for _ in range(max_iter):
+        w = probs * (prior / src)
+        w = w / w.sum(1, keepdim=True)
+        new = w.mean(0)
+        if (new - prior).abs().max() < tol:
+            prior = new
+            break
+        prior = new
+    return prior
+
+
+def log_prior_of_counts(counts: Sequence[int]) -> torch.Tensor:
+    """log of the normalised class counts."""
+    t = torch.tensor(counts, dtype=torch.float64)
+    return torch.log(t / t.sum())
+
+
+__all__ = [
+    "calibrated_probs",
+    "calibration_metrics",
+    "classwise_ece",
+    "estimate_prior_em",
+    "expected_calibration_error",
+    "expert_disagreement",
+    "fit_temperature",
+    "log_prior_of_counts",
+    "prior_shift",
+    "resolve_prior",
+]

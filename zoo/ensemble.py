@@ -1,0 +1,153 @@
+"""`zoo.Ensemble`: the one object that travels from training to export and serving."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import calibration as cal
+from .config import EnsembleConfig
+from .models import build_experts
+from .preprocess import Preprocess
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class Prediction:
+    """Calibrated output of :meth:`Ensemble.predict` for a batch of B images."""
+
+    probs: torch.Tensor  # (B, C) calibrated probabilities
+    top_indices: torch.Tensor  # (B, k)
+    top_probs: torch.Tensor  # (B, k)
+    labels: list[list[str]]  # class names of the top-k, per image
+    disagreement: torch.Tensor  # (B,) mean pairwise KL between experts
+
+
+class Ensemble(nn.Module):
+    """K experts plus everything needed to turn pixels into calibrated probabilities.
+
+    * ``forward(x)`` -> combined logits (mean of the experts' logits), shape (B, C).
+    * ``expert_logits(x)`` -> per-expert logits, shape (K, B, C).
+    * ``predict(images, top_k=5, prior="balanced")`` -> :class:`Prediction` with
+      calibrated probabilities (prior adjustment, then the fitted temperature).
+
+    Example::
+
+        >>> import zoo
+        >>> model = zoo.load("ncl-resnet32-fmnistlt", pretrained=False)
+        >>> model.predict(torch.zeros(1, 1, 28, 28)).probs.shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(self, config: EnsembleConfig, pretrained_backbone: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.stem, self.experts, self.feature_dim = build_experts(config, pretrained_backbone)
+        self.transform = Preprocess(config.preprocess)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each expert's classifier input feature (after its neck)."""
+        h = self.stem(x)
+        return [e.forward_features(h) for e in self.experts]
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every expert, stacked: (K, B, C)."""
+        h = self.stem(x)
+        return torch.stack([e(h) for e in self.experts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Combined logits: the mean of the experts' logits."""
+        return self.expert_logits(x).mean(0)
+
+    # -- calibration ---------------------------------------------------------------
+    def source_prior(self) -> torch.Tensor:
+        """The class prior the combined logits are calibrated for."""
+        spec = "train" if self.config.logit_prior == "train" else "balanced"
+        return cal.resolve_prior(spec, self.config.class_counts, self.config.num_classes)
+
+    def prior_shift(self, prior: cal.PriorSpec = None) -> torch.Tensor:
+        """``log(target prior) - log(source prior)`` for a prior spec (default: the config's)."""
+        spec = self.config.default_prior if prior is None else prior
+        target = cal.resolve_prior(spec, self.config.class_counts, self.config.num_classes)
+        return cal.prior_shift(target, self.source_prior()).float()
+
+    def calibrated_probs(self, logits: torch.Tensor, prior: cal.PriorSpec = None) -> torch.Tensor:
+        """Prior-adjusted, temperature-scaled probabilities from combined logits."""
+        return cal.calibrated_probs(logits, self.prior_shift(prior), self.config.temperature)
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """PIL image(s) of any size and mode -> normalised batch tensor (B, C, H, W)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        return torch.stack([self.transform(im) for im in images])
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Image.Image | Sequence[Image.Image] | torch.Tensor,
+        top_k: int = 5,
+        prior: cal.PriorSpec = None,
+    ) -> Prediction:
+        """Calibrated top-k predictions for PIL image(s) or a preprocessed tensor batch.
+
+        ``prior`` is "balanced" (default), "train", "estimate" (EM on this batch,
+        Saerens et al. 2002) or a vector of class weights.
+        """
+        if not 1 <= top_k <= self.config.num_classes:
+            raise ValueError(f"top_k must be in [1, {self.config.num_classes}], got {top_k}")
+        x = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        device = next(self.parameters()).device
+        expert_logits = self.expert_logits(x.to(device)).float().cpu()
+        logits = expert_logits.mean(0)
+        if isinstance(prior, str) and prior == "estimate":
+            balanced = self.calibrated_probs(logits, "balanced")
+            prior = cal.estimate_prior_em(balanced)
+        probs = self.calibrated_probs(logits, prior)
+        top_probs, top_idx = probs.topk(top_k, dim=1)
+        names = self.config.class_names
+        return Prediction(
+            probs=probs,
+            top_indices=top_idx,
+            top_probs=top_probs,
+            labels=[[names[i] for i in row] for row in top_idx.tolist()],
+            disagreement=cal.expert_disagreement(expert_logits, self.config.temperature),
+        )
+
+    def select_experts(self, indices: Sequence[int]) -> Ensemble:
+        """A new ensemble that keeps only the experts at ``indices`` (shares no tensors)."""
+        if not indices or any(not 0 <= i < self.num_experts for i in indices):
+            raise ValueError(f"expert indices must be in [0, {self.num_experts - 1}], got {list(indices)}")
+        cfg = copy.deepcopy(self.config)
+        cfg.num_experts = len(indices)
+        cfg.extra = {**cfg.extra, "expert_subset": list(indices)}
+        sub = Ensemble(cfg)
+        sub.stem.load_state_dict(self.stem.state_dict())
+        for dst, i in zip(sub.experts, indices, strict=True):
+            dst.load_state_dict(self.experts[i].state_dict())
+        return sub.to(next(self.parameters()).device).eval()
+
+    # -- persistence -----------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, card: bool = True) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and a model card ``README.md``."""
+        from .hub_io import save_pretrained
+
+        return save_pretrained(self, directory, card=card)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+        """Load an ensemble saved by :meth:`save_pretrained` from a local directory."""
+        from .hub_io import load_local
+
+        return load_local(directory, device=device)
