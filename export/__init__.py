@@ -1,0 +1,1 @@
+"""ltzoo export package."""

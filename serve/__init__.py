@@ -1,0 +1,1 @@
+"""ltzoo serve package."""
