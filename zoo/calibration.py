@@ -69,7 +69,8 @@ def calibrated_probs(
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
     """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T)."""
-    logits = logits.detach().double()
+    logits = logits.detach().double().clone()  # clone: may be an inference-mode tensor
+    labels = labels.clone()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

@@ -1,0 +1,69 @@
+"""Train the Fashion-MNIST-LT zoo (same budget for every method) and collect results JSON.
+
+    python benchmarks/train_fmnistlt.py --methods ce bs ncl --seeds 0 1 2
+
+Each run goes to runs/bench/<recipe>-s<seed>/ (resumable: finished runs are skipped,
+interrupted ones resume from their last checkpoint). The summary, with mean and spread
+over seeds, goes to benchmarks/results/fmnistlt.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from training.config import load_recipe
+from training.engine import train
+
+RESULTS = Path(__file__).parent / "results" / "fmnistlt.json"
+RECIPES = {"ce": "fmnistlt_ce", "bs": "fmnistlt_bs", "ncl": "fmnistlt_ncl", "cbd": "fmnistlt_cbd", "ecl": "fmnistlt_ecl"}
+KEYS = ("top1", "many", "medium", "few")
+
+
+def run_one(recipe: str, seed: int, overrides: list[str], tag: str) -> dict:
+    run_dir = Path("runs/bench") / f"{tag}-s{seed}"
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        t0 = time.time()
+        cfg = load_recipe(recipe, [f"run.seed={seed}", *overrides])
+        train(cfg, run_dir, resume=True)
+        print(f"{tag} seed {seed}: {time.time() - t0:.0f}s", file=sys.stderr)
+    return json.loads(results_path.read_text())
+
+
+def summarise(runs: list[dict]) -> dict:
+    out: dict = {"seeds": len(runs)}
+    for k in KEYS:
+        vals = [r["accuracy"][k] for r in runs]
+        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "runs": vals}
+    for k in ("ece_before", "ece_after", "temperature"):
+        vals = [r["calibration"][k] for r in runs]
+        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    experts = [r["experts"] for r in runs]
+    out["best_single_expert_top1"] = {"mean": statistics.fmean(max(e) for e in experts)}
+    out["experts_top1"] = experts
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(RECIPES), help="methods or name=recipe:override,override")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = ap.parse_args()
+    summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for spec in args.methods:
+        tag, _, rest = spec.partition("=")
+        recipe, _, overrides = (rest or RECIPES[tag]).partition(":")
+        runs = [run_one(recipe, s, [o for o in overrides.split(",") if o], tag) for s in args.seeds]
+        summary[tag] = {"recipe": recipe, "overrides": overrides, **summarise(runs)}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(summary, indent=2))
+        print(tag, {k: round(summary[tag][k]["mean"], 2) for k in KEYS}, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The one training loop every method shares.
+
+Single process or ``torchrun`` (DDP, gloo on CPU / nccl on CUDA), AMP on CUDA,
+warm-up + multistep/cosine schedules, tqdm progress, JSON-lines metrics, periodic
+evaluation, and atomic per-epoch checkpoints: ``--resume`` continues from the last
+one with model, optimiser, scheduler, scaler and RNG states, so a run killed with
+SIGKILL and resumed ends with the same weights as an uninterrupted run (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from zoo import Ensemble
+from zoo.registry import get_entry
+
+from .config import RunConfig
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .methods import METHODS, Method
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device='cuda' but no CUDA device is available")
+        return torch.device("cuda", dist_info.local_rank if dist_info else 0)
+    return torch.device(name)
+
+
+def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
+    """Per-step multiplier: linear warm-up, then multistep decay or cosine."""
+    o = cfg.optim
+    warm = o.warmup_epochs * steps_per_epoch
+    total = o.epochs * steps_per_epoch
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if o.schedule == "cosine":
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if o.schedule == "multistep":
+            epoch = step // steps_per_epoch
+            return o.gamma ** sum(epoch >= m for m in o.milestones)
+        return 1.0
+
+    return fn
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file then rename: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    # Our own resume file (written by atomic_save above), never a downloaded one.
+    # RNG states hold numpy/python objects, hence the explicit safe globals.
+    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.core.multiarray._reconstruct, type(np.dtype("uint32"))]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Trainer:
+    """Runs one :class:`RunConfig`. Construct, then :meth:`fit`."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.run.out or Path("runs") / cfg.recipe)
+        self.resume = resume
+        self.dist = init_distributed("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(cfg.run.device, self.dist)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+
+    # -- building -------------------------------------------------------------------
+    def build_data(self):
+        from .data import build_lt_dataset, build_transforms
+
+        d = self.cfg.data
+        pre = get_entry(self.cfg.model).build_config().preprocess
+        return build_lt_dataset(
+            d.name, root=d.root or None, rho=d.rho, n_max=d.n_max or None, seed=d.seed,
+            class_order=d.class_order or None, val_per_class=d.val_per_class,
+            train_transform=build_transforms(pre, d.augment, train=True),
+            eval_transform=build_transforms(pre, (), train=False),
+            train_split=d.train_split or None, val_split=d.val_split or None, test_split=d.test_split or None,
+        )
+
+    def build_model(self, split) -> Ensemble:
+        method_cls = METHODS[self.cfg.method]
+        overrides = dict(self.cfg.model_overrides)
+        config = get_entry(self.cfg.model).build_config(
+            class_counts=list(split.class_counts), class_names=list(split.class_names),
+            logit_prior=method_cls.logit_prior, recipe=self.cfg.recipe, **overrides,
+        )
+        config.extra["data"] = split.info
+        return Ensemble(config)
+
+    def build_loader(self, split, method: Method) -> DataLoader:
+        from .data import build_sampler
+
+        sampler = build_sampler(
+            method.sampler, split.train_labels, seed=self.cfg.data.seed + self.cfg.run.seed,
+            num_replicas=self.dist.world_size, rank=self.dist.rank,
+        )
+        per_rank_batch = max(1, self.cfg.optim.batch_size // self.dist.world_size)
+        return DataLoader(
+            split.train, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
+            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    # -- running --------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train (or resume), evaluate on the test set, save the ensemble. Returns the run dir."""
+        cfg = self.cfg
+        seed_everything(cfg.run.seed)
+        split = self.build_data()
+        model = self.build_model(split)
+        method = METHODS[cfg.method](model, split.class_counts, METHODS[cfg.method].Params.from_dict(cfg.method_params))
+        method.prepare({"trainer": self, "split": split})
+        method.to(self.device)
+        if self.dist.enabled and cfg.run.sync_bn and self.device.type == "cuda":
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        loader = self.build_loader(split, method)
+        steps = len(loader) if not cfg.run.max_steps_per_epoch else min(len(loader), cfg.run.max_steps_per_epoch)
+        lr = cfg.optim.lr * (cfg.optim.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0)
+        params = [p for p in method.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+        use_amp = cfg.run.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        ddp = (
+            DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                    find_unused_parameters=True)
+            if self.dist.enabled else method
+        )
+
+        start_epoch = 0
+        ckpt_path = self.run_dir / CHECKPOINT
+        if self.resume and ckpt_path.is_file():
+            state = _load_checkpoint(ckpt_path)
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            start_epoch = state["epoch"] + 1
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "data": split.info}, indent=2, default=str))
+        writer = self._tensorboard()
+
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+            ddp.train()
+            logs = self._train_epoch(ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch)
+            if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and split.val is not None:
+                from .evaluate import evaluate
+
+                logs["val"] = evaluate(method.model, split.val, split.class_counts, cfg.run.eval_batch_size, self.device)["accuracy"]
+            if self.dist.is_main:
+                self._log({"epoch": epoch, **logs}, writer, epoch)
+                atomic_save(
+                    {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": _rng_state(), "epoch": epoch},
+                    ckpt_path,
+                )
+            barrier(self.dist)
+        if self.dist.is_main:
+            self._finish(method.model, split)
+        barrier(self.dist)
+        cleanup(self.dist)
+        return self.run_dir
+
+    def _train_epoch(self, ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch) -> dict[str, Any]:
+        totals: dict[str, float] = {}
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", disable=not self.dist.is_main,
+                   leave=False, dynamic_ncols=True)
+        for step, (images, labels) in enumerate(loader):
+            if step >= steps:
+                break
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+                loss, parts = ddp(images, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if self.cfg.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            method.after_step()
+            seen += images.shape[0]
+            for k, v in {"loss": loss.item(), **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.update()
+        bar.close()
+        n = max(1, min(steps, len(loader)))
+        return {**{k: v / n for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+                "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0)}
+
+    def _tensorboard(self):
+        if not (self.cfg.run.tensorboard and self.dist.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(self.run_dir / "tensorboard")
+
+    def _log(self, row: dict[str, Any], writer, epoch: int) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float):
+                    writer.add_scalar(k, v, epoch)
+
+    def _finish(self, model: Ensemble, split) -> None:
+        """Evaluate on the test set, fit the temperature on val, save the ensemble."""
+        from .evaluate import calibrate_and_evaluate
+
+        results = calibrate_and_evaluate(model, split, self.cfg.run.eval_batch_size, self.device)
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        model.cpu().save_pretrained(self.run_dir / "model")
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Train ``cfg``; the run directory ends up holding ``model/`` (a saved :class:`zoo.Ensemble`)."""
+    return Trainer(cfg, run_dir, resume).fit()

@@ -1,0 +1,149 @@
+"""Evaluation: top-1/top-5 overall and on many/medium/few-shot classes, per expert,
+per class; temperature fitting on the balanced validation split; plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from zoo import Ensemble
+from zoo import calibration as cal
+from zoo.config import shot_group
+
+GROUPS = ("many", "medium", "few")
+
+
+@torch.inference_mode()
+def collect_logits(
+    model: Ensemble, dataset: Dataset, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert logits (K, N, C) and labels (N,) over ``dataset``."""
+    model = model.to(device).eval()
+    chunks, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, y in tqdm(loader, desc="evaluating", leave=False, dynamic_ncols=True):
+        chunks.append(model.expert_logits(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(chunks, dim=1), torch.cat(labels)
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequence[int]) -> dict[str, Any]:
+    """top-1, top-5, many/medium/few (in %), and per-class top-1 for combined logits (N, C)."""
+    num_classes = logits.shape[1]
+    pred = logits.argmax(1)
+    correct = (pred == labels).float()
+    k = min(5, num_classes)
+    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float()
+    per_class = [float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan") for c in range(num_classes)]
+    groups = [shot_group(n) for n in class_counts] if class_counts else ["many"] * num_classes
+    report: dict[str, Any] = {"top1": float(correct.mean() * 100), "top5": float(top5.mean() * 100)}
+    for g in GROUPS:
+        mask = torch.tensor([groups[int(y)] == g for y in labels])
+        report[g] = float(correct[mask].mean() * 100) if mask.any() else None
+    report["per_class"] = per_class
+    return report
+
+
+def evaluate(model: Ensemble, dataset: Dataset, class_counts: Sequence[int], batch_size: int = 256,
+             device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Accuracy of the ensemble and of each expert on ``dataset``."""
+    expert_logits, labels = collect_logits(model, dataset, batch_size, device)
+    return {
+        "accuracy": accuracy_report(expert_logits.mean(0), labels, class_counts),
+        "experts": [accuracy_report(z, labels, class_counts)["top1"] for z in expert_logits],
+    }
+
+
+def calibrate_and_evaluate(model: Ensemble, split, batch_size: int = 256, device: torch.device | str = "cpu",
+                           plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Fit the temperature on the balanced val split (after the balanced prior adjustment),
+    store it in ``model.config``, and report test accuracy and calibration before/after."""
+    counts = split.class_counts
+    test_logits, test_labels = collect_logits(model, split.test, batch_size, device)
+    combined = test_logits.mean(0)
+    shift = model.prior_shift("balanced")
+    results: dict[str, Any] = {
+        "accuracy": accuracy_report(combined, test_labels, counts),
+        "accuracy_balanced_prior": accuracy_report(combined + shift, test_labels, counts),
+        "experts": [accuracy_report(z, test_labels, counts)["top1"] for z in test_logits],
+    }
+    before = cal.calibration_metrics(torch.softmax(combined + shift, 1), test_labels)
+    temperature = 1.0
+    if split.val is not None and len(split.val) > 0:
+        val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
+        temperature = cal.fit_temperature(val_logits.mean(0) + shift, val_labels)
+    model.config.temperature = temperature
+    after = cal.calibration_metrics(torch.softmax((combined + shift) / temperature, 1), test_labels)
+    results["calibration"] = {
+        "temperature": temperature,
+        "before": before, "after": after,
+        "ece_before": before["ece"] * 100, "ece_after": after["ece"] * 100,
+    }
+    acc = results["accuracy"]
+    model.config.metrics = {
+        "accuracy": {k: acc[k] for k in ("top1", "top5", *GROUPS)},
+        "experts_top1": results["experts"],
+        "calibration": {k: results["calibration"][k] for k in ("temperature", "ece_before", "ece_after")},
+    }
+    if plots_dir is not None:
+        plot_per_class(acc["per_class"], counts, Path(plots_dir) / "per_class_accuracy.png", model.config.name)
+        plot_reliability(torch.softmax((combined + shift) / temperature, 1), test_labels,
+                         Path(plots_dir) / "reliability.png", model.config.name)
+    return results
+
+
+def plot_per_class(per_class: Sequence[float], counts: Sequence[int], path: Path, title: str = "") -> Path:
+    """Per-class test accuracy against training class size (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    for n, a in zip(counts, per_class, strict=True):
+        ax.scatter(n, a, color=colors[shot_group(n)])
+    for g, c in colors.items():
+        ax.scatter([], [], color=c, label=g)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images in class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "per-class accuracy")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(probs: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "", n_bins: int = 15) -> Path:
+    """Reliability diagram: accuracy vs confidence per bin, with the ECE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf, pred = probs.max(1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    idx = torch.bucketize(conf, edges[1:-1])
+    accs = [float(correct[idx == b].mean()) if (idx == b).any() else 0.0 for b in range(n_bins)]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.bar(edges[:-1], accs, width=1 / n_bins, align="edge", edgecolor="k", label="accuracy")
+    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    ece = cal.expected_calibration_error(probs, labels, n_bins) * 100
+    ax.set_title(f"{title} ECE={ece:.2f}%")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

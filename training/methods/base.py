@@ -1,0 +1,64 @@
+"""The method interface: build modules, compute a batch's loss, choose a sampler.
+
+A method never owns the training loop; :mod:`training.engine` drives every method.
+Training-only modules (MoCo encoders, distillation classifiers, teachers) live on the
+method, the inference modules on ``self.model`` (a :class:`zoo.Ensemble`), which is
+what gets published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from zoo import Ensemble
+
+
+@dataclass
+class MethodParams:
+    """Base of each method's hyper-parameters (the recipe's ``[method_params]`` table)."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MethodParams:
+        from ..config import build_section
+
+        return build_section(cls, values, "method_params")
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``Params``, and implement :meth:`forward`."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: which training sampler the method needs ("instance", "class_balanced", "sqrt")
+    sampler: ClassVar[str] = "instance"
+    #: which prior the trained model's logits are calibrated for
+    logit_prior: ClassVar[str] = "uniform"
+
+    def __init__(self, model: Ensemble, class_counts: Sequence[int], params: MethodParams) -> None:
+        super().__init__()
+        self.model = model
+        self.params = params
+        counts = torch.tensor(list(class_counts), dtype=torch.float32)
+        if (counts <= 0).any():
+            raise ValueError("every class needs at least one training image")
+        self.register_buffer("log_counts", counts.log(), persistent=False)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one batch and a dict of scalars to log."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Hook after each optimiser step (e.g. momentum encoder update)."""
+
+    def prepare(self, context: dict[str, Any]) -> None:
+        """Hook before training (e.g. CBD trains/loads its teachers). ``context`` holds the run's pieces."""
+
+
+def balanced_logits(logits: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
+    """Balanced Softmax / logit adjustment: z + log(n_c), broadcast over the batch."""
+    return logits + log_counts.to(logits.dtype)

@@ -1,0 +1,93 @@
+"""MoCo-style contrastive branch shared by NCL (its optional self-supervision) and ECL
+(its "contrastive proxy task").
+
+Per expert: a projection head on the expert's feature (query), an EMA copy of the whole
+encoder + head (key), and a queue of negatives. The key view is a second, batch-level
+augmentation of the same images (random flip + random translation), so the data pipeline
+stays single-view; the official NCL code instead loads two augmented crops per image.
+Queues are per process (keys are not gathered across DDP ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import Ensemble
+
+
+def projection_head(in_dim: int, out_dim: int) -> nn.Module:
+    """MLP projection (Linear-ReLU-Linear), as in MoCo v2."""
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+def key_view(images: torch.Tensor, max_shift: float = 0.125) -> torch.Tensor:
+    """A second random view of a batch: per-sample horizontal flip and translation."""
+    b = images.shape[0]
+    flip = torch.where(torch.rand(b, device=images.device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = flip
+    theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = (torch.rand(b, 2, device=images.device) * 2 - 1) * 2 * max_shift
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with the positive key ``k`` and negatives ``queue`` (N, D); all L2-normalised."""
+    pos = (q * k).sum(1, keepdim=True)
+    neg = q @ queue.t()
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class MoCoBranch(nn.Module):
+    """Per-expert MoCo: projection heads, momentum (EMA) key encoders, queues."""
+
+    def __init__(self, model: Ensemble, dim: int = 64, queue_size: int = 1024,
+                 temperature: float = 0.2, momentum: float = 0.999) -> None:
+        super().__init__()
+        in_dim = model.config.neck_dim or model.feature_dim
+        k = model.num_experts
+        self.heads = nn.ModuleList(projection_head(in_dim, dim) for _ in range(k))
+        self.key_encoder = copy.deepcopy(nn.ModuleDict({"stem": model.stem, "experts": model.experts}))
+        self.key_heads = copy.deepcopy(self.heads)
+        for p in [*self.key_encoder.parameters(), *self.key_heads.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("queues", F.normalize(torch.randn(k, queue_size, dim), dim=2))
+        self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))
+        self.temperature, self.momentum = temperature, momentum
+
+    @torch.no_grad()
+    def momentum_update(self, model: Ensemble) -> None:
+        online = [*model.stem.parameters(), *model.experts.parameters(), *self.heads.parameters()]
+        target = [*self.key_encoder.parameters(), *self.key_heads.parameters()]
+        for p_k, p_q in zip(target, online, strict=True):
+            p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def _keys(self, images: torch.Tensor) -> list[torch.Tensor]:
+        h = self.key_encoder["stem"](key_view(images))
+        return [F.normalize(head(e.forward_features(h)), dim=1)
+                for e, head in zip(self.key_encoder["experts"], self.key_heads, strict=True)]
+
+    @torch.no_grad()
+    def _enqueue(self, i: int, keys: torch.Tensor) -> None:
+        size = self.queues.shape[1]
+        ptr = int(self.queue_ptr[i])
+        idx = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
+        self.queues[i, idx] = keys.to(self.queues.dtype)
+        self.queue_ptr[i] = (ptr + keys.shape[0]) % size
+
+    def forward(self, expert_features: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Sum over experts of InfoNCE(query = projected feature, key = EMA encoder on a second view)."""
+        keys = self._keys(images)
+        loss = images.new_zeros(())
+        for i, (feat, head, key) in enumerate(zip(expert_features, self.heads, keys, strict=True)):
+            q = F.normalize(head(feat), dim=1)
+            loss = loss + info_nce(q, key, self.queues[i].clone().detach(), self.temperature)
+            self._enqueue(i, key)
+        return loss
