@@ -1,0 +1,688 @@
+"""Long-tailed dataset builders: Fashion-MNIST-LT, CIFAR-10/100-LT, ImageNet-LT, Places-LT,
+iNaturalist 2018 and ImageFolder-LT, all returned as an :class:`LTSplit`.
+
+Label convention: with ``class_order`` (a permutation of the original class ids, head
+first), new label ``i`` holds the images of original class ``class_order[i]``, and
+``class_names`` / ``class_counts`` are indexed by the new label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from zoo.config import PreprocessConfig
+from zoo.datasets_meta import CIFAR_PREPROCESS, DATASETS, IMAGENET_PREPROCESS
+from zoo.preprocess import Preprocess, to_model_mode
+
+from .profile import check_class_order, inverse_order, lt_counts, select_lt
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_APT = "dataset-fashion-mnist"
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
+NAMES = (
+    "fashion_mnist_lt",
+    "cifar10_lt",
+    "cifar100_lt",
+    "imagenet_lt",
+    "places_lt",
+    "inat2018",
+    "imagefolder_lt",
+)
+#: Default split files (looked up under ``root``): (train, val, test). iNaturalist 2018 has
+#: no separate test set; its official val list is the test set and there is no val split.
+SPLIT_FILES: dict[str, tuple[str, str | None, str]] = {
+    "imagenet_lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
+    "places_lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
+    "inat2018": ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt"),
+}
+DEFAULT_N_MAX = {"fashion_mnist_lt": 1000, "cifar10_lt": 5000, "cifar100_lt": 500}
+DEFAULT_RHO = 100.0
+#: ImageFolder-LT: a train folder whose smallest class has >= this fraction of the largest
+#: class's images counts as balanced, so a given rho turns it long-tailed.
+BALANCED_TOLERANCE = 0.9
+
+
+@dataclass
+class LTSplit:
+    """A long-tailed training set with balanced validation / test sets."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    class_counts: list[int]
+    class_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+    train_labels: list[int] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as a uint8 tensor (N, H, W) or (N, H, W, 3).
+
+    ``__getitem__`` turns image ``i`` into a PIL "L"/"RGB" image and applies ``transform``,
+    or, when it is ``None``, the evaluation ``Preprocess(preprocess)`` (default: the
+    Fashion-MNIST config for 1-channel images, the CIFAR one for RGB, at the images' size).
+    ``indices`` (optional) records where each image came from in the original split.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: Iterable[int],
+        transform: Callable | None = None,
+        indices: Iterable[int] | None = None,
+        preprocess: PreprocessConfig | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim not in (3, 4):
+            raise ValueError("images must be a uint8 tensor (N, H, W) or (N, H, W, 3)")
+        self.labels = [int(x) for x in labels]
+        if len(images) != len(self.labels):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        self.images = images.contiguous()
+        self._np = self.images.numpy()
+        self.targets = self.labels
+        self.mode = "L" if images.ndim == 3 else "RGB"
+        self.transform = transform
+        self.indices = None if indices is None else [int(i) for i in indices]
+        if preprocess is None:
+            base = PreprocessConfig() if self.mode == "L" else PreprocessConfig(**CIFAR_PREPROCESS)  # type: ignore[arg-type]
+            preprocess = dataclasses.replace(
+                base, input_size=(int(images.shape[1]), int(images.shape[2]))
+            )
+        self.eval_preprocess = Preprocess(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self._np[i], mode=self.mode)
+        tf = self.transform if self.transform is not None else self.eval_preprocess
+        return tf(image), self.labels[i]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_np")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._np = self.images.numpy()
+
+
+class FileListDataset(Dataset):
+    """Images on disk opened lazily; ``samples`` is a list of (path, label).
+
+    Each image is opened with PIL, converted with ``zoo.preprocess.to_model_mode`` and passed
+    to ``transform`` (``None``: the evaluation ``Preprocess(preprocess)``, ImageNet's default).
+    """
+
+    def __init__(
+        self,
+        samples: Iterable[tuple[str | Path, int]],
+        transform: Callable | None = None,
+        channels: int | None = None,
+        preprocess: PreprocessConfig | None = None,
+    ) -> None:
+        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.labels = [y for _, y in self.samples]
+        self.targets = self.labels
+        self.transform = transform
+        if preprocess is None:
+            preprocess = PreprocessConfig(**IMAGENET_PREPROCESS)  # type: ignore[arg-type]
+        self.channels = preprocess.channels if channels is None else channels
+        self.eval_preprocess = Preprocess(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            image = to_model_mode(im, self.channels)
+        tf = self.transform if self.transform is not None else self.eval_preprocess
+        return tf(image), label
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _default_root() -> str:
+    return os.environ.get("LTZOO_DATA_ROOT", "data")
+
+
+def _eval_default(name: str) -> PreprocessConfig:
+    if name in DATASETS:
+        return DATASETS[name].preprocess_config()
+    return PreprocessConfig(**IMAGENET_PREPROCESS)  # type: ignore[arg-type]
+
+
+def _info(name: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, **kw}
+
+
+def _finish_info(info: dict, counts: list[int], train: Any, val: Any | None, test: Any) -> dict:
+    info["class_counts"] = list(counts)
+    info["counts"] = list(counts)
+    info["num_classes"] = len(counts)
+    info["sizes"] = {"train": len(train), "val": 0 if val is None else len(val), "test": len(test)}
+    return info
+
+
+def _lt_from_arrays(
+    name: str,
+    *,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    base_names: list[str],
+    rho: float,
+    n_max: int,
+    seed: int,
+    class_order: Sequence[int] | None,
+    val_per_class: int,
+    train_transform: Callable,
+    eval_transform: Callable,
+    source: str,
+) -> LTSplit:
+    cfg = DATASETS[name].preprocess_config()
+    """Shared path of the in-memory datasets (Fashion-MNIST, CIFAR)."""
+    num_classes = len(base_names)
+    order = check_class_order(class_order, num_classes)
+    counts = lt_counts(n_max, num_classes, rho)
+    tr_idx, tr_lab, va_idx, va_lab, v = select_lt(
+        train_labels, order, counts, seed=seed, val_per_class=val_per_class, dataset=name
+    )
+    inv = inverse_order(order)
+    train = ArrayImageDataset(
+        torch.from_numpy(train_images[tr_idx]), tr_lab, train_transform, tr_idx, cfg
+    )
+    val = (
+        ArrayImageDataset(
+            torch.from_numpy(train_images[va_idx]), va_lab, eval_transform, va_idx, cfg
+        )
+        if v
+        else None
+    )
+    test = ArrayImageDataset(
+        torch.from_numpy(np.array(test_images, dtype=np.uint8)),
+        inv[np.asarray(test_labels, dtype=np.int64)],
+        eval_transform,
+        preprocess=cfg,
+    )
+    names = [base_names[o] for o in order]
+    info = _info(
+        name,
+        rho=float(rho),
+        n_max=int(n_max),
+        seed=int(seed),
+        class_order=order,
+        val_per_class=v,
+        source=source,
+    )
+    return LTSplit(
+        train,
+        val,
+        test,
+        counts,
+        names,
+        _finish_info(info, counts, train, val, test),
+        tr_lab.tolist(),
+    )
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for cand in (
+        root / f"{stem}.gz",
+        root / stem,
+        root / "FashionMNIST" / "raw" / f"{stem}.gz",
+        root / "FashionMNIST" / "raw" / stem,
+    ):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {root / (stem + '.gz')} not found. Install the Debian/Ubuntu "
+        f"package '{FASHION_MNIST_APT}' (apt-get install {FASHION_MNIST_APT}; it puts the IDX "
+        f"files in {FASHION_MNIST_DIR}) or pass root= a directory holding {stem}.gz"
+    )
+
+
+@lru_cache(maxsize=8)
+def _read_idx_cached(path: str, mtime: float) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but holds {arr.size} bytes")
+    arr = arr.reshape(shape)
+    arr.flags.writeable = False
+    return arr
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an (optionally gzipped) IDX file of unsigned bytes, e.g. MNIST / Fashion-MNIST."""
+    p = Path(path)
+    return _read_idx_cached(str(p), p.stat().st_mtime)
+
+
+def _fashion_mnist(root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -> LTSplit:
+    r = Path(root or FASHION_MNIST_DIR)
+    files = {
+        s: _idx_file(r, s)
+        for s in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    }
+    return _lt_from_arrays(
+        "fashion_mnist_lt",
+        train_images=read_idx(files["train-images-idx3-ubyte"]),
+        train_labels=read_idx(files["train-labels-idx1-ubyte"]),
+        test_images=read_idx(files["t10k-images-idx3-ubyte"]),
+        test_labels=read_idx(files["t10k-labels-idx1-ubyte"]),
+        base_names=DATASETS["fashion_mnist_lt"].class_names(),
+        rho=rho,
+        n_max=n_max,
+        seed=seed,
+        class_order=class_order,
+        val_per_class=val_per_class,
+        train_transform=ttf,
+        eval_transform=etf,
+        source=str(r),
+    )
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR file {path} not found: root must hold the official python-version archive "
+            "extracted (cifar-10-batches-py/ or cifar-100-python/ from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html)"
+        )
+    # The CIFAR "python version" is a set of pickled dicts. Unpickling is acceptable here
+    # because these are the user's own local dataset files, downloaded by them from the
+    # official source -- never a model file or anything fetched by this package.
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar_arrays(d: dict, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(data), np.asarray(d[label_key], dtype=np.int64)
+
+
+def _cifar(name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -> LTSplit:
+    r = Path(root or _default_root())
+    if name == "cifar10_lt":
+        sub = "cifar-10-batches-py"
+        d = r if (r / "data_batch_1").is_file() else r / sub
+        parts = [_cifar_arrays(_unpickle(d / f"data_batch_{i}"), b"labels") for i in range(1, 6)]
+        tr_x = np.concatenate([p[0] for p in parts])
+        tr_y = np.concatenate([p[1] for p in parts])
+        te_x, te_y = _cifar_arrays(_unpickle(d / "test_batch"), b"labels")
+    else:
+        sub = "cifar-100-python"
+        d = r if (r / "train").is_file() else r / sub
+        tr_x, tr_y = _cifar_arrays(_unpickle(d / "train"), b"fine_labels")
+        te_x, te_y = _cifar_arrays(_unpickle(d / "test"), b"fine_labels")
+    return _lt_from_arrays(
+        name,
+        train_images=tr_x,
+        train_labels=tr_y,
+        test_images=te_x,
+        test_labels=te_y,
+        base_names=DATASETS[name].class_names(),
+        rho=rho,
+        n_max=n_max,
+        seed=seed,
+        class_order=class_order,
+        val_per_class=val_per_class,
+        train_transform=ttf,
+        eval_transform=etf,
+        source=str(d),
+    )
+
+
+# --------------------------------------------------------------------------- split files
+
+
+def _resolve(root: Path, f: str) -> Path:
+    p = Path(f)
+    return p if p.is_absolute() or p.is_file() else root / p
+
+
+def read_split_file(path: str | Path, what: str = "split") -> list[tuple[str, int]]:
+    """Parse ``relative/path.jpg label`` lines (blank lines and ``#`` comments skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{what} file {p} not found. It should list one image per line as "
+            "'relative/path.jpg <integer label>' (paths relative to root, the image directory); "
+            "pass root= or the split path (train_split=/val_split=/test_split=)"
+        )
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            rel, label = line.rsplit(maxsplit=1)
+            out.append((rel, int(label)))
+        except ValueError:
+            raise ValueError(f"{p}:{n}: expected 'relative/path.jpg label', got {line!r}") from None
+    if not out:
+        raise ValueError(f"{p} lists no images")
+    return out
+
+
+def _names_from_paths(samples: list[tuple[str, int]], num_classes: int) -> list[str]:
+    """Class names from the directory of each class's first image (Places-LT, iNat)."""
+    first: dict[int, list[str]] = {}
+    for rel, y in samples:
+        first.setdefault(y, Path(rel).parent.parts)  # type: ignore[arg-type]
+    dirs = [list(first.get(c, ())) for c in range(num_classes)]
+    present = [d for d in dirs if d]
+    k = 0
+    while present and all(len(d) > k + 1 for d in present) and len({d[k] for d in present}) == 1:
+        k += 1
+    names = []
+    for c, d in enumerate(dirs):
+        d = d[k:]
+        if len(d) > 1 and len(d[0]) == 1:  # Places' alphabetical bucket: a/abbey -> abbey
+            d = d[1:]
+        names.append("/".join(d) if d else f"class_{c}")
+    return names if len(set(names)) == num_classes else [f"class_{c}" for c in range(num_classes)]
+
+
+def _split_files(name, root, seed, class_order, ttf, etf, splits, cfg) -> LTSplit:
+    r = Path(root or _default_root())
+    d_train, d_val, d_test = SPLIT_FILES[name]
+    f_train = _resolve(r, splits[0] or d_train)
+    f_val = _resolve(r, splits[1]) if splits[1] else (_resolve(r, d_val) if d_val else None)
+    f_test = _resolve(r, splits[2] or d_test)
+    train_s = read_split_file(f_train, f"{name} train split")
+    val_s = read_split_file(f_val, f"{name} val split") if f_val is not None else None
+    test_s = read_split_file(f_test, f"{name} test split")
+    num_classes = max(y for _, y in train_s) + 1
+    for s in (val_s, test_s):
+        if s and (max(y for _, y in s) >= num_classes or min(y for _, y in s) < 0):
+            raise ValueError(
+                f"{name}: val/test labels outside the train split's 0..{num_classes - 1}"
+            )
+    order = check_class_order(class_order, num_classes)
+    inv = inverse_order(order)
+    raw_counts = np.bincount([y for _, y in train_s], minlength=num_classes)
+    counts = [int(raw_counts[o]) for o in order]
+
+    def make(samples, tf):
+        return FileListDataset([(str(r / p), int(inv[y])) for p, y in samples], tf, preprocess=cfg)
+
+    train, test = make(train_s, ttf), make(test_s, etf)
+    val = make(val_s, etf) if val_s else None
+    if name == "imagenet_lt" and num_classes == 1000:
+        base = DATASETS[name].class_names()
+    else:
+        base = _names_from_paths(train_s, num_classes)
+    info = _info(
+        name,
+        rho=None,
+        n_max=None,
+        seed=int(seed),
+        class_order=order,
+        source=str(r),
+        splits={
+            "train": str(f_train),
+            "val": None if f_val is None else str(f_val),
+            "test": str(f_test),
+        },
+        note="class counts come from the train split file; rho and n_max do not apply",
+        observed_rho=float(max(counts) / max(1, min(counts))),
+    )
+    return LTSplit(
+        train,
+        val,
+        test,
+        counts,
+        [base[o] for o in order],
+        _finish_info(info, counts, train, val, test),
+        [int(inv[y]) for _, y in train_s],
+    )
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def _scan_folder(d: Path) -> dict[str, list[Path]]:
+    out = {}
+    for cdir in sorted(p for p in d.iterdir() if p.is_dir()):
+        files = sorted(
+            f for f in cdir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        out[cdir.name] = files
+    return out
+
+
+def _imagefolder(root, rho, n_max, seed, class_order, val_per_class, ttf, etf, cfg) -> LTSplit:
+    if root is None:
+        raise ValueError("imagefolder_lt needs root= (a directory with train/<class>/ images)")
+    r = Path(root)
+    if not (r / "train").is_dir():
+        raise FileNotFoundError(f"{r / 'train'} not found: expected root/train/<class>/<images>")
+    train_map = _scan_folder(r / "train")
+    base_names = [c for c, files in train_map.items() if files]
+    if len(base_names) < 2:
+        raise ValueError(f"{r / 'train'} needs at least 2 class folders with images")
+    num_classes = len(base_names)
+    order = check_class_order(class_order, num_classes)
+    inv = inverse_order(order)
+    pool = [f for c in base_names for f in train_map[c]]
+    pool_lab = np.concatenate(
+        [np.full(len(train_map[c]), i, dtype=np.int64) for i, c in enumerate(base_names)]
+    )
+    has_val = (r / "val").is_dir()
+    pool_counts = np.bincount(pool_lab)
+    balanced = pool_counts.min() >= BALANCED_TOLERANCE * pool_counts.max()
+    # The profile is applied when rho is given and the folder is balanced (or n_max is
+    # given); an already imbalanced folder is used as-is (its own counts are the tail).
+    apply_profile = rho is not None and (balanced or n_max is not None)
+    profile_note = None
+    if rho is not None and not apply_profile:
+        profile_note = "train folder is already imbalanced: used as-is, rho not applied"
+        if rho != DEFAULT_RHO:
+            warnings.warn(f"imagefolder_lt: {profile_note} (pass n_max to force it)", stacklevel=3)
+    if apply_profile:
+        smallest = int(np.bincount(pool_lab).min())
+        hold = 0 if has_val else val_per_class
+        nm = int(n_max) if n_max is not None else max(1, smallest - hold)
+        counts = lt_counts(nm, num_classes, rho)
+        tr_idx, tr_lab, va_idx, va_lab, v = select_lt(
+            pool_lab, order, counts, seed=seed, val_per_class=hold, dataset="imagefolder_lt"
+        )
+        train_samples = [(pool[i], int(y)) for i, y in zip(tr_idx, tr_lab, strict=True)]
+        held = [(pool[i], int(y)) for i, y in zip(va_idx, va_lab, strict=True)]
+    else:
+        nm = None
+        train_samples = sorted(  # grouped by new label, like the profile path
+            ((f, int(inv[y])) for f, y in zip(pool, pool_lab, strict=True)), key=lambda s: s[1]
+        )
+        counts = [int(c) for c in np.bincount([y for _, y in train_samples], minlength=num_classes)]
+        held, v = [], 0
+
+    def folder(split: str) -> list[tuple[Path, int]] | None:
+        if not (r / split).is_dir():
+            return None
+        out = []
+        for c, files in _scan_folder(r / split).items():
+            if not files:
+                continue
+            if c not in base_names:
+                raise ValueError(f"{r / split / c}: class {c!r} does not exist in {r / 'train'}")
+            out += [(f, int(inv[base_names.index(c)])) for f in files]
+        return out
+
+    val_samples = folder("val") if has_val else (held or None)
+    test_samples = folder("test")
+    test_note = None
+    if test_samples is None:
+        if val_samples is None:
+            raise FileNotFoundError(
+                f"imagefolder_lt: neither {r / 'test'} nor {r / 'val'} exists; a test set is required"
+            )
+        warnings.warn(
+            f"imagefolder_lt: no {r / 'test'}; evaluating on the validation split", stacklevel=3
+        )
+        test_samples, test_note = val_samples, "no test folder: test is the validation split"
+    train = FileListDataset(train_samples, ttf, preprocess=cfg)
+    val = FileListDataset(val_samples, etf, preprocess=cfg) if val_samples else None
+    test = FileListDataset(test_samples, etf, preprocess=cfg)
+    info = _info(
+        "imagefolder_lt",
+        rho=float(rho) if apply_profile else None,
+        n_max=nm,
+        seed=int(seed),
+        class_order=order,
+        source=str(r),
+        lt_profile_applied=apply_profile,
+        val_source="val folder"
+        if has_val
+        else ("held out from unused train images" if v else None),
+    )
+    if test_note:
+        info["test_note"] = test_note
+    if profile_note:
+        info["note"] = profile_note
+    return LTSplit(
+        train,
+        val,
+        test,
+        counts,
+        [base_names[o] for o in order],
+        _finish_info(info, counts, train, val, test),
+        [y for _, y in train_samples],
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_lt_dataset(
+    name: str,
+    *,
+    root: str | None = None,
+    rho: float | None = None,
+    n_max: int | None = None,
+    seed: int = 0,
+    class_order: list[int] | None = None,
+    val_per_class: int = 20,
+    train_transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+    train_split: str | None = None,
+    val_split: str | None = None,
+    test_split: str | None = None,
+) -> LTSplit:
+    """Build a long-tailed train split plus balanced val/test splits.
+
+    * ``fashion_mnist_lt`` (root default ``/usr/share/datasets/fashion-mnist``, the Debian
+      ``dataset-fashion-mnist`` package), ``cifar10_lt`` / ``cifar100_lt`` (root holds
+      ``cifar-10-batches-py`` / ``cifar-100-python``; default ``$LTZOO_DATA_ROOT`` or
+      ``./data``): the exponential profile :func:`lt_counts` with ``rho`` (default 100) and
+      ``n_max`` (defaults 1000 / 5000 / 500); which images is seeded by ``seed``; val is
+      ``val_per_class`` unused training images per class; test is the official test set.
+    * ``imagenet_lt`` / ``places_lt`` / ``inat2018``: split files of ``path label`` lines
+      under ``root`` (or the given paths); counts come from the train split, rho/n_max unused.
+    * ``imagefolder_lt``: ``root/train/<class>/*`` (+ optional ``root/val``, ``root/test``);
+      used as-is unless ``rho`` is given and the folder is balanced (or ``n_max`` is
+      given): then the profile is applied, ``n_max`` defaulting to the smallest class size
+      (minus ``val_per_class`` held out for validation when there is no ``root/val``).
+
+    ``rho=None`` means the dataset's default (100 for the synthetic-LT datasets, "as-is" for
+    the others). Transforms default to the dataset's evaluation ``Preprocess``.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
+    cfg = _eval_default(name)
+    etf = eval_transform if eval_transform is not None else Preprocess(cfg)
+    ttf = train_transform if train_transform is not None else etf
+    if name == "fashion_mnist_lt":
+        return _fashion_mnist(
+            root,
+            DEFAULT_RHO if rho is None else rho,
+            n_max or DEFAULT_N_MAX[name],
+            seed,
+            class_order,
+            val_per_class,
+            ttf,
+            etf,
+        )
+    if name in ("cifar10_lt", "cifar100_lt"):
+        return _cifar(
+            name,
+            root,
+            DEFAULT_RHO if rho is None else rho,
+            n_max or DEFAULT_N_MAX[name],
+            seed,
+            class_order,
+            val_per_class,
+            ttf,
+            etf,
+        )
+    if name in SPLIT_FILES:
+        if n_max is not None or rho not in (None, DEFAULT_RHO):
+            warnings.warn(
+                f"{name}: rho/n_max are ignored (counts come from the split file)", stacklevel=2
+            )
+        return _split_files(
+            name,
+            root,
+            seed,
+            class_order,
+            ttf,
+            etf,
+            (train_split, val_split, test_split),
+            cfg,
+        )
+    return _imagefolder(root, rho, n_max, seed, class_order, val_per_class, ttf, etf, cfg)
