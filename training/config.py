@@ -80,6 +80,7 @@ class RunSettings:
     eval_every: int = 0  # epochs; 0: only at the end
     max_steps_per_epoch: int = 0  # 0: full epochs (CI uses a few steps)
     eval_batch_size: int = 256
+    eval_subset: int = 0  # evaluate on every k-th test image so N remain (0: the full test set)
     tensorboard: bool = False
     threads: int = 0  # torch intra-op threads on CPU; 0: leave the default
 

@@ -211,6 +211,8 @@ class Trainer:
                     ckpt_path,
                 )
             barrier(self.dist)
+        self._average_buffers(method)
+        self._record_ddp(method, loader)
         if self.dist.is_main:
             self._finish(method.model, split)
         barrier(self.dist)
@@ -252,6 +254,37 @@ class Trainer:
         return {**{k: v / n for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
                 "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0)}
 
+    def _average_buffers(self, method: Method) -> None:
+        """Average BatchNorm running statistics over ranks (as timm's distribute_bn), so every
+        rank ends with the same model: DDP keeps parameters in sync but each rank's last
+        forward pass updates its own running statistics."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        for buf in method.model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf /= self.dist.world_size
+
+    def _record_ddp(self, method: Method, loader: DataLoader) -> None:
+        """Under torchrun, write ddp.json: per rank a weight checksum and the shard it trained on."""
+        if not self.dist.enabled:
+            return
+        import hashlib
+
+        import torch.distributed as dist
+
+        digest = hashlib.sha256()
+        for t in method.model.state_dict().values():
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        mine = {"rank": self.dist.rank, "weights_sha256": digest.hexdigest(),
+                "last_epoch_indices": [int(i) for i in loader.sampler]}
+        gathered: list = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, mine)
+        if self.dist.is_main:
+            (self.run_dir / "ddp.json").write_text(json.dumps(gathered))
+
     def _tensorboard(self):
         if not (self.cfg.run.tensorboard and self.dist.is_main):
             return None
@@ -271,7 +304,13 @@ class Trainer:
         """Evaluate on the test set, fit the temperature on val, save the ensemble."""
         from .evaluate import calibrate_and_evaluate
 
-        results = calibrate_and_evaluate(model, split, self.cfg.run.eval_batch_size, self.device)
+        if self.cfg.run.eval_subset:
+            from torch.utils.data import Subset
+
+            step = max(1, len(split.test) // self.cfg.run.eval_subset)
+            split.test = Subset(split.test, range(0, len(split.test), step)[: self.cfg.run.eval_subset])
+        results = calibrate_and_evaluate(model, split, self.cfg.run.eval_batch_size, self.device,
+                                         plots_dir=self.run_dir / "plots")
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         model.cpu().save_pretrained(self.run_dir / "model")
 

@@ -1,0 +1,135 @@
+"""Calibration: temperature, prior adjustment, metrics, disagreement, EM prior estimation."""
+
+import math
+
+import pytest
+import torch
+
+import zoo
+from zoo import calibration as cal
+
+
+def _synthetic(n=20000, c=10, temperature=2.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    true_logits = torch.randn(n, c, generator=g) * 3
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    return true_logits * temperature, labels  # over-confident by `temperature`
+
+
+def test_temperature_recovers_known_value():
+    logits, labels = _synthetic(temperature=2.5)
+    assert cal.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+    logits, labels = _synthetic(temperature=0.6, seed=1)
+    assert cal.fit_temperature(logits, labels) == pytest.approx(0.6, rel=0.05)
+
+
+def test_temperature_reduces_ece():
+    logits, labels = _synthetic(temperature=3.0)
+    t = cal.fit_temperature(logits, labels)
+    before = cal.expected_calibration_error(logits.softmax(1), labels)
+    after = cal.expected_calibration_error((logits / t).softmax(1), labels)
+    assert after < before / 3
+
+
+def test_ece_matches_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.classification")
+    logits, labels = _synthetic(n=5000, temperature=1.7)
+    probs = logits.softmax(1)
+    for norm in ("l1", "max"):
+        ref = tm.MulticlassCalibrationError(num_classes=10, n_bins=15, norm=norm)(probs, labels)
+        assert cal.expected_calibration_error(probs, labels, 15, norm=norm) == pytest.approx(float(ref), abs=1e-6)
+
+
+def test_balanced_prior_and_unit_temperature_leave_probs_unchanged():
+    logits = torch.randn(5, 4)
+    shift = cal.prior_shift(cal.resolve_prior("balanced", None, 4), cal.resolve_prior("balanced", None, 4))
+    assert torch.allclose(cal.calibrated_probs(logits, shift, 1.0), logits.softmax(1))
+
+
+def test_custom_prior_shifts_predictions_toward_heavy_class():
+    logits = torch.zeros(3, 4)
+    prior = cal.resolve_prior([0.1, 0.1, 0.7, 0.1], None, 4)
+    probs = cal.calibrated_probs(logits, cal.prior_shift(prior, torch.full((4,), 0.25)), 1.0)
+    assert torch.allclose(probs, prior.float().expand(3, 4))
+
+
+def test_training_prior_undoes_balancing():
+    counts = [1000, 100, 10]
+    log_n = torch.tensor(counts, dtype=torch.float32).log()
+    balanced_logits = torch.randn(6, 3)
+    cfg = zoo.EnsembleConfig(num_classes=3, num_experts=1, layout="single", class_counts=counts)
+    model = zoo.Ensemble(cfg)
+    # Balanced Softmax trains on z + log n: the "train" prior must give softmax(z + log n).
+    got = model.calibrated_probs(balanced_logits, "train")
+    assert torch.allclose(got, (balanced_logits + log_n).softmax(1), atol=1e-6)
+    # and a CE model (logits follow the train prior) under "balanced" subtracts log n
+    model.config.logit_prior = "train"
+    got = model.calibrated_probs(balanced_logits + log_n, "balanced")
+    assert torch.allclose(got, balanced_logits.softmax(1), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "prior, message",
+    [([0.5, 0.5], "must have 3 entries"), ([0.5, -0.1, 0.6], ">= 0"), ([0, 0, 0], "positive sum"),
+     ([float("nan"), 1, 1], "NaN"), ("uniformish", "unknown prior"), (["a", "b", "c"], "list of 3 numbers")],
+)
+def test_invalid_priors_raise_clear_errors(prior, message):
+    with pytest.raises(ValueError, match=message):
+        cal.resolve_prior(prior, [3, 2, 1], 3)
+
+
+def test_train_prior_needs_counts():
+    with pytest.raises(ValueError, match="training class counts"):
+        cal.resolve_prior("train", [], 3)
+
+
+def test_metrics_perfect_and_known_values():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    m = cal.calibration_metrics(probs, labels)
+    assert m["ece"] == 0 and m["mce"] == 0 and m["brier"] == 0 and m["nll"] == pytest.approx(0, abs=1e-9)
+    probs = torch.tensor([[0.8, 0.2], [0.8, 0.2]])
+    labels = torch.tensor([0, 1])  # confidence 0.8, accuracy 0.5
+    m = cal.calibration_metrics(probs, labels)
+    assert m["ece"] == pytest.approx(0.3) and m["mce"] == pytest.approx(0.3)
+    assert m["brier"] == pytest.approx((0.04 + 0.04 + 0.64 + 0.64) / 2)
+    assert m["nll"] == pytest.approx(-(math.log(0.8) + math.log(0.2)) / 2)
+
+
+def test_disagreement_zero_for_identical_experts_and_positive_otherwise():
+    z = torch.randn(1, 4, 5)
+    assert torch.allclose(cal.expert_disagreement(z.expand(3, 4, 5)), torch.zeros(4), atol=1e-6)
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    d = cal.expert_disagreement(torch.stack([a, b]))
+    pa, pb = a.log_softmax(1), b.log_softmax(1)
+    sym = ((pa.exp() * (pa - pb)).sum(1) + (pb.exp() * (pb - pa)).sum(1)) / 2
+    assert torch.allclose(d, sym, atol=1e-5)
+
+
+def test_em_recovers_known_prior():
+    g = torch.Generator().manual_seed(0)
+    c, n = 5, 40000
+    true_prior = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    labels = torch.multinomial(true_prior, n, replacement=True, generator=g)
+    # calibrated posteriors under a uniform prior: class-conditional Gaussians in logit space
+    logits = torch.randn(n, c, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, c)
+    # x_c ~ N(2 [c == y], 1): the exact posterior under a uniform prior is softmax(2 x)
+    probs = (2 * logits).softmax(1)
+    est = cal.estimate_prior_em(probs)
+    assert (est - true_prior.double()).abs().max() < 0.03
+
+
+def test_predict_prior_modes_and_topk():
+    cfg = zoo.EnsembleConfig(class_counts=[1000, 599, 359, 215, 129, 77, 46, 27, 16, 10])
+    model = zoo.Ensemble(cfg).eval()
+    x = torch.randn(3, 1, 28, 28)
+    bal = model.predict(x, top_k=3)
+    train = model.predict(x, top_k=3, prior="train")
+    est = model.predict(x, top_k=3, prior="estimate")
+    assert bal.top_indices.shape == (3, 3) and len(bal.labels[0]) == 3
+    assert torch.allclose(bal.probs.sum(1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(bal.probs, train.probs)
+    assert est.probs.shape == (3, 10)
+    assert (bal.disagreement >= 0).all()
+    with pytest.raises(ValueError, match="top_k"):
+        model.predict(x, top_k=11)

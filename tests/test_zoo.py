@@ -1,0 +1,180 @@
+"""Architectures, layouts, Ensemble, preprocessing, registry, cards, CLI."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo.models import BACKBONES, CosineClassifier, backbone_stages
+from zoo.registry import get_entry, list_models
+
+
+def test_resnet32_is_the_cifar_resnet():
+    stages, dim = backbone_stages("resnet32", 3)
+    net = torch.nn.Sequential(*stages)
+    assert dim == 64
+    n_params = sum(p.numel() for p in net.parameters()) + 64 * 10 + 10
+    assert 0.45e6 < n_params < 0.48e6  # 0.46M with a 10-class linear head
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    one_channel = torch.nn.Sequential(*backbone_stages("resnet32", 1)[0])
+    assert one_channel(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("name", [b for b in BACKBONES if b != "resnet32"])
+def test_torchvision_backbones_build_as_stages(name):
+    stages, dim = backbone_stages(name, 3)
+    assert len(stages) == 6 and dim == 2048
+
+
+def test_cosine_classifier_scale_and_bias():
+    head = CosineClassifier(8, 3, scale=20.0, bias=False)
+    out = head(torch.randn(5, 8))
+    assert out.abs().max() <= 20.0 + 1e-4
+    assert head.bias is None and not any(n == "scale" for n, _ in head.named_parameters())
+    learn = CosineClassifier(8, 3, learn_scale=True)
+    assert "scale" in dict(learn.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(layout="independent", num_experts=3), dict(layout="shared", shared_stages=2, num_experts=3),
+     dict(layout="single", num_experts=1, head="cosine", head_bias=False, neck_dim=16)],
+)
+def test_layouts_forward_shapes_and_sharing(kwargs):
+    model = zoo.Ensemble(zoo.EnsembleConfig(**kwargs)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    logits = model.expert_logits(x)
+    assert logits.shape == (kwargs["num_experts"], 2, 10)
+    assert torch.allclose(model(x), logits.mean(0))
+    if kwargs["layout"] == "shared":
+        assert len(list(model.stem.parameters())) > 0
+    else:
+        assert len(list(model.stem.parameters())) == 0
+    if kwargs.get("neck_dim"):
+        feats = model.expert_features(x)[0]
+        assert feats.shape == (2, 16) and torch.allclose(feats.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_independent_experts_start_different():
+    model = zoo.Ensemble(zoo.EnsembleConfig(num_experts=2))
+    a, b = (next(e.parameters()) for e in model.experts)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(layout="single", num_experts=2), "num_experts=1"), (dict(layout="shared", shared_stages=0), "shared_stages"),
+     (dict(head="mlp"), "unknown head"), (dict(num_classes=3, class_names=["a"]), "class names"),
+     (dict(temperature=0), "temperature"), (dict(backbone="vgg"), "unknown backbone")],
+)
+def test_bad_configs_fail_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        zoo.Ensemble(zoo.EnsembleConfig(**kwargs))
+
+
+def test_config_json_round_trip_rejects_unknown_keys(tmp_path):
+    cfg = zoo.EnsembleConfig(num_classes=3, class_counts=[5, 3, 1], temperature=1.3)
+    cfg.save(tmp_path / "c.json")
+    assert zoo.EnsembleConfig.load(tmp_path / "c.json") == cfg
+    data = json.loads((tmp_path / "c.json").read_text())
+    data["surprise"] = 1
+    with pytest.raises(ValueError, match="unknown config keys"):
+        zoo.EnsembleConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16", "LA", "1", "CMYK"])
+def test_predict_accepts_any_pil_mode_and_size(mode):
+    model = zoo.Ensemble(zoo.EnsembleConfig()).eval()
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (47, 31, 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode != "I;16" else Image.fromarray(np.full((40, 20), 40000, dtype=np.uint16))
+    pred = model.predict(image, top_k=2)
+    assert pred.probs.shape == (1, 10)
+
+
+def test_exif_rotation_is_applied():
+    from zoo.preprocess import to_model_mode
+
+    img = Image.new("L", (40, 20), 0)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert to_model_mode(Image.open(io.BytesIO(buf.getvalue())), 1).size == (20, 40)
+
+
+def test_transparent_pixels_become_white():
+    from zoo.preprocess import to_model_mode
+
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_model_mode(rgba, 1)).min() == 255
+
+
+def test_select_experts_keeps_chosen_experts():
+    model = zoo.Ensemble(zoo.EnsembleConfig(num_experts=3)).eval()
+    sub = model.select_experts([0, 2])
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(sub.expert_logits(x), model.expert_logits(x)[[0, 2]])
+    with pytest.raises(ValueError):
+        model.select_experts([5])
+
+
+def test_registry_covers_paper_settings_and_builds_configs():
+    names = {r["name"] for r in list_models()}
+    for required in ["ncl-resnet32-cifar100lt-r100", "ncl-resnet32-cifar100lt-r50", "ncl-resnet32-cifar10lt-r100",
+                     "ncl-resnet32-cifar10lt-r50", "ncl-resnet50-imagenetlt", "ncl-resnext50-imagenetlt",
+                     "ncl-resnet152-placeslt", "cbd-resnet50-imagenetlt", "cbd-resnet50-inat18",
+                     "ecl-resnet32-cifar100lt-r100", "ecl-resnext50-imagenetlt", "ce-resnet32-fmnistlt",
+                     "bs-resnet32-fmnistlt", "ncl-resnet32-fmnistlt", "cbd-resnet32-fmnistlt", "ecl-resnet32-fmnistlt"]:
+        assert required in names
+    for row in list_models():
+        cfg = get_entry(row["name"]).build_config()
+        assert cfg.num_classes == len(cfg.class_names)
+        assert row["provenance"]
+    assert "reconstruction" in get_entry("ecl-resnext50-imagenetlt").provenance
+    assert get_entry("ncl-resnet32-cifar100lt-r100").paper["top1"] == 53.3
+
+
+def test_registry_hub_org_is_configurable(monkeypatch):
+    monkeypatch.setenv("LTZOO_HUB_ORG", "my-lab")
+    assert get_entry("ncl-resnet32-fmnistlt").resolved_hub_id() == "my-lab/ncl-resnet32-fmnistlt"
+
+
+def test_unknown_name_suggests_close_match():
+    with pytest.raises(KeyError, match="ncl-resnet32-fmnistlt"):
+        get_entry("ncl-resnet32-fmnist")
+
+
+def test_model_card_has_hub_metadata_and_provenance():
+    from zoo.cards import render_card
+
+    cfg = get_entry("ecl-resnet32-fmnistlt").build_config()
+    cfg.metrics = {"accuracy": {"top1": 80.0, "many": 90.0, "medium": 75.0, "few": 60.0},
+                   "calibration": {"ece_before": 5.0, "ece_after": 1.0}}
+    card = render_card(cfg)
+    assert card.startswith("---\nlibrary_name: ltzoo")
+    assert "reconstruction from the paper's abstract" in card
+    assert "value: 80.00" in card and "| 80.00 | 90.00 | 75.00 | 60.00 | 5.00 | 1.00 |" in card
+
+
+def test_cli_list_and_info(capsys):
+    from zoo.cli import main
+
+    assert main(["list", "ncl", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all("ncl" in r["name"] for r in rows)
+    assert main(["info", "ncl-resnet32-fmnistlt"]) == 0
+    assert '"recipe": "fmnistlt_ncl"' in capsys.readouterr().out
+
+
+def test_cli_help_lists_every_subcommand(capsys):
+    from zoo.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("list", "info", "push", "download", "train", "eval", "calibrate"):
+        assert cmd in out
