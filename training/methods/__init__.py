@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .base import Method, MethodParams, balanced_logits
 from .baselines import BalancedSoftmax, CrossEntropy
+from .ecl import ECL
 from .ncl import NCL, NCLLoss
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, BalancedSoftmax, NCL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, BalancedSoftmax, NCL, ECL)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -14,4 +15,4 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-__all__ = ["METHODS", "NCL", "BalancedSoftmax", "CrossEntropy", "NCLLoss", "Method", "MethodParams", "balanced_logits"]
+__all__ = ["ECL", "METHODS", "NCL", "BalancedSoftmax", "CrossEntropy", "Method", "MethodParams", "NCLLoss", "balanced_logits"]
