@@ -20,7 +20,13 @@ from training.config import load_recipe
 from training.engine import train
 
 RESULTS = Path(__file__).parent / "results" / "fmnistlt.json"
-RECIPES = {"ce": "fmnistlt_ce", "bs": "fmnistlt_bs", "ncl": "fmnistlt_ncl", "cbd": "fmnistlt_cbd", "ecl": "fmnistlt_ecl"}
+RECIPES = {
+    "ce": "fmnistlt_ce",
+    "bs": "fmnistlt_bs",
+    "ncl": "fmnistlt_ncl",
+    "cbd": "fmnistlt_cbd",
+    "ecl": "fmnistlt_ecl",
+}
 KEYS = ("top1", "many", "medium", "few")
 
 
@@ -39,10 +45,17 @@ def summarise(runs: list[dict]) -> dict:
     out: dict = {"seeds": len(runs)}
     for k in KEYS:
         vals = [r["accuracy"][k] for r in runs]
-        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "runs": vals}
+        out[k] = {
+            "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "runs": vals,
+        }
     for k in ("ece_before", "ece_after", "temperature"):
         vals = [r["calibration"][k] for r in runs]
-        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        out[k] = {
+            "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        }
     experts = [r["experts"] for r in runs]
     out["best_single_expert_top1"] = {"mean": statistics.fmean(max(e) for e in experts)}
     out["experts_top1"] = experts
@@ -50,8 +63,15 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(RECIPES), help="methods or name=recipe:override,override")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(RECIPES),
+        help="methods or name=recipe:override,override",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = ap.parse_args()
     summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

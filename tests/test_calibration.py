@@ -37,12 +37,16 @@ def test_ece_matches_torchmetrics():
     probs = logits.softmax(1)
     for norm in ("l1", "max"):
         ref = tm.MulticlassCalibrationError(num_classes=10, n_bins=15, norm=norm)(probs, labels)
-        assert cal.expected_calibration_error(probs, labels, 15, norm=norm) == pytest.approx(float(ref), abs=1e-6)
+        assert cal.expected_calibration_error(probs, labels, 15, norm=norm) == pytest.approx(
+            float(ref), abs=1e-6
+        )
 
 
 def test_balanced_prior_and_unit_temperature_leave_probs_unchanged():
     logits = torch.randn(5, 4)
-    shift = cal.prior_shift(cal.resolve_prior("balanced", None, 4), cal.resolve_prior("balanced", None, 4))
+    shift = cal.prior_shift(
+        cal.resolve_prior("balanced", None, 4), cal.resolve_prior("balanced", None, 4)
+    )
     assert torch.allclose(cal.calibrated_probs(logits, shift, 1.0), logits.softmax(1))
 
 
@@ -70,8 +74,14 @@ def test_training_prior_undoes_balancing():
 
 @pytest.mark.parametrize(
     "prior, message",
-    [([0.5, 0.5], "must have 3 entries"), ([0.5, -0.1, 0.6], ">= 0"), ([0, 0, 0], "positive sum"),
-     ([float("nan"), 1, 1], "NaN"), ("uniformish", "unknown prior"), (["a", "b", "c"], "list of 3 numbers")],
+    [
+        ([0.5, 0.5], "must have 3 entries"),
+        ([0.5, -0.1, 0.6], ">= 0"),
+        ([0, 0, 0], "positive sum"),
+        ([float("nan"), 1, 1], "NaN"),
+        ("uniformish", "unknown prior"),
+        (["a", "b", "c"], "list of 3 numbers"),
+    ],
 )
 def test_invalid_priors_raise_clear_errors(prior, message):
     with pytest.raises(ValueError, match=message):
@@ -87,7 +97,12 @@ def test_metrics_perfect_and_known_values():
     probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 1])
     m = cal.calibration_metrics(probs, labels)
-    assert m["ece"] == 0 and m["mce"] == 0 and m["brier"] == 0 and m["nll"] == pytest.approx(0, abs=1e-9)
+    assert (
+        m["ece"] == 0
+        and m["mce"] == 0
+        and m["brier"] == 0
+        and m["nll"] == pytest.approx(0, abs=1e-9)
+    )
     probs = torch.tensor([[0.8, 0.2], [0.8, 0.2]])
     labels = torch.tensor([0, 1])  # confidence 0.8, accuracy 0.5
     m = cal.calibration_metrics(probs, labels)

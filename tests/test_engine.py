@@ -18,9 +18,17 @@ from training.config import ConfigError, load_recipe
 from training.engine import lr_lambda
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
-TINY = ["optim.warmup_epochs=0", "optim.milestones=[]", "run.max_steps_per_epoch=3",
-        "data.val_per_class=2", "run.eval_subset=50", "optim.batch_size=16"]
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+TINY = [
+    "optim.warmup_epochs=0",
+    "optim.milestones=[]",
+    "run.max_steps_per_epoch=3",
+    "data.val_per_class=2",
+    "run.eval_subset=50",
+    "optim.batch_size=16",
+]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +74,9 @@ def test_every_recipe_loads():
 
 
 def test_warmup_then_multistep_schedule():
-    cfg = load_recipe("fmnistlt_ncl", ["optim.epochs=10", "optim.warmup_epochs=2", "optim.milestones=[6, 8]"])
+    cfg = load_recipe(
+        "fmnistlt_ncl", ["optim.epochs=10", "optim.warmup_epochs=2", "optim.milestones=[6, 8]"]
+    )
     fn = lr_lambda(cfg, steps_per_epoch=10)
     assert fn(0) == pytest.approx(1 / 20)
     assert fn(19) == pytest.approx(1.0)
@@ -74,8 +84,18 @@ def test_warmup_then_multistep_schedule():
 
 
 def _train_cmd(run_dir: Path, epochs: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "zoo.cli", "train", "fmnistlt_ce", *TINY, f"optim.epochs={epochs}",
-            "--out", str(run_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "zoo.cli",
+        "train",
+        "fmnistlt_ce",
+        *TINY,
+        f"optim.epochs={epochs}",
+        "--out",
+        str(run_dir),
+        *extra,
+    ]
 
 
 @needs_fmnist
@@ -85,16 +105,22 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     subprocess.run(_train_cmd(ref, 4), check=True, env=env, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_train_cmd(resumed, 4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(resumed, 4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     ckpt = resumed / "checkpoint.pt"
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert ckpt.exists() and not (resumed / "results.json").exists(), "run was not interrupted mid-way"
+    assert ckpt.exists() and not (resumed / "results.json").exists(), (
+        "run was not interrupted mid-way"
+    )
 
-    subprocess.run(_train_cmd(resumed, 4, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        _train_cmd(resumed, 4, "--resume"), check=True, env=env, capture_output=True, timeout=600
+    )
     # Compare tensors, not file bytes: safetensors' JSON header order is not stable between saves.
     a = load_file(ref / "model" / "model.safetensors")
     b = load_file(resumed / "model" / "model.safetensors")
@@ -106,14 +132,29 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_process_gloo(tmp_path):
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "zoo.cli", "train", "fmnistlt_ce", *TINY, "optim.epochs=2", "--out", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "zoo.cli",
+        "train",
+        "fmnistlt_ce",
+        *TINY,
+        "optim.epochs=2",
+        "--out",
+        str(run_dir),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = json.loads((run_dir / "ddp.json").read_text())
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # identical weights on both ranks
+    assert (
+        ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    )  # identical weights on both ranks
     shard0, shard1 = set(ranks[0]["last_epoch_indices"]), set(ranks[1]["last_epoch_indices"])
     assert shard0 and shard1 and not shard0 & shard1  # each rank saw its own shard
     # one checkpoint, written by rank 0 only (no temp files left by a second writer)

@@ -41,8 +41,11 @@ def test_cosine_classifier_scale_and_bias():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(layout="independent", num_experts=3), dict(layout="shared", shared_stages=2, num_experts=3),
-     dict(layout="single", num_experts=1, head="cosine", head_bias=False, neck_dim=16)],
+    [
+        dict(layout="independent", num_experts=3),
+        dict(layout="shared", shared_stages=2, num_experts=3),
+        dict(layout="single", num_experts=1, head="cosine", head_bias=False, neck_dim=16),
+    ],
 )
 def test_layouts_forward_shapes_and_sharing(kwargs):
     model = zoo.Ensemble(zoo.EnsembleConfig(**kwargs)).eval()
@@ -56,7 +59,9 @@ def test_layouts_forward_shapes_and_sharing(kwargs):
         assert len(list(model.stem.parameters())) == 0
     if kwargs.get("neck_dim"):
         feats = model.expert_features(x)[0]
-        assert feats.shape == (2, 16) and torch.allclose(feats.norm(dim=1), torch.ones(2), atol=1e-5)
+        assert feats.shape == (2, 16) and torch.allclose(
+            feats.norm(dim=1), torch.ones(2), atol=1e-5
+        )
 
 
 def test_independent_experts_start_different():
@@ -67,9 +72,14 @@ def test_independent_experts_start_different():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(layout="single", num_experts=2), "num_experts=1"), (dict(layout="shared", shared_stages=0), "shared_stages"),
-     (dict(head="mlp"), "unknown head"), (dict(num_classes=3, class_names=["a"]), "class names"),
-     (dict(temperature=0), "temperature"), (dict(backbone="vgg"), "unknown backbone")],
+    [
+        (dict(layout="single", num_experts=2), "num_experts=1"),
+        (dict(layout="shared", shared_stages=0), "shared_stages"),
+        (dict(head="mlp"), "unknown head"),
+        (dict(num_classes=3, class_names=["a"]), "class names"),
+        (dict(temperature=0), "temperature"),
+        (dict(backbone="vgg"), "unknown backbone"),
+    ],
 )
 def test_bad_configs_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -90,7 +100,11 @@ def test_config_json_round_trip_rejects_unknown_keys(tmp_path):
 def test_predict_accepts_any_pil_mode_and_size(mode):
     model = zoo.Ensemble(zoo.EnsembleConfig()).eval()
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (47, 31, 3), dtype=np.uint8))
-    image = rgb.convert(mode) if mode != "I;16" else Image.fromarray(np.full((40, 20), 40000, dtype=np.uint16))
+    image = (
+        rgb.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.full((40, 20), 40000, dtype=np.uint16))
+    )
     pred = model.predict(image, top_k=2)
     assert pred.probs.shape == (1, 10)
 
@@ -124,11 +138,24 @@ def test_select_experts_keeps_chosen_experts():
 
 def test_registry_covers_paper_settings_and_builds_configs():
     names = {r["name"] for r in list_models()}
-    for required in ["ncl-resnet32-cifar100lt-r100", "ncl-resnet32-cifar100lt-r50", "ncl-resnet32-cifar10lt-r100",
-                     "ncl-resnet32-cifar10lt-r50", "ncl-resnet50-imagenetlt", "ncl-resnext50-imagenetlt",
-                     "ncl-resnet152-placeslt", "cbd-resnet50-imagenetlt", "cbd-resnet50-inat18",
-                     "ecl-resnet32-cifar100lt-r100", "ecl-resnext50-imagenetlt", "ce-resnet32-fmnistlt",
-                     "bs-resnet32-fmnistlt", "ncl-resnet32-fmnistlt", "cbd-resnet32-fmnistlt", "ecl-resnet32-fmnistlt"]:
+    for required in [
+        "ncl-resnet32-cifar100lt-r100",
+        "ncl-resnet32-cifar100lt-r50",
+        "ncl-resnet32-cifar10lt-r100",
+        "ncl-resnet32-cifar10lt-r50",
+        "ncl-resnet50-imagenetlt",
+        "ncl-resnext50-imagenetlt",
+        "ncl-resnet152-placeslt",
+        "cbd-resnet50-imagenetlt",
+        "cbd-resnet50-inat18",
+        "ecl-resnet32-cifar100lt-r100",
+        "ecl-resnext50-imagenetlt",
+        "ce-resnet32-fmnistlt",
+        "bs-resnet32-fmnistlt",
+        "ncl-resnet32-fmnistlt",
+        "cbd-resnet32-fmnistlt",
+        "ecl-resnet32-fmnistlt",
+    ]:
         assert required in names
     for row in list_models():
         cfg = get_entry(row["name"]).build_config()
@@ -152,8 +179,10 @@ def test_model_card_has_hub_metadata_and_provenance():
     from zoo.cards import render_card
 
     cfg = get_entry("ecl-resnet32-fmnistlt").build_config()
-    cfg.metrics = {"accuracy": {"top1": 80.0, "many": 90.0, "medium": 75.0, "few": 60.0},
-                   "calibration": {"ece_before": 5.0, "ece_after": 1.0}}
+    cfg.metrics = {
+        "accuracy": {"top1": 80.0, "many": 90.0, "medium": 75.0, "few": 60.0},
+        "calibration": {"ece_before": 5.0, "ece_after": 1.0},
+    }
     card = render_card(cfg)
     assert card.startswith("---\nlibrary_name: ltzoo")
     assert "reconstruction from the paper's abstract" in card

@@ -6,12 +6,13 @@ Unknown keys and ill-typed values are errors raised before any training starts.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -63,9 +64,13 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.schedule not in ("multistep", "cosine", "constant"):
-            raise ConfigError(f"optim.schedule must be multistep, cosine or constant, got {self.schedule!r}")
+            raise ConfigError(
+                f"optim.schedule must be multistep, cosine or constant, got {self.schedule!r}"
+            )
         if any(not 0 < m < self.epochs for m in self.milestones):
-            raise ConfigError(f"optim.milestones {self.milestones} must lie inside (0, {self.epochs})")
+            raise ConfigError(
+                f"optim.milestones {self.milestones} must lie inside (0, {self.epochs})"
+            )
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise ConfigError("optim.warmup_epochs must be in [0, epochs)")
 
@@ -156,7 +161,9 @@ def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; valid: {sorted(names)}")
+        raise ConfigError(
+            f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; valid: {sorted(names)}"
+        )
     return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()})
 
 
@@ -199,7 +206,9 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     top = {"model", "method", "data", "optim", "run", "method_params", "model_overrides"}
     unknown = sorted(set(raw) - top)
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown} in {path.name}; valid: {sorted(top)}")
+        raise ConfigError(
+            f"unknown top-level key(s) {unknown} in {path.name}; valid: {sorted(top)}"
+        )
     cfg = RunConfig(
         model=_coerce(raw.get("model", RunConfig.model), str, "model"),
         method=_coerce(raw.get("method", RunConfig.method), str, "method"),

@@ -70,7 +70,14 @@ def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain lists, loadable with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,8 +85,10 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -95,19 +104,21 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     # Our own resume file (written by atomic_save above), never a downloaded one.
-    # RNG states hold numpy/python objects, hence the explicit safe globals.
-    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.core.multiarray._reconstruct, type(np.dtype("uint32"))]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Trainer:
     """Runs one :class:`RunConfig`. Construct, then :meth:`fit`."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.run.out or Path("runs") / cfg.recipe)
         self.resume = resume
-        self.dist = init_distributed("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(
+            "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+        )
         self.device = resolve_device(cfg.run.device, self.dist)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -119,19 +130,29 @@ class Trainer:
         d = self.cfg.data
         pre = get_entry(self.cfg.model).build_config().preprocess
         return build_lt_dataset(
-            d.name, root=d.root or None, rho=d.rho, n_max=d.n_max or None, seed=d.seed,
-            class_order=d.class_order or None, val_per_class=d.val_per_class,
+            d.name,
+            root=d.root or None,
+            rho=d.rho,
+            n_max=d.n_max or None,
+            seed=d.seed,
+            class_order=d.class_order or None,
+            val_per_class=d.val_per_class,
             train_transform=build_transforms(pre, d.augment, train=True),
             eval_transform=build_transforms(pre, (), train=False),
-            train_split=d.train_split or None, val_split=d.val_split or None, test_split=d.test_split or None,
+            train_split=d.train_split or None,
+            val_split=d.val_split or None,
+            test_split=d.test_split or None,
         )
 
     def build_model(self, split) -> Ensemble:
         method_cls = METHODS[self.cfg.method]
         overrides = dict(self.cfg.model_overrides)
         config = get_entry(self.cfg.model).build_config(
-            class_counts=list(split.class_counts), class_names=list(split.class_names),
-            logit_prior=method_cls.logit_prior, recipe=self.cfg.recipe, **overrides,
+            class_counts=list(split.class_counts),
+            class_names=list(split.class_names),
+            logit_prior=method_cls.logit_prior,
+            recipe=self.cfg.recipe,
+            **overrides,
         )
         config.extra["data"] = split.info
         return Ensemble(config)
@@ -140,13 +161,20 @@ class Trainer:
         from .data import build_sampler
 
         sampler = build_sampler(
-            method.sampler, split.train_labels, seed=self.cfg.data.seed + self.cfg.run.seed,
-            num_replicas=self.dist.world_size, rank=self.dist.rank,
+            method.sampler,
+            split.train_labels,
+            seed=self.cfg.data.seed + self.cfg.run.seed,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
         )
         per_rank_batch = max(1, self.cfg.optim.batch_size // self.dist.world_size)
         return DataLoader(
-            split.train, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+            split.train,
+            batch_size=per_rank_batch,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
 
@@ -157,26 +185,39 @@ class Trainer:
         seed_everything(cfg.run.seed)
         split = self.build_data()
         model = self.build_model(split)
-        method = METHODS[cfg.method](model, split.class_counts, METHODS[cfg.method].Params.from_dict(cfg.method_params))
+        method = METHODS[cfg.method](
+            model, split.class_counts, METHODS[cfg.method].Params.from_dict(cfg.method_params)
+        )
         method.prepare({"trainer": self, "split": split})
         method.to(self.device)
         if self.dist.enabled and cfg.run.sync_bn and self.device.type == "cuda":
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         loader = self.build_loader(split, method)
-        steps = len(loader) if not cfg.run.max_steps_per_epoch else min(len(loader), cfg.run.max_steps_per_epoch)
+        steps = (
+            len(loader)
+            if not cfg.run.max_steps_per_epoch
+            else min(len(loader), cfg.run.max_steps_per_epoch)
+        )
         lr = cfg.optim.lr * (cfg.optim.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0)
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
-            params, lr=lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+            params,
+            lr=lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
         use_amp = cfg.run.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         ddp = (
-            DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                    find_unused_parameters=True)
-            if self.dist.enabled else method
+            DistributedDataParallel(
+                method,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+            if self.dist.enabled
+            else method
         )
 
         start_epoch = 0
@@ -191,23 +232,42 @@ class Trainer:
             start_epoch = state["epoch"] + 1
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "data": split.info}, indent=2, default=str))
+            (self.run_dir / "run.json").write_text(
+                json.dumps({"config": cfg.to_dict(), "data": split.info}, indent=2, default=str)
+            )
         writer = self._tensorboard()
 
         for epoch in range(start_epoch, cfg.optim.epochs):
             loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             ddp.train()
-            logs = self._train_epoch(ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch)
-            if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and split.val is not None:
+            logs = self._train_epoch(
+                ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
+            )
+            if (
+                cfg.run.eval_every
+                and (epoch + 1) % cfg.run.eval_every == 0
+                and split.val is not None
+            ):
                 from .evaluate import evaluate
 
-                logs["val"] = evaluate(method.model, split.val, split.class_counts, cfg.run.eval_batch_size, self.device)["accuracy"]
+                logs["val"] = evaluate(
+                    method.model,
+                    split.val,
+                    split.class_counts,
+                    cfg.run.eval_batch_size,
+                    self.device,
+                )["accuracy"]
             if self.dist.is_main:
                 self._log({"epoch": epoch, **logs}, writer, epoch)
                 atomic_save(
-                    {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": _rng_state(), "epoch": epoch},
+                    {
+                        "method": method.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(),
+                        "epoch": epoch,
+                    },
                     ckpt_path,
                 )
             barrier(self.dist)
@@ -219,12 +279,19 @@ class Trainer:
         cleanup(self.dist)
         return self.run_dir
 
-    def _train_epoch(self, ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch) -> dict[str, Any]:
+    def _train_epoch(
+        self, ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
+    ) -> dict[str, Any]:
         totals: dict[str, float] = {}
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", disable=not self.dist.is_main,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+            disable=not self.dist.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for step, (images, labels) in enumerate(loader):
             if step >= steps:
                 break
@@ -233,7 +300,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
                 loss, parts = ddp(images, labels)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}: {parts}")
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at epoch {epoch} step {step}: {parts}"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if self.cfg.optim.grad_clip:
@@ -246,13 +315,19 @@ class Trainer:
             seen += images.shape[0]
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                lr=f"{scheduler.get_last_lr()[0]:.4f}",
+                img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+            )
             bar.update()
         bar.close()
         n = max(1, min(steps, len(loader)))
-        return {**{k: v / n for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
-                "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0)}
+        return {
+            **{k: v / n for k, v in totals.items()},
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0),
+        }
 
     def _average_buffers(self, method: Method) -> None:
         """Average BatchNorm running statistics over ranks (as timm's distribute_bn), so every
@@ -278,8 +353,11 @@ class Trainer:
         digest = hashlib.sha256()
         for t in method.model.state_dict().values():
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        mine = {"rank": self.dist.rank, "weights_sha256": digest.hexdigest(),
-                "last_epoch_indices": [int(i) for i in loader.sampler]}
+        mine = {
+            "rank": self.dist.rank,
+            "weights_sha256": digest.hexdigest(),
+            "last_epoch_indices": [int(i) for i in loader.sampler],
+        }
         gathered: list = [None] * self.dist.world_size
         dist.all_gather_object(gathered, mine)
         if self.dist.is_main:
@@ -308,9 +386,16 @@ class Trainer:
             from torch.utils.data import Subset
 
             step = max(1, len(split.test) // self.cfg.run.eval_subset)
-            split.test = Subset(split.test, range(0, len(split.test), step)[: self.cfg.run.eval_subset])
-        results = calibrate_and_evaluate(model, split, self.cfg.run.eval_batch_size, self.device,
-                                         plots_dir=self.run_dir / "plots")
+            split.test = Subset(
+                split.test, range(0, len(split.test), step)[: self.cfg.run.eval_subset]
+            )
+        results = calibrate_and_evaluate(
+            model,
+            split,
+            self.cfg.run.eval_batch_size,
+            self.device,
+            plots_dir=self.run_dir / "plots",
+        )
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         model.cpu().save_pretrained(self.run_dir / "model")
 

@@ -32,14 +32,19 @@ def collect_logits(
     return torch.cat(chunks, dim=1), torch.cat(labels)
 
 
-def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequence[int]) -> dict[str, Any]:
+def accuracy_report(
+    logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequence[int]
+) -> dict[str, Any]:
     """top-1, top-5, many/medium/few (in %), and per-class top-1 for combined logits (N, C)."""
     num_classes = logits.shape[1]
     pred = logits.argmax(1)
     correct = (pred == labels).float()
     k = min(5, num_classes)
     top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float()
-    per_class = [float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan") for c in range(num_classes)]
+    per_class = [
+        float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan")
+        for c in range(num_classes)
+    ]
     groups = [shot_group(n) for n in class_counts] if class_counts else ["many"] * num_classes
     report: dict[str, Any] = {"top1": float(correct.mean() * 100), "top5": float(top5.mean() * 100)}
     for g in GROUPS:
@@ -49,8 +54,13 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: Se
     return report
 
 
-def evaluate(model: Ensemble, dataset: Dataset, class_counts: Sequence[int], batch_size: int = 256,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
+def evaluate(
+    model: Ensemble,
+    dataset: Dataset,
+    class_counts: Sequence[int],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
     """Accuracy of the ensemble and of each expert on ``dataset``."""
     expert_logits, labels = collect_logits(model, dataset, batch_size, device)
     return {
@@ -59,8 +69,13 @@ def evaluate(model: Ensemble, dataset: Dataset, class_counts: Sequence[int], bat
     }
 
 
-def calibrate_and_evaluate(model: Ensemble, split, batch_size: int = 256, device: torch.device | str = "cpu",
-                           plots_dir: str | Path | None = None) -> dict[str, Any]:
+def calibrate_and_evaluate(
+    model: Ensemble,
+    split,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    plots_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Fit the temperature on the balanced val split (after the balanced prior adjustment),
     store it in ``model.config``, and report test accuracy and calibration before/after."""
     counts = split.class_counts
@@ -81,23 +96,35 @@ def calibrate_and_evaluate(model: Ensemble, split, batch_size: int = 256, device
     after = cal.calibration_metrics(torch.softmax((combined + shift) / temperature, 1), test_labels)
     results["calibration"] = {
         "temperature": temperature,
-        "before": before, "after": after,
-        "ece_before": before["ece"] * 100, "ece_after": after["ece"] * 100,
+        "before": before,
+        "after": after,
+        "ece_before": before["ece"] * 100,
+        "ece_after": after["ece"] * 100,
     }
     acc = results["accuracy"]
     model.config.metrics = {
         "accuracy": {k: acc[k] for k in ("top1", "top5", *GROUPS)},
         "experts_top1": results["experts"],
-        "calibration": {k: results["calibration"][k] for k in ("temperature", "ece_before", "ece_after")},
+        "calibration": {
+            k: results["calibration"][k] for k in ("temperature", "ece_before", "ece_after")
+        },
     }
     if plots_dir is not None:
-        plot_per_class(acc["per_class"], counts, Path(plots_dir) / "per_class_accuracy.png", model.config.name)
-        plot_reliability(torch.softmax((combined + shift) / temperature, 1), test_labels,
-                         Path(plots_dir) / "reliability.png", model.config.name)
+        plot_per_class(
+            acc["per_class"], counts, Path(plots_dir) / "per_class_accuracy.png", model.config.name
+        )
+        plot_reliability(
+            torch.softmax((combined + shift) / temperature, 1),
+            test_labels,
+            Path(plots_dir) / "reliability.png",
+            model.config.name,
+        )
     return results
 
 
-def plot_per_class(per_class: Sequence[float], counts: Sequence[int], path: Path, title: str = "") -> Path:
+def plot_per_class(
+    per_class: Sequence[float], counts: Sequence[int], path: Path, title: str = ""
+) -> Path:
     """Per-class test accuracy against training class size (log x)."""
     import matplotlib
 
@@ -122,7 +149,9 @@ def plot_per_class(per_class: Sequence[float], counts: Sequence[int], path: Path
     return path
 
 
-def plot_reliability(probs: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "", n_bins: int = 15) -> Path:
+def plot_reliability(
+    probs: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "", n_bins: int = 15
+) -> Path:
     """Reliability diagram: accuracy vs confidence per bin, with the ECE."""
     import matplotlib
 

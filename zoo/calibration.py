@@ -47,7 +47,9 @@ def resolve_prior(
             if not class_counts:
                 raise ValueError("prior='train' needs the model's training class counts")
             return _validate_prior(torch.tensor(class_counts, dtype=torch.float64), num_classes)
-        raise ValueError(f"unknown prior {spec!r}; use 'balanced', 'train' or a list of {num_classes} numbers")
+        raise ValueError(
+            f"unknown prior {spec!r}; use 'balanced', 'train' or a list of {num_classes} numbers"
+        )
     try:
         vec = torch.as_tensor(spec, dtype=torch.float64).flatten()
     except (TypeError, ValueError) as exc:
@@ -60,9 +62,7 @@ def prior_shift(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return torch.log(target.clamp_min(1e-12)) - torch.log(source.clamp_min(1e-12))
 
 
-def calibrated_probs(
-    logits: torch.Tensor, shift: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def calibrated_probs(logits: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax((logits + shift) / T)."""
     return torch.softmax((logits + shift.to(logits)) / temperature, dim=-1)
 
@@ -114,7 +114,10 @@ def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -
         hit = (labels == c).double()
         idx = torch.bucketize(p, edges[1:-1])
         count = torch.bincount(idx, minlength=n_bins).double()
-        gap = (torch.bincount(idx, weights=hit, minlength=n_bins) - torch.bincount(idx, weights=p, minlength=n_bins)).abs()
+        gap = (
+            torch.bincount(idx, weights=hit, minlength=n_bins)
+            - torch.bincount(idx, weights=p, minlength=n_bins)
+        ).abs()
         errors.append(float(gap.sum() / count.sum()))
     return sum(errors) / len(errors)
 
@@ -152,7 +155,10 @@ def expert_disagreement(expert_logits: torch.Tensor, temperature: float = 1.0) -
 
 
 def estimate_prior_em(
-    probs: torch.Tensor, train_prior: torch.Tensor | None = None, max_iter: int = 100, tol: float = 1e-6
+    probs: torch.Tensor,
+    train_prior: torch.Tensor | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-6,
 ) -> torch.Tensor:
     """Estimate the class prior of an unlabelled set by EM (Saerens et al., 2002).
 
@@ -160,7 +166,11 @@ def estimate_prior_em(
     """
     probs = probs.double()
     c = probs.shape[1]
-    src = torch.full((c,), 1.0 / c, dtype=torch.float64) if train_prior is None else train_prior.double()
+    src = (
+        torch.full((c,), 1.0 / c, dtype=torch.float64)
+        if train_prior is None
+        else train_prior.double()
+    )
     prior = src.clone()
     for _ in range(max_iter):
         w = probs * (prior / src)

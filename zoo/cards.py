@@ -33,7 +33,9 @@ def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
     yaml_lines, table = [], []
     for key in ("top1", "many", "medium", "few"):
         if key in acc:
-            yaml_lines.append(f"    - type: accuracy\n      name: {key} accuracy\n      value: {acc[key]:.2f}")
+            yaml_lines.append(
+                f"    - type: accuracy\n      name: {key} accuracy\n      value: {acc[key]:.2f}"
+            )
     if acc:
         table.append("| top-1 | many | medium | few | ECE before | ECE after |")
         table.append("|---|---|---|---|---|---|")
@@ -44,7 +46,9 @@ def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
         )
     if not yaml_lines:
         yaml_lines.append("    - type: accuracy\n      name: top1 accuracy\n      value: null")
-    return "\n".join(yaml_lines), "\n".join(table) or "Not measured yet: train it with the recipe below."
+    return "\n".join(yaml_lines), "\n".join(
+        table
+    ) or "Not measured yet: train it with the recipe below."
 
 
 def render_card(config: EnsembleConfig, extra: str = "") -> str:

@@ -23,7 +23,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':34} {'method':17} {'backbone':16} {'K':>2} {'paper':>6} {'measured':>8}  provenance")
+    print(
+        f"{'name':34} {'method':17} {'backbone':16} {'K':>2} {'paper':>6} {'measured':>8}  provenance"
+    )
     for r in rows:
         paper = r["paper"].get("top1")
         measured = r["measured"].get("accuracy", {}).get("top1")
@@ -41,12 +43,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if is_registered(args.model) and not args.cost:
         entry = get_entry(args.model)
         row = {k: v for k, v in vars(entry).items()}
-        row.update(hub_id=entry.resolved_hub_id(), provenance=entry.provenance, measured=entry.measured)
+        row.update(
+            hub_id=entry.resolved_hub_id(), provenance=entry.provenance, measured=entry.measured
+        )
         print(json.dumps(row, indent=2, default=str))
         return 0
     from .hub_io import load
 
-    model = load(args.model, revision=args.revision, pretrained=not is_registered(args.model) or args.pretrained)
+    model = load(
+        args.model,
+        revision=args.revision,
+        pretrained=not is_registered(args.model) or args.pretrained,
+    )
     info = model.config.to_dict()
     info["parameters"] = sum(p.numel() for p in model.parameters())
     if args.cost:
@@ -61,7 +69,13 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .hub_io import load, push_to_hub
 
     model = load(args.model)
-    oid = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message)
+    oid = push_to_hub(
+        model,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        commit_message=args.message,
+    )
     print(f"pushed {args.model} to {args.repo_id}@{args.revision or 'main'} (commit {oid})")
     return 0
 
@@ -87,11 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("info", help="show a model's registry entry or config (and cost with --cost)")
+    p = sub.add_parser(
+        "info", help="show a model's registry entry or config (and cost with --cost)"
+    )
     p.add_argument("model", help="registry name, Hub repo id or local directory")
     p.add_argument("--revision", default=None)
-    p.add_argument("--cost", action="store_true", help="parameters, MACs and measured latency per expert count")
-    p.add_argument("--pretrained", action="store_true", help="load published weights for a registry name")
+    p.add_argument(
+        "--cost", action="store_true", help="parameters, MACs and measured latency per expert count"
+    )
+    p.add_argument(
+        "--pretrained", action="store_true", help="load published weights for a registry name"
+    )
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("push", help="publish a model directory to the Hugging Face Hub")

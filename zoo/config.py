@@ -102,9 +102,7 @@ class EnsembleConfig:
         if not self.class_names:
             self.class_names = [f"class_{i}" for i in range(self.num_classes)]
         if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"{len(self.class_names)} class names for {self.num_classes} classes"
-            )
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if self.class_counts and len(self.class_counts) != self.num_classes:
             raise ValueError(
                 f"{len(self.class_counts)} class counts for {self.num_classes} classes"

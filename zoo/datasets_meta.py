@@ -7,11 +7,28 @@ from dataclasses import dataclass, field
 from .config import PreprocessConfig
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 ]
 CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge
 bus butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab
@@ -30,8 +47,12 @@ def _imagenet_classes() -> list[str]:
 
 
 IMAGENET_PREPROCESS = dict(
-    input_size=(224, 224), channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-    resize="resize_crop", crop_pct=0.875,
+    input_size=(224, 224),
+    channels=3,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    resize="resize_crop",
+    crop_pct=0.875,
 )
 CIFAR_PREPROCESS = dict(
     input_size=(32, 32), channels=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)
@@ -45,7 +66,9 @@ class DatasetInfo:
     name: str
     num_classes: int
     preprocess: dict = field(default_factory=dict)
-    class_names_fn: str = ""  # name of a function here, resolved lazily (ImageNet needs torchvision)
+    class_names_fn: str = (
+        ""  # name of a function here, resolved lazily (ImageNet needs torchvision)
+    )
 
     def class_names(self) -> list[str]:
         table = {

@@ -47,7 +47,9 @@ class Ensemble(nn.Module):
         torch.Size([1, 10])
     """
 
-    def __init__(self, config: EnsembleConfig, pretrained_backbone: str | Path | None = None) -> None:
+    def __init__(
+        self, config: EnsembleConfig, pretrained_backbone: str | Path | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.stem, self.experts, self.feature_dim = build_experts(config, pretrained_backbone)
@@ -128,7 +130,9 @@ class Ensemble(nn.Module):
     def select_experts(self, indices: Sequence[int]) -> Ensemble:
         """A new ensemble that keeps only the experts at ``indices`` (shares no tensors)."""
         if not indices or any(not 0 <= i < self.num_experts for i in indices):
-            raise ValueError(f"expert indices must be in [0, {self.num_experts - 1}], got {list(indices)}")
+            raise ValueError(
+                f"expert indices must be in [0, {self.num_experts - 1}], got {list(indices)}"
+            )
         cfg = copy.deepcopy(self.config)
         cfg.num_experts = len(indices)
         cfg.extra = {**cfg.extra, "expert_subset": list(indices)}

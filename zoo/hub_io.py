@@ -90,9 +90,13 @@ def download(repo_id: str, revision: str | None = None) -> Path:
             repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]
         )
     except LocalEntryNotFoundError as exc:
-        raise _not_available(repo_id, revision, "not in the local cache and the Hub is unreachable or offline") from exc
+        raise _not_available(
+            repo_id, revision, "not in the local cache and the Hub is unreachable or offline"
+        ) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
-        raise _not_available(repo_id, revision, f"not found on the Hub ({type(exc).__name__})") from exc
+        raise _not_available(
+            repo_id, revision, f"not found on the Hub ({type(exc).__name__})"
+        ) from exc
     except (HfHubHTTPError, OSError) as exc:
         raise _not_available(repo_id, revision, f"download failed ({exc})") from exc
     return Path(path)
@@ -119,7 +123,9 @@ def load(
         else:
             repo = entry.resolved_hub_id()
             model = load_local(download(repo, revision or entry.revision), device)
-            model.config.extra.setdefault("source", {"repo_id": repo, "revision": revision or entry.revision})
+            model.config.extra.setdefault(
+                "source", {"repo_id": repo, "revision": revision or entry.revision}
+            )
     else:
         repo, at_rev = split_revision(name)
         if not _REPO_ID.match(repo):
@@ -128,7 +134,9 @@ def load(
                 "or a Hub repo id of the form 'organisation/name[@revision]'"
             )
         if not pretrained:
-            raise ValueError("pretrained=False needs a registered model name (the architecture comes from the registry)")
+            raise ValueError(
+                "pretrained=False needs a registered model name (the architecture comes from the registry)"
+            )
         rev = revision or at_rev
         model = load_local(download(repo, rev), device)
         model.config.extra.setdefault("source", {"repo_id": repo, "revision": rev or "main"})

@@ -44,7 +44,8 @@ class Preprocess:
         short = round(min(h, w) / self.cfg.crop_pct)
         scale = short / min(image.size)
         resized = image.resize(
-            (max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BILINEAR
+            (max(w, round(image.width * scale)), max(h, round(image.height * scale))),
+            Image.BILINEAR,
         )
         left, top = (resized.width - w) // 2, (resized.height - h) // 2
         return resized.crop((left, top, left + w, top + h))

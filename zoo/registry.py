@@ -69,12 +69,22 @@ class ModelEntry:
         """The :class:`EnsembleConfig` of this entry (class counts are filled by training)."""
         info = DATASETS[self.dataset]
         kwargs: dict[str, Any] = dict(
-            backbone=self.backbone, num_classes=info.num_classes, num_experts=self.num_experts,
-            layout=self.layout, shared_stages=self.shared_stages, head=self.head,
-            head_bias=self.head_bias, cosine_scale=self.cosine_scale, neck_dim=self.neck_dim,
-            class_names=info.class_names(), preprocess=info.preprocess_config(),
+            backbone=self.backbone,
+            num_classes=info.num_classes,
+            num_experts=self.num_experts,
+            layout=self.layout,
+            shared_stages=self.shared_stages,
+            head=self.head,
+            head_bias=self.head_bias,
+            cosine_scale=self.cosine_scale,
+            neck_dim=self.neck_dim,
+            class_names=info.class_names(),
+            preprocess=info.preprocess_config(),
             logit_prior="train" if self.method == "ce" else "uniform",
-            name=self.name, method=self.method, recipe=self.recipe, dataset=self.dataset,
+            name=self.name,
+            method=self.method,
+            recipe=self.recipe,
+            dataset=self.dataset,
             provenance=self.provenance,
         )
         kwargs.update(overrides)
@@ -118,9 +128,17 @@ def list_models(filter: str = "") -> list[dict[str, Any]]:
     """Registered models (optionally those whose name contains ``filter``) as rows."""
     return [
         dict(
-            name=e.name, method=e.method, backbone=e.backbone, experts=e.num_experts,
-            dataset=e.dataset, recipe=e.recipe, hub_id=e.resolved_hub_id(), revision=e.revision,
-            paper=e.paper, measured=e.measured, provenance=e.provenance,
+            name=e.name,
+            method=e.method,
+            backbone=e.backbone,
+            experts=e.num_experts,
+            dataset=e.dataset,
+            recipe=e.recipe,
+            hub_id=e.resolved_hub_id(),
+            revision=e.revision,
+            paper=e.paper,
+            measured=e.measured,
+            provenance=e.provenance,
         )
         for e in _ENTRIES.values()
         if filter in e.name
@@ -129,58 +147,174 @@ def list_models(filter: str = "") -> list[dict[str, Any]]:
 
 # --- Fashion-MNIST-LT (trained here, the embedded default) ----------------------------
 _FM = dict(backbone="resnet32", dataset="fashion_mnist_lt")
-register(ModelEntry("ce-resnet32-fmnistlt", "ce", recipe="fmnistlt_ce", num_experts=1, layout="single", **_FM))
-register(ModelEntry("bs-resnet32-fmnistlt", "balanced_softmax", recipe="fmnistlt_bs", num_experts=1, layout="single", **_FM))
+register(
+    ModelEntry(
+        "ce-resnet32-fmnistlt", "ce", recipe="fmnistlt_ce", num_experts=1, layout="single", **_FM
+    )
+)
+register(
+    ModelEntry(
+        "bs-resnet32-fmnistlt",
+        "balanced_softmax",
+        recipe="fmnistlt_bs",
+        num_experts=1,
+        layout="single",
+        **_FM,
+    )
+)
 register(ModelEntry("ncl-resnet32-fmnistlt", "ncl", recipe="fmnistlt_ncl", **_FM))
-register(ModelEntry(
-    "cbd-resnet32-fmnistlt", "cbd", recipe="fmnistlt_cbd", num_experts=1, layout="single",
-    head="cosine", head_bias=False, cosine_scale=20.0, neck_dim=128, **_FM,
-))
-register(ModelEntry(
-    "ecl-resnet32-fmnistlt", "ecl", recipe="fmnistlt_ecl", layout="shared", shared_stages=2, **_FM,
-))
+register(
+    ModelEntry(
+        "cbd-resnet32-fmnistlt",
+        "cbd",
+        recipe="fmnistlt_cbd",
+        num_experts=1,
+        layout="single",
+        head="cosine",
+        head_bias=False,
+        cosine_scale=20.0,
+        neck_dim=128,
+        **_FM,
+    )
+)
+register(
+    ModelEntry(
+        "ecl-resnet32-fmnistlt",
+        "ecl",
+        recipe="fmnistlt_ecl",
+        layout="shared",
+        shared_stages=2,
+        **_FM,
+    )
+)
 
 # --- NCL paper settings ---------------------------------------------------------------
 _NCL_REF = "Li et al., Nested Collaborative Learning for Long-Tailed Visual Recognition, CVPR 2022"
-for _ds, _rho, _top1 in [("cifar100_lt", 100, 53.3), ("cifar100_lt", 50, 56.8), ("cifar10_lt", 100, 84.7), ("cifar10_lt", 50, 86.8)]:
+for _ds, _rho, _top1 in [
+    ("cifar100_lt", 100, 53.3),
+    ("cifar100_lt", 50, 56.8),
+    ("cifar10_lt", 100, 84.7),
+    ("cifar10_lt", 50, 86.8),
+]:
     _short = _ds.replace("_lt", "lt")
-    register(ModelEntry(
-        f"ncl-resnet32-{_short}-r{_rho}", "ncl", "resnet32", _ds, recipe=f"{_short}_r{_rho}_ncl",
-        paper={"top1": _top1}, paper_ref=_NCL_REF,
-    ))
+    register(
+        ModelEntry(
+            f"ncl-resnet32-{_short}-r{_rho}",
+            "ncl",
+            "resnet32",
+            _ds,
+            recipe=f"{_short}_r{_rho}_ncl",
+            paper={"top1": _top1},
+            paper_ref=_NCL_REF,
+        )
+    )
 for _bb, _short, _top1 in [("resnet50", "resnet50", 57.4), ("resnext50_32x4d", "resnext50", 58.4)]:
-    register(ModelEntry(
-        f"ncl-{_short}-imagenetlt", "ncl", _bb, "imagenet_lt", recipe=f"imagenetlt_{_short}_ncl",
-        head="cosine", cosine_scale=16.0, paper={"top1": _top1}, paper_ref=_NCL_REF,
-    ))
-register(ModelEntry(
-    "ncl-resnet152-placeslt", "ncl", "resnet152", "places_lt", recipe="placeslt_resnet152_ncl",
-    head="cosine", paper={"top1": 41.5}, paper_ref=_NCL_REF,
-))
+    register(
+        ModelEntry(
+            f"ncl-{_short}-imagenetlt",
+            "ncl",
+            _bb,
+            "imagenet_lt",
+            recipe=f"imagenetlt_{_short}_ncl",
+            head="cosine",
+            cosine_scale=16.0,
+            paper={"top1": _top1},
+            paper_ref=_NCL_REF,
+        )
+    )
+register(
+    ModelEntry(
+        "ncl-resnet152-placeslt",
+        "ncl",
+        "resnet152",
+        "places_lt",
+        recipe="placeslt_resnet152_ncl",
+        head="cosine",
+        paper={"top1": 41.5},
+        paper_ref=_NCL_REF,
+    )
+)
 
 # --- CBD paper settings ---------------------------------------------------------------
 _CBD_REF = "Iscen et al., Class-Balanced Distillation for Long-Tailed Visual Recognition, BMVC 2021"
-_CBD_HEAD = dict(num_experts=1, layout="single", head="cosine", head_bias=False, cosine_scale=20.0, neck_dim=4096)
-register(ModelEntry(
-    "cbd-resnet50-imagenetlt", "cbd", "resnet50", "imagenet_lt", recipe="imagenetlt_resnet50_cbd",
-    paper={"top1": 55.6}, paper_ref=_CBD_REF, **_CBD_HEAD,
-))
-register(ModelEntry(
-    "cbd-resnet50-inat18", "cbd", "resnet50", "inat2018", recipe="inat18_resnet50_cbd",
-    paper={"top1": 73.6}, paper_ref=_CBD_REF, **_CBD_HEAD,
-))
+# Paper ensemble: 4 teachers (2 seeds x colour jitter on/off) x 2048-d ResNet-50 features = 8192
+# (official configs/stage_two_cbd_ens.py: proj_dim = 2048 * num_teachers).
+_CBD_HEAD = dict(
+    num_experts=1, layout="single", head="cosine", head_bias=False, cosine_scale=20.0, neck_dim=8192
+)
+register(
+    ModelEntry(
+        "cbd-resnet50-imagenetlt",
+        "cbd",
+        "resnet50",
+        "imagenet_lt",
+        recipe="imagenetlt_resnet50_cbd",
+        paper={"top1": 55.6},
+        paper_ref=_CBD_REF,
+        **_CBD_HEAD,
+    )
+)
+register(
+    ModelEntry(
+        "cbd-resnet50-inat18",
+        "cbd",
+        "resnet50",
+        "inat2018",
+        recipe="inat18_resnet50_cbd",
+        paper={"top1": 73.6},
+        paper_ref=_CBD_REF,
+        **_CBD_HEAD,
+    )
+)
 
 # --- ECL (reconstruction) -------------------------------------------------------------
 _ECL_NOTE = "Reconstruction from the abstract of Xu et al., IEEE TMM 2023 (arXiv 2305.03378); no official code, no paper numbers used."
-register(ModelEntry(
-    "ecl-resnet32-cifar100lt-r100", "ecl", "resnet32", "cifar100_lt", recipe="cifar100lt_r100_ecl",
-    layout="shared", shared_stages=2, notes=_ECL_NOTE,
-))
-register(ModelEntry(
-    "ecl-resnext50-imagenetlt", "ecl", "resnext50_32x4d", "imagenet_lt", recipe="imagenetlt_resnext50_ecl",
-    layout="shared", shared_stages=3, head="cosine", notes=_ECL_NOTE,
-))
+register(
+    ModelEntry(
+        "ecl-resnet32-cifar100lt-r100",
+        "ecl",
+        "resnet32",
+        "cifar100_lt",
+        recipe="cifar100lt_r100_ecl",
+        layout="shared",
+        shared_stages=2,
+        notes=_ECL_NOTE,
+    )
+)
+register(
+    ModelEntry(
+        "ecl-resnext50-imagenetlt",
+        "ecl",
+        "resnext50_32x4d",
+        "imagenet_lt",
+        recipe="imagenetlt_resnext50_ecl",
+        layout="shared",
+        shared_stages=3,
+        head="cosine",
+        notes=_ECL_NOTE,
+    )
+)
 
 # --- Baselines on ImageNet-LT -------------------------------------------------------------
-register(ModelEntry("ce-resnet50-imagenetlt", "ce", "resnet50", "imagenet_lt", recipe="imagenetlt_resnet50_ce", num_experts=1, layout="single"))
-register(ModelEntry("bs-resnet50-imagenetlt", "balanced_softmax", "resnet50", "imagenet_lt", recipe="imagenetlt_resnet50_bs", num_experts=1, layout="single"))
+register(
+    ModelEntry(
+        "ce-resnet50-imagenetlt",
+        "ce",
+        "resnet50",
+        "imagenet_lt",
+        recipe="imagenetlt_resnet50_ce",
+        num_experts=1,
+        layout="single",
+    )
+)
+register(
+    ModelEntry(
+        "bs-resnet50-imagenetlt",
+        "balanced_softmax",
+        "resnet50",
+        "imagenet_lt",
+        recipe="imagenetlt_resnet50_bs",
+        num_experts=1,
+        layout="single",
+    )
+)

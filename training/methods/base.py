@@ -48,7 +48,9 @@ class Method(nn.Module):
             raise ValueError("every class needs at least one training image")
         self.register_buffer("log_counts", counts.log(), persistent=False)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for one batch and a dict of scalars to log."""
         raise NotImplementedError
 

@@ -22,7 +22,9 @@ class CrossEntropy(Method):
     Params = NoParams
     logit_prior = "train"
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
         return loss, {"ce": loss.item()}
@@ -34,7 +36,9 @@ class BalancedSoftmax(Method):
     name = "balanced_softmax"
     Params = NoParams
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.model(images)
         loss = F.cross_entropy(balanced_logits(logits, self.log_counts), labels)
         return loss, {"bs": loss.item()}

@@ -21,7 +21,9 @@ from zoo import Ensemble
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Module:
     """MLP projection (Linear-ReLU-Linear), as in MoCo v2."""
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim)
+    )
 
 
 def key_view(images: torch.Tensor, max_shift: float = 0.125) -> torch.Tensor:
@@ -36,7 +38,9 @@ def key_view(images: torch.Tensor, max_shift: float = 0.125) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """InfoNCE with the positive key ``k`` and negatives ``queue`` (N, D); all L2-normalised."""
     pos = (q * k).sum(1, keepdim=True)
     neg = q @ queue.t()
@@ -47,13 +51,21 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
 class MoCoBranch(nn.Module):
     """Per-expert MoCo: projection heads, momentum (EMA) key encoders, queues."""
 
-    def __init__(self, model: Ensemble, dim: int = 64, queue_size: int = 1024,
-                 temperature: float = 0.2, momentum: float = 0.999) -> None:
+    def __init__(
+        self,
+        model: Ensemble,
+        dim: int = 64,
+        queue_size: int = 1024,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+    ) -> None:
         super().__init__()
         in_dim = model.config.neck_dim or model.feature_dim
         k = model.num_experts
         self.heads = nn.ModuleList(projection_head(in_dim, dim) for _ in range(k))
-        self.key_encoder = copy.deepcopy(nn.ModuleDict({"stem": model.stem, "experts": model.experts}))
+        self.key_encoder = copy.deepcopy(
+            nn.ModuleDict({"stem": model.stem, "experts": model.experts})
+        )
         self.key_heads = copy.deepcopy(self.heads)
         for p in [*self.key_encoder.parameters(), *self.key_heads.parameters()]:
             p.requires_grad_(False)
@@ -71,8 +83,10 @@ class MoCoBranch(nn.Module):
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> list[torch.Tensor]:
         h = self.key_encoder["stem"](key_view(images))
-        return [F.normalize(head(e.forward_features(h)), dim=1)
-                for e, head in zip(self.key_encoder["experts"], self.key_heads, strict=True)]
+        return [
+            F.normalize(head(e.forward_features(h)), dim=1)
+            for e, head in zip(self.key_encoder["experts"], self.key_heads, strict=True)
+        ]
 
     @torch.no_grad()
     def _enqueue(self, i: int, keys: torch.Tensor) -> None:

@@ -30,7 +30,9 @@ from .base import Method, MethodParams, balanced_logits
 from .contrastive import MoCoBranch
 
 
-def hard_category_mask(first_expert_logits: torch.Tensor, target: torch.Tensor, num_hard: int) -> torch.Tensor:
+def hard_category_mask(
+    first_expert_logits: torch.Tensor, target: torch.Tensor, num_hard: int
+) -> torch.Tensor:
     """1 for the target and the top ``num_hard - 1`` other classes of the first expert, else 0."""
     num_hard = min(num_hard, first_expert_logits.shape[1])
     scores = first_expert_logits.detach().scatter(1, target[:, None], float("inf"))
@@ -38,7 +40,9 @@ def hard_category_mask(first_expert_logits: torch.Tensor, target: torch.Tensor, 
     return torch.zeros_like(first_expert_logits).scatter(1, hard, 1.0)
 
 
-def mutual_kl(logits: Sequence[torch.Tensor], weight: float, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+def mutual_kl(
+    logits: Sequence[torch.Tensor], weight: float, sample_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """NBOD: ``weight / (K-1) * sum_{i != j} KL(p_j || p_i)``, batch mean, computed from log-probs.
 
     ``sample_weight`` (B,) optionally re-weights each sample's KL (ECL's re-weighted distillation).
@@ -64,16 +68,29 @@ def mutual_kl(logits: Sequence[torch.Tensor], weight: float, sample_weight: torc
 class NCLLoss(nn.Module):
     """NIL + NBOD for a list of K expert logits (each (B, C)) and targets (B,)."""
 
-    def __init__(self, class_counts: Sequence[int], num_hard: int = 30, nbod_weight: float = 0.6,
-                 nbod_weight_hcm: float | None = None, ce_ratio: float = 1.0, hcm_ratio: float = 1.0) -> None:
+    def __init__(
+        self,
+        class_counts: Sequence[int],
+        num_hard: int = 30,
+        nbod_weight: float = 0.6,
+        nbod_weight_hcm: float | None = None,
+        ce_ratio: float = 1.0,
+        hcm_ratio: float = 1.0,
+    ) -> None:
         super().__init__()
-        self.register_buffer("log_counts", torch.tensor(list(class_counts), dtype=torch.float32).log(), persistent=False)
+        self.register_buffer(
+            "log_counts",
+            torch.tensor(list(class_counts), dtype=torch.float32).log(),
+            persistent=False,
+        )
         self.num_hard = num_hard
         self.nbod_weight = nbod_weight
         self.nbod_weight_hcm = nbod_weight if nbod_weight_hcm is None else nbod_weight_hcm
         self.ce_ratio, self.hcm_ratio = ce_ratio, hcm_ratio
 
-    def terms(self, expert_logits: Sequence[torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def terms(
+        self, expert_logits: Sequence[torch.Tensor], target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The four terms separately: nil_full, nil_hcm, nbod_full, nbod_hcm."""
         mask = hard_category_mask(expert_logits[0], target, self.num_hard)
         full = [balanced_logits(z.float(), self.log_counts) for z in expert_logits]
@@ -113,11 +130,20 @@ class NCL(Method):
         self.params: NCLParams = params
         self.criterion = NCLLoss(class_counts, params.num_hard, params.nbod_weight)
         self.moco = (
-            MoCoBranch(model, params.moco_dim, params.moco_queue, params.moco_temperature, params.moco_momentum)
-            if params.contrastive_weight > 0 else None
+            MoCoBranch(
+                model,
+                params.moco_dim,
+                params.moco_queue,
+                params.moco_temperature,
+                params.moco_momentum,
+            )
+            if params.contrastive_weight > 0
+            else None
         )
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         h = self.model.stem(images)
         feats = [e.forward_features(h) for e in self.model.experts]
         logits = [e.classifier(f) for e, f in zip(self.model.experts, feats, strict=True)]

@@ -71,7 +71,9 @@ def build_experts(
     """
     split = cfg.shared_stages if cfg.layout == "shared" else 0
     channels = cfg.preprocess.channels
-    nets = [backbone_stages(cfg.backbone, channels, pretrained_path) for _ in range(cfg.num_experts)]
+    nets = [
+        backbone_stages(cfg.backbone, channels, pretrained_path) for _ in range(cfg.num_experts)
+    ]
     n_stages = len(nets[0][0])
     if not 0 <= split < n_stages:
         raise ValueError(f"shared_stages must be in [0, {n_stages - 1}] for {cfg.backbone}")
@@ -86,8 +88,12 @@ def build_experts(
         if cfg.neck_dim:
             neck, in_features = ProjectionNeck(feat_dim, cfg.neck_dim), cfg.neck_dim
         head = build_head(
-            cfg.head, in_features, cfg.num_classes, bias=cfg.head_bias,
-            scale=cfg.cosine_scale, learn_scale=cfg.learn_scale,
+            cfg.head,
+            in_features,
+            cfg.num_classes,
+            bias=cfg.head_bias,
+            scale=cfg.cosine_scale,
+            learn_scale=cfg.learn_scale,
         )
         experts.append(Expert(nn.Sequential(*stages[split:]), neck, head))
     return stem, experts, feat_dim

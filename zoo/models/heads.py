@@ -14,8 +14,12 @@ class CosineClassifier(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, scale: float = 16.0,
-        learn_scale: bool = False, bias: bool = True,
+        self,
+        in_features: int,
+        num_classes: int,
+        scale: float = 16.0,
+        learn_scale: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
@@ -44,8 +48,13 @@ class ProjectionNeck(nn.Module):
 
 
 def build_head(
-    kind: str, in_features: int, num_classes: int, *, bias: bool = True,
-    scale: float = 16.0, learn_scale: bool = False,
+    kind: str,
+    in_features: int,
+    num_classes: int,
+    *,
+    bias: bool = True,
+    scale: float = 16.0,
+    learn_scale: bool = False,
 ) -> nn.Module:
     """A ``"linear"`` or ``"cosine"`` classifier."""
     if kind == "linear":
