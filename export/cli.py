@@ -1,9 +1,189 @@
-"""`ltzoo` subcommands of the export package."""
+"""`ltzoo export`: fuse an ensemble into one ONNX graph (fp32/fp16/INT8) or a TensorRT engine."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+#: tolerance of ``--check`` on the float32 graph (max |p_onnx - p_torch|)
+CHECK_TOL = 1e-4
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register this package's subcommands (filled in by its issue)."""
+    """Register ``ltzoo export``."""
+    p = sub.add_parser(
+        "export",
+        help="export an ensemble as one fused ONNX graph (probabilities out) or a TensorRT engine",
+        description=(
+            "Fuse all experts, the logit mean, the prior shift, the temperature and the softmax into "
+            "one ONNX graph with the model config in its metadata."
+        ),
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="registry name, Hub repo id[@rev] or local model directory"
+    )
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output file (default: ./<name>[.fp16|.int8].onnx)"
+    )
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument(
+        "--fp16", action="store_true", help="float16 experts (inputs/outputs stay float32)"
+    )
+    p.add_argument(
+        "--int8", action="store_true", help="static INT8 (QDQ) quantization with calibration images"
+    )
+    p.add_argument(
+        "--calib-data",
+        default="fashion_mnist_lt",
+        help="dataset name (training.data) or a directory of images for --int8",
+    )
+    p.add_argument("--calib-size", type=int, default=256, help="number of calibration images")
+    p.add_argument(
+        "--expert-outputs", action="store_true", help="also output expert_probs [K, B, C]"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help=f"parity vs PyTorch on random inputs (batch 1 and 16); exit 1 if > {CHECK_TOL:g}",
+    )
+    p.add_argument("--revision", default=None, help="Hub revision")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="registry name only: build the architecture with random weights (no download)",
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+def _default_out(model: Any, args: argparse.Namespace) -> Path:
+    name = model.config.name or Path(args.model.rstrip("/")).name or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    suffix = ".fp16" if args.fp16 else ".int8" if args.int8 else ""
+    return Path(f"{name}{suffix}.onnx")
+
+
+def load_calibration_images(spec: str, model: Any, n: int, seed: int = 0):  # -> torch.Tensor
+    """``n`` preprocessed calibration images from a directory of images or a dataset name."""
+    import torch
+
+    path = Path(spec)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {path}")
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(files), generator=gen)[:n].tolist()
+        images = []
+        for i in pick:
+            with Image.open(files[i]) as im:
+                images.append(model.preprocess(im))
+        return torch.cat(images)
+    try:
+        from training.data import build_lt_dataset
+    except ImportError as exc:
+        raise ValueError(
+            f"--calib-data {spec!r} is not a directory and the dataset loader (training.data) "
+            f"is unavailable ({exc}); pass a directory of images"
+        ) from exc
+    split = build_lt_dataset(spec, seed=seed)
+    data = split.val if getattr(split, "val", None) is not None else split.test
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(data), generator=gen)[:n].tolist()
+    return torch.stack([data[i][0] for i in pick]).float()
+
+
+def _check(model: Any, onnx_path: Path, precision: str) -> bool:
+    import torch
+
+    from .onnx import check_parity
+
+    cfg = model.config
+    c, (h, w) = cfg.preprocess.channels, cfg.preprocess.input_size
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for batch in (1, 16):
+        x = torch.randn(batch, c, h, w, generator=gen)
+        diff = check_parity(model, onnx_path, x)
+        worst = max(worst, diff)
+        print(f"parity batch {batch:>2}: max |p_onnx - p_torch| = {diff:.3g}")
+    if precision != "fp32":
+        print(
+            f"check: {precision} graph, max diff {worst:.3g} (tolerance {CHECK_TOL:g} applies to fp32 only)"
+        )
+        return True
+    ok = worst <= CHECK_TOL
+    print(f"check {'passed' if ok else 'FAILED'}: max diff {worst:.3g} (tolerance {CHECK_TOL:g})")
+    return ok
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from zoo.hub_io import load
+    from zoo.registry import is_registered
+
+    from .onnx import export_onnx, quantize_int8
+
+    if args.fp16 and args.int8:
+        raise ValueError("choose one of --fp16 and --int8")
+    if args.int8 and args.format == "tensorrt":
+        raise ValueError("--int8 is for --format onnx (TensorRT INT8 needs its own calibrator)")
+    if args.random_weights and not is_registered(args.model):
+        raise ValueError("--random-weights needs a registry name")
+    model = load(args.model, revision=args.revision, pretrained=not args.random_weights)
+    out = args.out or _default_out(model, args)
+    source = model.config.extra.get("source") or {
+        "repo_id": args.model,
+        "revision": args.revision or "",
+    }
+    if args.format == "tensorrt":
+        from .tensorrt import build_engine
+
+        onnx_path = out.with_suffix(".onnx")
+        export_onnx(
+            model, onnx_path, opset=args.opset, expert_outputs=args.expert_outputs, source=source
+        )
+        if args.check and not _check(model, onnx_path, "fp32"):
+            return 1
+        engine = build_engine(onnx_path, out.with_suffix(".engine"), fp16=args.fp16)
+        print(f"wrote {onnx_path} and {engine}")
+        return 0
+    if args.int8:
+        calib = load_calibration_images(args.calib_data, model, args.calib_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_onnx(
+                model,
+                Path(tmp) / "fp32.onnx",
+                opset=args.opset,
+                expert_outputs=args.expert_outputs,
+                source=source,
+            )
+            quantize_int8(fp32, out, calib)
+        precision = "int8"
+    else:
+        export_onnx(
+            model,
+            out,
+            opset=args.opset,
+            expert_outputs=args.expert_outputs,
+            fp16=args.fp16,
+            source=source,
+        )
+        precision = "fp16" if args.fp16 else "fp32"
+    print(f"wrote {out} ({precision}, {out.stat().st_size / 1e6:.1f} MB)")
+    if args.check and not _check(model, out, precision):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from zoo.cli import main
+
+    sys.exit(main(["export", *sys.argv[1:]]))

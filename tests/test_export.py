@@ -1,0 +1,288 @@
+"""Fused ONNX export: parity, prior input, metadata, runtime without torch, fp16, INT8, TensorRT."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx
+
+import zoo
+from export.onnx import (
+    FusedEnsemble,
+    check_parity,
+    convert_fp16,
+    export_onnx,
+    make_session,
+    quantize_int8,
+    read_metadata,
+)
+from zoo.calibration import expert_disagreement
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+COUNTS = [500, 300, 180, 110, 66, 40, 24, 14, 8, 5]
+CASES = {
+    "independent": dict(num_experts=3),
+    "shared": dict(num_experts=2, layout="shared", shared_stages=2),
+    "cosine_neck": dict(num_experts=1, layout="single", head="cosine", neck_dim=16),
+    "temperature_train_prior": dict(
+        num_experts=2, temperature=1.7, logit_prior="train", class_counts=COUNTS
+    ),
+}
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Lazily export each case once per module: case -> (model, onnx path)."""
+    cache: dict[str, tuple[zoo.Ensemble, Path]] = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(case: str) -> tuple[zoo.Ensemble, Path]:
+        if case not in cache:
+            torch.manual_seed(0)
+            model = zoo.Ensemble(zoo.EnsembleConfig(name=f"test-{case}", **CASES[case])).eval()
+            path = export_onnx(
+                model,
+                root / f"{case}.onnx",
+                expert_outputs=case == "independent",
+                source={"repo_id": "org/test", "revision": "abc123"},
+            )
+            cache[case] = (model, path)
+        return cache[case]
+
+    return get
+
+
+def _x(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_probs_and_disagreement(exported, case):
+    model, path = exported(case)
+    sess = make_session(path)
+    for batch in (1, 8):
+        x = _x(batch, seed=batch)
+        assert check_parity(model, path, x) <= TOL
+        probs, dis = sess.run(["probs", "disagreement"], {"pixel_values": x.numpy()})
+        assert probs.shape == (batch, 10) and dis.shape == (batch,)
+        with torch.inference_mode():
+            ref = expert_disagreement(model.expert_logits(x), model.config.temperature).numpy()
+        np.testing.assert_allclose(dis, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["independent", "temperature_train_prior"])
+def test_custom_prior_through_log_prior_shift(exported, case):
+    model, path = exported(case)
+    prior = [0.02, 0.03, 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.2]
+    for batch in (1, 8):
+        assert check_parity(model, path, _x(batch), prior=prior) <= TOL
+    assert check_parity(model, path, _x(8), prior="balanced") <= TOL
+    # a different prior per image: a (B, C) feed overrides the (1, C) default
+    per_image = torch.rand(8, 10, generator=torch.Generator().manual_seed(3)) + 0.01
+    assert check_parity(model, path, _x(8), prior=per_image) <= TOL
+
+
+def test_prior_input_is_optional_with_default(exported):
+    model, path = exported("temperature_train_prior")
+    sess = make_session(path)
+    overridable = {i.name: i.shape for i in sess.get_overridable_initializers()}
+    assert overridable == {"log_prior_shift": ["prior_batch", 10]}
+    x = _x(4).numpy()
+    default = model.prior_shift().numpy()[None].astype(np.float32)
+    implicit = sess.run(["probs"], {"pixel_values": x})[0]
+    explicit = sess.run(["probs"], {"pixel_values": x, "log_prior_shift": default})[0]
+    np.testing.assert_array_equal(implicit, explicit)
+    zero = sess.run(
+        ["probs"], {"pixel_values": x, "log_prior_shift": np.zeros((1, 10), np.float32)}
+    )[0]
+    assert np.abs(zero - implicit).max() > 1e-3  # the train-prior model's default shift is not 0
+
+
+def test_expert_outputs_and_fused_module(exported):
+    model, path = exported("independent")
+    x = _x(8)
+    probs, _dis, expert_probs = make_session(path).run(None, {"pixel_values": x.numpy()})
+    assert expert_probs.shape == (3, 8, 10)
+    with torch.inference_mode():
+        fused = FusedEnsemble(model, expert_outputs=True).eval()
+        ref = fused(x)
+        logits = model.expert_logits(x)
+    np.testing.assert_allclose(expert_probs, ref[2].numpy(), atol=TOL)
+    np.testing.assert_allclose(
+        ref[2].numpy(), torch.softmax(logits + model.prior_shift(), -1).numpy(), atol=1e-6
+    )
+    np.testing.assert_allclose(probs, ref[0].numpy(), atol=TOL)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_checker_and_metadata_round_trip(exported, case):
+    model, path = exported(case)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["pixel_values", "log_prior_shift"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    meta = read_metadata(path)
+    cfg = zoo.EnsembleConfig.from_dict(meta["ltzoo_config"])
+    assert cfg == model.config
+    np.testing.assert_allclose(
+        meta["default_log_prior_shift"], model.prior_shift().numpy(), atol=1e-6
+    )
+    assert meta["source"] == {"repo_id": "org/test", "revision": "abc123"}
+    assert (
+        meta["ltzoo_version"] and meta["precision"] == "fp32" and meta["prior_input"] == "optional"
+    )
+
+
+RUNTIME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+    so = ort.SessionOptions(); so.log_severity_level = 3
+    sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    cfg = json.loads(meta["ltzoo_config"])
+    x = np.load(sys.argv[2])
+    probs, dis = sess.run(["probs", "disagreement"], {"pixel_values": x})
+    print(json.dumps({
+        "top1": probs.argmax(1).tolist(), "classes": cfg["class_names"],
+        "mean": cfg["preprocess"]["mean"], "torch_loaded": "torch" in sys.modules,
+        "sum": probs.sum(1).tolist(),
+    }))
+    """
+)
+
+
+def test_runs_in_fresh_process_without_torch(exported, tmp_path):
+    model, path = exported("shared")
+    x = _x(8, seed=5)
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = tmp_path / "run.py"
+    script.write_text(RUNTIME_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, "-I", str(script), str(path), str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch_loaded"] is False
+    assert out["classes"] == model.config.class_names and out["mean"] == list(
+        model.config.preprocess.mean
+    )
+    np.testing.assert_allclose(out["sum"], 1.0, atol=1e-5)
+    with torch.inference_mode():
+        assert out["top1"] == model.calibrated_probs(model(x)).argmax(1).tolist()
+
+
+def _read_idx(name: str) -> np.ndarray:
+    with gzip.open(FMNIST / name, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fmnist(split: str, n: int, model: zoo.Ensemble) -> torch.Tensor:
+    if not (FMNIST / f"{split}-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not found under {FMNIST}")
+    images = _read_idx(f"{split}-images-idx3-ubyte.gz")[:n].astype(np.float32) / 255.0
+    pre = model.config.preprocess
+    return ((torch.from_numpy(images)[:, None] - pre.mean[0]) / pre.std[0]).float()
+
+
+def test_int8_runs_and_agrees_with_fp32(exported, tmp_path):
+    model, path = exported("independent")
+    calib = _fmnist("train", 128, model)
+    q = quantize_int8(path, tmp_path / "int8.onnx", calib)
+    meta = read_metadata(q)
+    assert meta["precision"] == "int8"
+    assert zoo.EnsembleConfig.from_dict(meta["ltzoo_config"]) == model.config
+    assert "Softmax" not in {
+        n.op_type for n in onnx.load(str(q)).graph.node if n.name.endswith("_quant")
+    }
+    x = _fmnist("t10k", 256, model).numpy()
+    fp32 = make_session(path).run(["probs"], {"pixel_values": x})[0]
+    int8_sess = make_session(q)
+    assert {i.name for i in int8_sess.get_overridable_initializers()} == {"log_prior_shift"}
+    int8 = int8_sess.run(["probs"], {"pixel_values": x})[0]
+    agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
+    assert agreement >= 0.9, agreement
+    np.testing.assert_allclose(int8.sum(1), 1.0, atol=1e-5)
+
+
+def test_fp16_loads_and_keeps_float32_io(exported, tmp_path):
+    # export_onnx(fp16=True) is export + this conversion; reuse the fp32 export to save time
+    model, fp32 = exported("cosine_neck")
+    path = convert_fp16(fp32, tmp_path / "fp16.onnx")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    float32 = onnx.TensorProto.FLOAT
+    assert all(
+        v.type.tensor_type.elem_type == float32 for v in [*proto.graph.input, *proto.graph.output]
+    )
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    assert read_metadata(path)["precision"] == "fp16"
+    try:
+        sess = make_session(path)
+    except Exception as exc:  # an ORT build without fp16 CPU kernels
+        pytest.skip(f"onnxruntime cannot run fp16 on this CPU: {exc}")
+    x = _x(8)
+    probs = sess.run(["probs"], {"pixel_values": x.numpy()})[0]
+    assert probs.dtype == np.float32
+    with torch.inference_mode():
+        ref = model.calibrated_probs(model(x)).numpy()
+    assert np.abs(probs - ref).max() < 2e-2
+
+
+def test_cli_registers_export_and_rejects_bad_flags(tmp_path, capsys):
+    from zoo.cli import build_parser, main
+
+    args = build_parser().parse_args(
+        ["export", "m", "--format", "onnx", "--int8", "--calib-size", "8"]
+    )
+    assert args.command == "export" and args.int8 and args.calib_size == 8
+    assert main(["export", "ncl-resnet32-fmnistlt", "--fp16", "--int8", "--random-weights"]) == 2
+    assert "choose one of" in capsys.readouterr().err
+
+
+def test_tensorrt_missing_gives_clear_error(tmp_path):
+    from export.tensorrt import build_engine
+
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = torch.cuda.is_available()
+    except ImportError:
+        has_trt = False
+    if has_trt:
+        pytest.skip("TensorRT and a GPU are present")
+    with pytest.raises(RuntimeError, match=r"ltzoo\[gpu\]"):
+        build_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine(exported, tmp_path):
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from export.tensorrt import build_engine
+
+    _, path = exported("independent")
+    engine = build_engine(path, tmp_path / "m.engine", fp16=True, max_batch=8)
+    assert engine.stat().st_size > 0
