@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from .base import Method, MethodParams, balanced_logits
 from .baselines import BalancedSoftmax, CrossEntropy
+from .cbd import CBD, CBDParams
 from .ecl import ECL
 from .ncl import NCL, NCLLoss
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, BalancedSoftmax, NCL, ECL)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (CrossEntropy, BalancedSoftmax, NCL, ECL, CBD)
+}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -15,4 +18,4 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-__all__ = ["ECL", "METHODS", "NCL", "BalancedSoftmax", "CrossEntropy", "Method", "MethodParams", "NCLLoss", "balanced_logits"]
+__all__ = ["CBD", "ECL", "METHODS", "NCL", "BalancedSoftmax", "CBDParams", "CrossEntropy", "Method", "MethodParams", "NCLLoss", "balanced_logits"]
