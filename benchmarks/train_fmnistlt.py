@@ -74,11 +74,12 @@ def main() -> None:
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = ap.parse_args()
-    summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for spec in args.methods:
         tag, _, rest = spec.partition("=")
         recipe, _, overrides = (rest or RECIPES[tag]).partition(":")
         runs = [run_one(recipe, s, [o for o in overrides.split(",") if o], tag) for s in args.seeds]
+        # re-read just before writing: several copies of this script may run side by side
+        summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
         summary[tag] = {"recipe": recipe, "overrides": overrides, **summarise(runs)}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(summary, indent=2))

@@ -67,8 +67,14 @@ def calibrated_probs(logits: torch.Tensor, shift: torch.Tensor, temperature: flo
     return torch.softmax((logits + shift.to(logits)) / temperature, dim=-1)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T)."""
+def fit_temperature(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    max_iter: int = 200,
+    min_temperature: float = 0.05,
+    max_temperature: float = 100.0,
+) -> float:
+    """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T), clamped to a sane range."""
     logits = logits.detach().double().clone()  # clone: may be an inference-mode tensor
     labels = labels.clone()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -81,7 +87,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().item())
+    # An untrained model's NLL keeps falling as T grows (towards uniform); keep T finite.
+    return float(log_t.exp().clamp(min_temperature, max_temperature).item())
 
 
 def expected_calibration_error(
@@ -110,7 +117,7 @@ def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -
     errors = []
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     for c in range(probs.shape[1]):
-        p = probs[:, c].double()
+        p = probs[:, c].double().contiguous()
         hit = (labels == c).double()
         idx = torch.bucketize(p, edges[1:-1])
         count = torch.bincount(idx, minlength=n_bins).double()
@@ -151,7 +158,7 @@ def expert_disagreement(expert_logits: torch.Tensor, temperature: float = 1.0) -
     cross = torch.einsum("ibc,jbc->ijb", p, logp)
     self_term = (p * logp).sum(-1)  # (K, B)
     total = k * self_term.sum(0) - cross.sum((0, 1))
-    return total / (k * (k - 1))
+    return (total / (k * (k - 1))).clamp_min(0.0)  # >= 0 up to rounding
 
 
 def estimate_prior_em(

@@ -12,14 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -85,6 +77,17 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     """Fetch a model repo snapshot into the Hugging Face cache (or find it there offline)."""
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
+    # Imported here, not at module level: huggingface_hub reads HF_ENDPOINT / HF_HOME when
+    # first imported, so `import zoo` must not freeze them (the demo points them at a local Hub).
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     try:
         path = snapshot_download(
             repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]
@@ -157,6 +160,8 @@ def push_to_hub(
     """
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
+    from huggingface_hub import HfApi
+
     api = HfApi(token=token or os.environ.get("HF_TOKEN"))
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main":
