@@ -1,1 +1,9 @@
-"""ltzoo serve package."""
+"""ltzoo serve: a LitServe HTTP endpoint for calibrated long-tailed predictions.
+
+* :mod:`serve.api` - the LitAPI (dynamic batching, per-request priors), server assembly;
+* :mod:`serve.backends` - torch / onnxruntime / tensorrt backends behind one interface;
+* :mod:`serve.decoding` - request framing, validation and image decoding;
+* :mod:`serve.cli` - ``ltzoo serve``.
+
+Nothing heavy is imported here, so ``ltzoo --help`` stays fast.
+"""

@@ -1,9 +1,138 @@
-"""`ltzoo` subcommands of the serve package."""
+"""`ltzoo serve`: a LitServe HTTP endpoint for calibrated long-tailed predictions."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .api import build_server
+    from .backends import prepare
+
+    api_key = args.api_key or os.environ.get("LTZOO_API_KEY") or None
+    threads = args.threads
+    if threads is None and args.device != "cuda" and not args.device.startswith("cuda:"):
+        # leave a core to the HTTP process; more intra-op threads than free cores makes
+        # OpenMP spin-waits collapse throughput on small machines
+        threads = max(1, ((os.cpu_count() or 1) - 1) // args.workers_per_device)
+    try:
+        spec, config = prepare(args.model, args.backend, args.device, threads)
+    except RuntimeError as exc:  # missing runtime / GPU: a clear message, no traceback
+        print(f"ltzoo serve: error: {exc}", file=sys.stderr)
+        return 2
+    server = build_server(
+        spec,
+        config,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        workers_per_device=args.workers_per_device,
+        api_key=api_key,
+        max_payload_mb=args.max_payload_mb,
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+        timeout=args.timeout,
+        fast_queue=args.fast_queue,
+    )
+    print(
+        f"ltzoo serve: {config.name or args.model} on {spec.kind}/{spec.device} at "
+        f"http://{args.host}:{args.port}/predict (docs: /docs, auth: {'on' if api_key else 'off'})",
+        flush=True,
+    )
+    server.run(
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        generate_client_file=False,
+        num_api_servers=args.api_servers,
+    )
+    return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register this package's subcommands (filled in by its issue)."""
+    """Register ``ltzoo serve``."""
+    p = sub.add_parser(
+        "serve",
+        help="serve calibrated predictions over HTTP (LitServe, dynamic batching)",
+        description=(
+            "POST /predict takes a multipart image upload (field 'file' or several 'files') or JSON "
+            '{"image": base64} / {"images": [...]} with options top_k and prior '
+            "('balanced', 'train' or a list of class weights). Also GET /health, /info, /metrics, /docs."
+        ),
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL_OR_ONNX",
+        help="model directory, registry name, Hub repo id, or a fused .onnx file from `ltzoo export`",
+    )
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="intra-op threads per worker (CPU default: (cores - 1) / workers, at least 1)",
+    )
+    p.add_argument(
+        "--max-batch-size", type=_positive_int, default=32, help="requests per dynamic batch"
+    )
+    p.add_argument(
+        "--batch-timeout",
+        type=_non_negative_float,
+        default=0.005,
+        help="seconds to wait for a batch to fill (default 0.005)",
+    )
+    p.add_argument("--workers-per-device", type=_positive_int, default=1)
+    p.add_argument(
+        "--api-servers",
+        type=_positive_int,
+        default=None,
+        help="HTTP server processes (default: one per inference worker)",
+    )
+    p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"))
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key in X-API-Key (or Authorization: Bearer); default $LTZOO_API_KEY",
+    )
+    p.add_argument(
+        "--max-payload-mb", type=_positive_float, default=20.0, help="request body limit (413)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=25_000_000,
+        help="largest image (width x height) accepted, checked before decoding (413)",
+    )
+    p.add_argument("--max-images", type=_positive_int, default=64, help="images per request (413)")
+    p.add_argument(
+        "--timeout", type=_positive_float, default=30.0, help="request timeout in seconds (504)"
+    )
+    p.add_argument("--fast-queue", action="store_true", help="ZeroMQ response transport")
+    p.add_argument(
+        "--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug")
+    )
+    p.set_defaults(func=_cmd_serve)

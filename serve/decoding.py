@@ -1,0 +1,488 @@
+"""Request decoding and validation for ``POST /predict``.
+
+Two stages, in two processes:
+
+1. :func:`read_payload` runs in the HTTP (uvicorn) process. It only frames the body:
+   enforces the payload limit (413), checks the content type (415), parses JSON or
+   multipart (400 when malformed) and produces a plain, picklable dict.
+2. :class:`RequestDecoder` runs in the inference worker, from ``LitAPI.decode_request``.
+   It validates every field (422), decodes base64 (400) and images (400 / 413 for
+   decompression bombs) and preprocesses them with the model's own
+   :class:`zoo.preprocess.Preprocess`, so the batched ``predict`` only sees valid tensors.
+
+Every failure is a :class:`fastapi.HTTPException` whose ``detail`` is a JSON object
+``{"error": CODE, "message": TEXT, "field": NAME | None}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import json
+import math
+import re
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from PIL import Image, UnidentifiedImageError
+
+from zoo import calibration as cal
+from zoo.config import EnsembleConfig
+from zoo.preprocess import Preprocess
+
+#: image formats the server agrees to decode (everything else is "not an image")
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+#: JSON keys understood by /predict; anything else is rejected with 422 (catches typos).
+JSON_KEYS = frozenset({"image", "images", "top_k", "prior"})
+FORM_FILE_KEYS = frozenset({"file", "files"})
+FORM_OPTION_KEYS = frozenset({"top_k", "prior"})
+DEFAULT_TOP_K = 5
+
+
+def request_error(status: int, code: str, message: str, field: str | None = None) -> HTTPException:
+    """An HTTPException whose JSON detail says what is wrong."""
+    return HTTPException(
+        status_code=status, detail={"error": code, "message": message, "field": field}
+    )
+
+
+# -- stage 1: HTTP framing (uvicorn process) -----------------------------------------------
+
+
+async def _read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise request_error(
+                413,
+                "payload_too_large",
+                f"request body is larger than the server's limit of {limit} bytes",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+    yield b""
+
+
+async def read_payload(request: Any, max_bytes: int, max_images: int) -> dict[str, Any]:
+    """Read and frame a /predict body into ``{"kind": "json"|"form", "data": ...}``.
+
+    ``request`` is a Starlette request. JSON bodies become ``data = <parsed JSON>``; multipart
+    bodies become ``data = {"file": [bytes...], "files": [...], "top_k": [str...], ...}``
+    (every value a list, files as bytes, other fields as text).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_len = int(declared)
+        except ValueError:
+            raise request_error(
+                400, "bad_content_length", "Content-Length is not an integer"
+            ) from None
+        if declared_len > max_bytes:
+            raise request_error(
+                413,
+                "payload_too_large",
+                f"request body is {declared_len} bytes, more than the server's limit of {max_bytes} bytes",
+            )
+    body = await _read_limited(request.stream(), max_bytes)
+    if not body:
+        raise request_error(
+            400, "empty_body", "request body is empty; send JSON or a multipart image upload"
+        )
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in ("", "application/json") or content_type.endswith("+json"):
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise request_error(
+                400, "malformed_json", f"request body is not valid JSON: {exc}"
+            ) from None
+        return {"kind": "json", "data": data}
+    if content_type == "multipart/form-data":
+        return {"kind": "form", "data": await _parse_multipart(request.headers, body, max_images)}
+    raise request_error(
+        415,
+        "unsupported_media_type",
+        f"unsupported Content-Type {content_type!r}; use application/json or multipart/form-data",
+    )
+
+
+async def _parse_multipart(headers: Any, body: bytes, max_images: int) -> dict[str, list[Any]]:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    parser = MultiPartParser(
+        headers, _replay(body), max_files=max_images, max_fields=16, max_part_size=64 * 1024
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if "too many files" in exc.message.lower():
+            raise request_error(
+                413,
+                "too_many_images",
+                f"more than the limit of {max_images} images in one request",
+                "files",
+            ) from None
+        raise request_error(
+            400, "malformed_multipart", f"multipart body is malformed: {exc.message}"
+        ) from None
+    except Exception as exc:  # python-multipart raises several types on garbage
+        raise request_error(
+            400, "malformed_multipart", f"multipart body is malformed: {exc}"
+        ) from None
+    fields: dict[str, list[Any]] = {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                fields.setdefault(key, []).append(await value.read())
+            else:
+                fields.setdefault(key, []).append(str(value))
+    finally:
+        await form.close()
+    return fields
+
+
+# -- stage 2: validation and decoding (inference worker) -------------------------------------
+
+
+@dataclass
+class DecodedRequest:
+    """One valid /predict request, ready to be batched."""
+
+    pixels: np.ndarray  # (N, C, H, W) float32
+    shift: np.ndarray  # (N, C) float32 log prior shift, one row per image
+    top_k: int
+    multi: bool  # answer with a list (``images``/``files``) or a single object
+
+    @property
+    def count(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class RequestDecoder:
+    """Validates a framed payload and turns it into a :class:`DecodedRequest`."""
+
+    def __init__(self, config: EnsembleConfig, max_pixels: int, max_images: int) -> None:
+        self.config = config
+        self.num_classes = config.num_classes
+        self.max_pixels = int(max_pixels)
+        self.max_images = int(max_images)
+        self.preprocess = Preprocess(config.preprocess)
+        src = "train" if config.logit_prior == "train" else "balanced"
+        self._source_prior = cal.resolve_prior(src, config.class_counts, config.num_classes)
+        self._named_shifts = {}
+        for name in ("balanced", "train"):
+            # "train" without class counts is reported per request instead
+            with contextlib.suppress(ValueError):
+                self._named_shifts[name] = self._shift_of(name)
+        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; we check sizes ourselves
+        # first and turn the warning into an error as a second line of defence.
+        Image.MAX_IMAGE_PIXELS = self.max_pixels
+
+    # -- options ---------------------------------------------------------------------------
+    def _shift_of(self, spec: Any) -> np.ndarray:
+        target = cal.resolve_prior(spec, self.config.class_counts, self.num_classes)
+        return cal.prior_shift(target, self._source_prior).float().numpy()
+
+    def parse_top_k(self, value: Any, from_form: bool) -> int:
+        c = self.num_classes
+        if value is None:
+            return min(DEFAULT_TOP_K, c)
+        if from_form:
+            if not re.fullmatch(r"\s*[+-]?\d{1,9}\s*", value):
+                raise request_error(
+                    422,
+                    "invalid_top_k",
+                    f"top_k must be an integer in [1, {c}], got {value!r}",
+                    "top_k",
+                )
+            value = int(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise request_error(
+                422,
+                "invalid_top_k",
+                f"top_k must be an integer in [1, {c}], got {type(value).__name__} {value!r}",
+                "top_k",
+            )
+        if not 1 <= value <= c:
+            raise request_error(
+                422, "invalid_top_k", f"top_k must be in [1, {c}], got {value}", "top_k"
+            )
+        return int(value)
+
+    def parse_prior(self, value: Any, from_form: bool) -> np.ndarray:
+        c = self.num_classes
+        if value is None:
+            value = self.config.default_prior or "balanced"
+        if from_form and isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise request_error(
+                    422, "invalid_prior", "prior form field is not a valid JSON list", "prior"
+                ) from None
+        if isinstance(value, str):
+            if value in self._named_shifts:
+                return self._named_shifts[value]
+            try:
+                return self._shift_of(value)  # raises with the reason (unknown name, no counts)
+            except ValueError as exc:
+                raise request_error(422, "invalid_prior", str(exc), "prior") from None
+        if not isinstance(value, list):
+            raise request_error(
+                422,
+                "invalid_prior",
+                f"prior must be 'balanced', 'train' or a list of {c} numbers, got {type(value).__name__}",
+                "prior",
+            )
+        if len(value) != c:
+            raise request_error(
+                422, "invalid_prior", f"prior must have {c} entries, got {len(value)}", "prior"
+            )
+        if not all(_is_number(v) for v in value):
+            raise request_error(
+                422,
+                "invalid_prior",
+                f"prior entries must all be numbers, got {value!r}"[:300],
+                "prior",
+            )
+        if not all(math.isfinite(v) for v in value):
+            raise request_error(
+                422, "invalid_prior", "prior contains NaN or infinite values", "prior"
+            )
+        try:
+            return self._shift_of([float(v) for v in value])
+        except ValueError as exc:  # negative entries, zero sum
+            raise request_error(422, "invalid_prior", str(exc), "prior") from None
+
+    # -- images ----------------------------------------------------------------------------
+    def decode_base64(self, value: Any, field: str) -> bytes:
+        if not isinstance(value, str):
+            raise request_error(
+                422,
+                "invalid_type",
+                f"{field} must be a base64 string, got {type(value).__name__}",
+                field,
+            )
+        text = value.strip()
+        if text.startswith("data:"):
+            head, sep, text = text.partition(",")
+            if not sep or ";base64" not in head:
+                raise request_error(
+                    400, "invalid_base64", f"{field} is a data URI without base64 content", field
+                )
+        text = re.sub(r"\s+", "", text)
+        if not text:
+            raise request_error(400, "empty_image", f"{field} is an empty string", field)
+        altchars = b"-_" if ("-" in text or "_" in text) else None
+        try:
+            data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise request_error(
+                400, "invalid_base64", f"{field} is not valid base64: {exc}", field
+            ) from None
+        return data
+
+    def load_image(self, data: bytes, field: str) -> np.ndarray:
+        """Bytes -> preprocessed (C, H, W) float32 array, with the pixel limit checked first."""
+        if not data:
+            raise request_error(400, "empty_image", f"{field} is empty (0 bytes)", field)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+                width, height = image.size
+                if width < 1 or height < 1:
+                    raise request_error(
+                        400, "invalid_image", f"{field} has an empty size {width}x{height}", field
+                    )
+                if width * height > self.max_pixels:
+                    raise self._too_big(field, width, height)
+                self._draft(image)
+                image.load()
+                tensor = self.preprocess(image)
+        except HTTPException:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise request_error(
+                413,
+                "image_too_large",
+                f"{field} exceeds the server's pixel limit (--max-pixels): {exc}",
+                field,
+            ) from None
+        except UnidentifiedImageError:
+            raise request_error(
+                400,
+                "not_an_image",
+                f"{field} is not a supported image (accepted formats: {', '.join(ALLOWED_FORMATS)})",
+                field,
+            ) from None
+        except Exception as exc:  # truncated / corrupt data, unsupported modes, ...
+            raise request_error(
+                400, "invalid_image", f"{field} could not be decoded: {exc}"[:300], field
+            ) from None
+        return tensor.numpy()
+
+    def _too_big(self, field: str, width: int, height: int) -> HTTPException:
+        return request_error(
+            413,
+            "image_too_large",
+            f"{field} is {width}x{height} = {width * height} pixels, more than the server's limit of "
+            f"{self.max_pixels} (--max-pixels)",
+            field,
+        )
+
+    def _draft(self, image: Image.Image) -> None:
+        """Let JPEG decode at a reduced scale that still leaves >= 2x the model's input size."""
+        if image.format != "JPEG":
+            return
+        side = 2 * max(self.config.preprocess.input_size)
+        if min(image.size) >= 2 * side:
+            image.draft(image.mode, (side, side))
+
+    # -- whole request -----------------------------------------------------------------------
+    def decode(self, payload: Any) -> DecodedRequest:
+        if not isinstance(payload, dict) or payload.get("kind") not in ("json", "form"):
+            raise request_error(400, "bad_request", "request could not be read")
+        if payload["kind"] == "json":
+            blobs, multi, top_k, shift = self._from_json(payload["data"])
+        else:
+            blobs, multi, top_k, shift = self._from_form(payload["data"])
+        pixels = np.stack([self.load_image(data, field) for field, data in blobs])
+        shifts = np.broadcast_to(shift, (len(blobs), self.num_classes)).astype(np.float32)
+        return DecodedRequest(pixels.astype(np.float32, copy=False), shifts, top_k, multi)
+
+    def _check_count(self, n: int, field: str) -> None:
+        if n == 0:
+            raise request_error(422, "no_images", f"{field} must contain at least one image", field)
+        if n > self.max_images:
+            raise request_error(
+                413,
+                "too_many_images",
+                f"{n} images in one request, more than the limit of {self.max_images}",
+                field,
+            )
+
+    def _from_json(self, data: Any) -> tuple[list[tuple[str, bytes]], bool, int, np.ndarray]:
+        if not isinstance(data, dict):
+            raise request_error(
+                422, "invalid_body", f"JSON body must be an object, got {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - JSON_KEYS)
+        if unknown:
+            raise request_error(
+                422,
+                "unknown_field",
+                f"unknown field(s) {unknown}; allowed: {sorted(JSON_KEYS)}",
+                unknown[0],
+            )
+        if "image" in data and "images" in data:
+            raise request_error(
+                422, "conflicting_fields", "send either 'image' or 'images', not both", "images"
+            )
+        top_k = self.parse_top_k(data.get("top_k"), from_form=False)
+        shift = self.parse_prior(data.get("prior"), from_form=False)
+        if "image" in data:
+            return [("image", self.decode_base64(data["image"], "image"))], False, top_k, shift
+        if "images" in data:
+            items = data["images"]
+            if not isinstance(items, list):
+                raise request_error(
+                    422,
+                    "invalid_type",
+                    f"images must be a list of base64 strings, got {type(items).__name__}",
+                    "images",
+                )
+            self._check_count(len(items), "images")
+            blobs = [
+                (f"images[{i}]", self.decode_base64(v, f"images[{i}]")) for i, v in enumerate(items)
+            ]
+            return blobs, True, top_k, shift
+        raise request_error(
+            422,
+            "missing_field",
+            "missing 'image' (base64 string) or 'images' (list of them)",
+            "image",
+        )
+
+    def _from_form(
+        self, fields: dict[str, list[Any]]
+    ) -> tuple[list[tuple[str, bytes]], bool, int, np.ndarray]:
+        unknown = sorted(set(fields) - FORM_FILE_KEYS - FORM_OPTION_KEYS)
+        if unknown:
+            allowed = sorted(FORM_FILE_KEYS | FORM_OPTION_KEYS)
+            raise request_error(
+                422,
+                "unknown_field",
+                f"unknown form field(s) {unknown}; allowed: {allowed}",
+                unknown[0],
+            )
+        options = {}
+        for key in FORM_OPTION_KEYS:
+            values = fields.get(key, [])
+            if len(values) > 1:
+                raise request_error(
+                    422, "duplicate_field", f"form field {key!r} given {len(values)} times", key
+                )
+            if values and not isinstance(values[0], str):
+                raise request_error(
+                    422, "invalid_type", f"form field {key!r} must be text, not a file", key
+                )
+            options[key] = values[0] if values else None
+        top_k = self.parse_top_k(options["top_k"], from_form=True)
+        shift = self.parse_prior(options["prior"], from_form=True)
+        present = [k for k in ("file", "files") if k in fields]
+        if len(present) == 2:
+            raise request_error(
+                422, "conflicting_fields", "send either 'file' or 'files', not both", "files"
+            )
+        if not present:
+            raise request_error(
+                422, "missing_field", "missing multipart file field 'file' (or 'files')", "file"
+            )
+        key = present[0]
+        values = fields[key]
+        if key == "file" and len(values) > 1:
+            raise request_error(
+                422,
+                "duplicate_field",
+                "several 'file' parts; use 'files' for several images",
+                "file",
+            )
+        self._check_count(len(values), key)
+        blobs = []
+        for i, value in enumerate(values):
+            name = key if key == "file" else f"files[{i}]"
+            if not isinstance(value, bytes):
+                raise request_error(
+                    422, "invalid_type", f"{name} must be a file upload, not a text field", name
+                )
+            blobs.append((name, value))
+        return blobs, key == "files", top_k, shift
+
+
+def top_k_predictions(
+    probs: np.ndarray, top_k: int, names: Sequence[str], groups: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Top-k entries of one probability row, highest first."""
+    idx = np.argsort(-probs, kind="stable")[:top_k]
+    return [
+        {"label": names[i], "index": int(i), "probability": float(probs[i]), "group": groups[i]}
+        for i in idx
+    ]
