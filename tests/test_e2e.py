@@ -1,5 +1,6 @@
 """End to end: the README's demo pipeline with a tiny budget (real Hub client, ORT, LitServe, HTTP)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,18 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
 
     # the demo sets HF_HOME / HF_ENDPOINT / LTZOO_HUB_ORG for itself; keep them out of other tests
     for var in ("HF_HOME", "HF_ENDPOINT", "LTZOO_HUB_ORG"):
-        monkeypatch.setenv(var, "")
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "ENDPOINT", hf_constants.ENDPOINT)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     assert run_demo(tmp_path, epochs=1, max_steps=2, eval_subset=100, num_images=3) == 0
     out = capsys.readouterr().out
-    for marker in ("[1/8]", "[5/8] push", "outputs identical to the trained model: True",
-                   "max |p_onnx - p_torch|", "server stopped cleanly", "every step passed"):
+    for marker in (
+        "[1/8]",
+        "[5/8] push",
+        "outputs identical to the trained model: True",
+        "max |p_onnx - p_torch|",
+        "server stopped cleanly",
+        "every step passed",
+    ):
         assert marker in out
     assert (tmp_path / "model.onnx").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

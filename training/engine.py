@@ -116,6 +116,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.run.out or Path("runs") / cfg.recipe)
         self.resume = resume
+        import torch.distributed as torch_dist
+
+        self._owns_process_group = not (torch_dist.is_available() and torch_dist.is_initialized())
         self.dist = init_distributed(
             "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
         )
@@ -276,7 +279,8 @@ class Trainer:
         if self.dist.is_main:
             self._finish(method.model, split)
         barrier(self.dist)
-        cleanup(self.dist)
+        if self._owns_process_group:  # a nested run (CBD teachers) leaves the group to its caller
+            cleanup(self.dist)
         return self.run_dir
 
     def _train_epoch(

@@ -46,12 +46,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> N
     raise TimeoutError(f"server at {url} not healthy after {timeout:.0f}s")
 
 
-def run_demo(workdir: str | Path = "artifacts/demo", epochs: int = 2, max_steps: int = 0,
-             eval_subset: int = 2000, num_images: int = 6) -> int:
+def run_demo(
+    workdir: str | Path = "artifacts/demo",
+    epochs: int = 2,
+    max_steps: int = 0,
+    eval_subset: int = 2000,
+    num_images: int = 6,
+) -> int:
     """Run every step; each prints where its artefacts are. Returns a process exit code."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    # The Hub client reads these when first imported, so set them before anything imports it.
+    # zoo.hub_io reads these at call time (the Hub client itself reads them at import).
     os.environ["HF_HOME"] = str(workdir / "hf_home")
     os.environ["LTZOO_HUB_ORG"] = DEMO_ORG
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -59,10 +64,6 @@ def run_demo(workdir: str | Path = "artifacts/demo", epochs: int = 2, max_steps:
 
     hub = HubServer(workdir / "hub").start()
     os.environ["HF_ENDPOINT"] = hub.url
-    if "huggingface_hub" in sys.modules:  # imported earlier by someone else: point it at our Hub
-        import huggingface_hub.constants as hf_constants
-
-        hf_constants.ENDPOINT = hub.url
     total = 8
     try:
         import torch
@@ -79,8 +80,12 @@ def run_demo(workdir: str | Path = "artifacts/demo", epochs: int = 2, max_steps:
         print(f"  val {len(split.val or [])} (balanced), test {len(split.test)} (balanced)")
 
         _step(2, total, f"train NCL, 3 x ResNet-32, {epochs} epoch(s) (recipe fmnistlt_ncl)")
-        overrides = [f"optim.epochs={epochs}", f"optim.warmup_epochs={min(1.0, epochs / 2)}", "optim.milestones=[]",
-                     f"run.eval_subset={eval_subset}"]
+        overrides = [
+            f"optim.epochs={epochs}",
+            f"optim.warmup_epochs={min(1.0, epochs / 2)}",
+            "optim.milestones=[]",
+            f"run.eval_subset={eval_subset}",
+        ]
         if max_steps:
             overrides.append(f"run.max_steps_per_epoch={max_steps}")
         run_dir = train(load_recipe("fmnistlt_ncl", overrides), workdir / "run")
@@ -89,8 +94,12 @@ def run_demo(workdir: str | Path = "artifacts/demo", epochs: int = 2, max_steps:
         _step(3, total, f"evaluate on {eval_subset or 10000} balanced test images")
         model = zoo.Ensemble.from_pretrained(run_dir / "model")
         acc = model.config.metrics["accuracy"]
-        print(f"  top-1 {acc['top1']:.2f}%  many {acc['many']:.2f}%  medium {acc['medium']:.2f}%  few {acc['few']:.2f}%")
-        print(f"  experts top-1: {', '.join(f'{a:.2f}%' for a in model.config.metrics['experts_top1'])}")
+        print(
+            f"  top-1 {acc['top1']:.2f}%  many {acc['many']:.2f}%  medium {acc['medium']:.2f}%  few {acc['few']:.2f}%"
+        )
+        print(
+            f"  experts top-1: {', '.join(f'{a:.2f}%' for a in model.config.metrics['experts_top1'])}"
+        )
 
         _step(4, total, "calibrate: temperature fitted on the balanced validation split")
         c = model.config.metrics["calibration"]
@@ -106,17 +115,25 @@ def run_demo(workdir: str | Path = "artifacts/demo", epochs: int = 2, max_steps:
         loaded = zoo.load(DEMO_MODEL)
         x = split.test[0][0][None]
         same = torch.equal(loaded(x), model.eval()(x))
-        print(f"  loaded from cache {os.environ['HF_HOME']}; outputs identical to the trained model: {same}")
+        print(
+            f"  loaded from cache {os.environ['HF_HOME']}; outputs identical to the trained model: {same}"
+        )
         if not same:
             raise RuntimeError("loaded model differs from the pushed one")
 
-        _step(7, total, "export ONE fused ONNX graph (experts + mean + prior + temperature + softmax)")
+        _step(
+            7, total, "export ONE fused ONNX graph (experts + mean + prior + temperature + softmax)"
+        )
         from export.onnx import check_parity, export_onnx
 
         onnx_path = export_onnx(loaded, workdir / "model.onnx")
         batch = torch.stack([split.test[i][0] for i in range(16)])
-        diff = max(check_parity(loaded, onnx_path, batch[:1]), check_parity(loaded, onnx_path, batch))
-        print(f"  {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB); max |p_onnx - p_torch| = {diff:.2e}")
+        diff = max(
+            check_parity(loaded, onnx_path, batch[:1]), check_parity(loaded, onnx_path, batch)
+        )
+        print(
+            f"  {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB); max |p_onnx - p_torch| = {diff:.2e}"
+        )
         if diff > 1e-4:
             raise RuntimeError("ONNX parity check failed")
 
@@ -141,8 +158,19 @@ def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
     labels = read_idx(Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "zoo.cli", "serve", str(onnx_path), "--backend", "onnxruntime",
-           "--port", str(port), "--max-batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoo.cli",
+        "serve",
+        str(onnx_path),
+        "--backend",
+        "onnxruntime",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         _wait_healthy(url, proc)
@@ -151,14 +179,22 @@ def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
         for i in rng.choice(len(labels), num_images, replace=False):
             buf = io.BytesIO()
             Image.fromarray(np.asarray(images[i], dtype=np.uint8)).save(buf, format="PNG")
-            r = httpx.post(f"{url}/predict", files={"file": ("image.png", buf.getvalue(), "image/png")},
-                           data={"top_k": "3"}, timeout=30)
+            r = httpx.post(
+                f"{url}/predict",
+                files={"file": ("image.png", buf.getvalue(), "image/png")},
+                data={"top_k": "3"},
+                timeout=30,
+            )
             r.raise_for_status()
             body = r.json()
             top = body["predictions"][0]
-            alts = ", ".join(f"{p['label']} {p['probability']:.2f}" for p in body["predictions"][1:])
-            print(f"  true {FASHION_MNIST_CLASSES[int(labels[i])]:12} -> {top['label']:12} p={top['probability']:.3f} "
-                  f"({top['group']}-shot class; next: {alts}; disagreement {body['disagreement']:.3f})")
+            alts = ", ".join(
+                f"{p['label']} {p['probability']:.2f}" for p in body["predictions"][1:]
+            )
+            print(
+                f"  true {FASHION_MNIST_CLASSES[int(labels[i])]:12} -> {top['label']:12} p={top['probability']:.3f} "
+                f"({top['group']}-shot class; next: {alts}; disagreement {body['disagreement']:.3f})"
+            )
     finally:
         import signal
 

@@ -57,6 +57,15 @@ def load_local(directory: str | Path, device: str | torch.device = "cpu") -> Ens
     return model.to(device).eval()
 
 
+def _hub_settings() -> dict[str, str | None]:
+    """Endpoint and cache read from the environment at call time (huggingface_hub itself
+    freezes them at import), so a process can switch Hubs, e.g. the demo's local one."""
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )
+    return {"endpoint": os.environ.get("HF_ENDPOINT") or None, "cache_dir": cache}
+
+
 def split_revision(name: str) -> tuple[str, str | None]:
     """``"org/repo@rev"`` -> ``("org/repo", "rev")``."""
     if "@" in name:
@@ -90,7 +99,10 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+            repo_id,
+            revision=revision,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+            **_hub_settings(),
         )
     except LocalEntryNotFoundError as exc:
         raise _not_available(
@@ -162,7 +174,7 @@ def push_to_hub(
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+    api = HfApi(token=token or os.environ.get("HF_TOKEN"), endpoint=_hub_settings()["endpoint"])
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)

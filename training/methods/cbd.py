@@ -329,16 +329,9 @@ class CBD(Method):
 
     @staticmethod
     def _train_teacher(train, tcfg, tdir: Path, trainer) -> None:
-        """One engine run; resumes from ``tdir/checkpoint.pt`` if a previous run was interrupted."""
-        import torch.distributed as dist
-
-        was_distributed = dist.is_available() and dist.is_initialized()
+        """One engine run; resumes from ``tdir/checkpoint.pt`` if a previous run was interrupted.
+        (A nested Trainer leaves the caller's torchrun process group alive.)"""
         train(tcfg, tdir, resume=True)
-        if was_distributed and not dist.is_initialized():
-            # The nested Trainer tears the process group down when it finishes: join it again.
-            from ..distributed import init_distributed
-
-            init_distributed(trainer.device.type)
 
     @staticmethod
     def _record(index: int, spec: TeacherSpec, tcfg, tdir: Path, run_dir: Path) -> dict[str, Any]:
