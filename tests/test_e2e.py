@@ -30,4 +30,4 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
         assert marker in out
     assert (tmp_path / "model.onnx").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
-    assert out.count("-> ") == 3  # three images classified over HTTP
+    assert out.count("  true ") == 3  # three images classified over HTTP
