@@ -207,3 +207,26 @@ def test_cli_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for cmd in ("list", "info", "push", "download", "train", "eval", "calibrate"):
         assert cmd in out
+
+
+def test_registry_measured_metrics_match_benchmark_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "benchmarks/results/fmnistlt.json").read_text())
+    measured = json.loads((root / "zoo/data/measured.json").read_text())
+    tags = {
+        "ce": "ce-resnet32-fmnistlt",
+        "bs": "bs-resnet32-fmnistlt",
+        "ncl": "ncl-resnet32-fmnistlt",
+        "cbd": "cbd-resnet32-fmnistlt",
+        "ecl": "ecl-resnet32-fmnistlt",
+    }
+    assert measured, "no measured metrics: run benchmarks/report.py"
+    for tag, name in tags.items():
+        if tag not in results:
+            assert name not in measured
+            continue
+        for key in ("top1", "many", "medium", "few"):
+            assert measured[name]["accuracy"][key] == results[tag][key]["mean"]
+        assert get_entry(name).measured == measured[name]

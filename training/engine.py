@@ -158,6 +158,8 @@ class Trainer:
             **overrides,
         )
         config.extra["data"] = split.info
+        if method_cls.card_notes:
+            config.extra["card_notes"] = method_cls.card_notes
         return Ensemble(config)
 
     def build_loader(self, split, method: Method) -> DataLoader:

@@ -55,6 +55,8 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
     """The model card (README.md) of ``config``: Hub metadata, provenance, metrics, usage."""
     metrics_yaml, table = _metric_rows(config.metrics)
     pre = config.preprocess
+    if config.extra.get("card_notes"):
+        extra = f"\n## Method notes\n\n{config.extra['card_notes']}\n" + extra
     teachers = config.extra.get("teachers")
     if teachers:
         extra += "\n## Teachers (CBD stage 1)\n\n" + "\n".join(f"- {t}" for t in teachers) + "\n"

@@ -8,7 +8,7 @@ what gets published.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,6 +38,10 @@ class Method(nn.Module):
     sampler: ClassVar[str] = "instance"
     #: which prior the trained model's logits are calibrated for
     logit_prior: ClassVar[str] = "uniform"
+    #: text the model card should carry about this method (e.g. an exact loss rule)
+    card_notes: ClassVar[str] = ""
+
+    log_counts: torch.Tensor
 
     def __init__(self, model: Ensemble, class_counts: Sequence[int], params: MethodParams) -> None:
         super().__init__()
@@ -59,6 +63,13 @@ class Method(nn.Module):
 
     def prepare(self, context: dict[str, Any]) -> None:
         """Hook before training (e.g. CBD trains/loads its teachers). ``context`` holds the run's pieces."""
+
+
+def sum_tensors(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` of one or more tensors, typed as a tensor (not ``Tensor | int``)."""
+    total = sum(terms)
+    assert isinstance(total, torch.Tensor), "sum_tensors needs at least one tensor"
+    return total
 
 
 def balanced_logits(logits: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ from torch import nn
 from zoo import Ensemble
 from zoo.models import build_head
 
-from .base import Method, MethodParams, balanced_logits
+from .base import Method, MethodParams, balanced_logits, sum_tensors
 from .contrastive import MoCoBranch
 from .ncl import hard_category_mask, mutual_kl
 
@@ -164,8 +164,13 @@ class ECL(Method):
     """ECL (reconstruction): collaborative learning + re-weighted distillation + feature
     distillation + MoCo proxy branch. See the module docstring and :data:`REWEIGHT_RULE`."""
 
+    card_notes = "**Re-weighting rule (ours, from the abstract):** " + REWEIGHT_RULE
+
     name = "ecl"
     Params = ECLParams
+
+    class_gap: torch.Tensor
+    class_weights: torch.Tensor
 
     def __init__(self, model: Ensemble, class_counts: Sequence[int], params: ECLParams) -> None:
         super().__init__(model, class_counts, params)
@@ -229,19 +234,21 @@ class ECL(Method):
     def terms(self, feats: Sequence[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every loss term (already weighted) from the experts' features; updates the class weights."""
         p = self.params
-        experts = self.model.experts
+        experts = self.model.expert_list
         logits = [e.classifier(f) for e, f in zip(experts, feats, strict=True)]
         full = [balanced_logits(z.float(), self.log_counts) for z in logits]
         sample_w = self.class_weights[labels] if self.dist_heads is not None else None
 
         terms: dict[str, torch.Tensor] = {
-            "ce": p.ce_weight * sum(F.cross_entropy(z, labels) for z in full),
+            "ce": p.ce_weight * sum_tensors(F.cross_entropy(z, labels) for z in full),
             "mutual_kl": mutual_kl(full, p.distill_weight, sample_weight=sample_w),
         }
         if p.hcm:
             mask = hard_category_mask(logits[0], labels, p.num_hard)
             partial = [mask * z for z in full]
-            terms["ce_hcm"] = p.ce_weight * sum(F.cross_entropy(z, labels) for z in partial)
+            terms["ce_hcm"] = p.ce_weight * sum_tensors(
+                F.cross_entropy(z, labels) for z in partial
+            )
             terms["mutual_kl_hcm"] = mutual_kl(partial, p.distill_weight, sample_weight=sample_w)
         if self.dist_heads is not None and len(full) > 1:
             head_in = [f.detach() for f in feats] if p.dist_head_detach_feature else feats
@@ -262,16 +269,16 @@ class ECL(Method):
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         h = self.model.stem(images)
-        feats = [e.forward_features(h) for e in self.model.experts]
+        feats = [e.forward_features(h) for e in self.model.expert_list]
         terms = self.terms(feats, labels)
         if self.moco is not None:
             terms["contrastive"] = self.params.contrastive_weight * self.moco(feats, images)
-        loss = sum(terms.values())
+        loss = sum_tensors(terms.values())
         logs = {k: float(v.detach()) for k, v in terms.items()}
         if self.dist_heads is not None:
             logs["reweight_min"] = float(self.class_weights.min())
             logs["reweight_max"] = float(self.class_weights.max())
-        return loss, logs  # type: ignore[return-value]
+        return loss, logs
 
     def after_step(self) -> None:
         if self.moco is not None:
