@@ -25,7 +25,9 @@ DOCS_IMG = Path(__file__).parents[1] / "docs" / "img"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tags", nargs="+", default=["ce", "bs", "ncl", "cbd", "ecl"])
     ap.add_argument("--repeats", type=int, default=20, help="latency repeats per measurement")
     args = ap.parse_args()
@@ -37,7 +39,10 @@ def main() -> None:
             print(f"skip {tag}: {run}/model missing")
             continue
         model = zoo.load(str(run / "model"))
-        split = build_lt_dataset("fashion_mnist_lt", eval_transform=build_transforms(model.config.preprocess, (), train=False))
+        split = build_lt_dataset(
+            "fashion_mnist_lt",
+            eval_transform=build_transforms(model.config.preprocess, (), train=False),
+        )
         shifted[tag] = shifted_prior_report(model, split, plot=DOCS_IMG / f"shifted_{tag}.png")
         cost[tag] = cost_report(model, repeats=args.repeats)
         for name in ("per_class_accuracy.png", "reliability.png"):

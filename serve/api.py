@@ -196,7 +196,7 @@ class BatchStats:
 
     def snapshot(self) -> dict[int, int]:
         with self.counts.get_lock():
-            return {i: int(c) for i, c in enumerate(self.counts) if c}
+            return {i: int(c) for i, c in enumerate(self.counts[:]) if c}
 
 
 class EnsembleAPI(ls.LitAPI):
@@ -342,7 +342,7 @@ class Metrics:
                 lines.append(
                     f'ltzoo_http_requests_total{{method="{method}",path="{path}",status="{status}"}} {n}'
                 )
-            errors = defaultdict(int)
+            errors: defaultdict[tuple[str, str], int] = defaultdict(int)
             for (_, path, status), n in self.requests.items():
                 if status >= 400:
                     errors[(path, "client" if status < 500 else "server")] += n
@@ -560,7 +560,7 @@ def build_server(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail
+        detail: object = exc.detail
         if not isinstance(detail, dict):  # LitServe's own errors (504, 500) get the same shape
             detail = {"error": "http_error", "message": str(detail), "field": None}
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)

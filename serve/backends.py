@@ -32,6 +32,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class Backend(Protocol):
+    name: str
     config: EnsembleConfig
 
     def predict(

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ async def _read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def _replay(body: bytes) -> AsyncIterator[bytes]:
+async def _replay(body: bytes) -> AsyncGenerator[bytes, None]:
     yield body
     yield b""
 

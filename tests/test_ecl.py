@@ -315,7 +315,8 @@ def test_two_step_smoke_train(tmp_path):
             "optim.epochs=1",
             "optim.warmup_epochs=0",
             "optim.milestones=[]",
-            "run.max_steps_per_epoch=2", "run.eval_subset=50",
+            "run.max_steps_per_epoch=2",
+            "run.eval_subset=50",
             "data.val_per_class=2",
         ],
     )

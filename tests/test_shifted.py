@@ -54,5 +54,7 @@ def test_cost_report_grows_with_experts():
     rows = cost_report(model, batch_sizes=(1,), repeats=1)["rows"]
     assert [r["experts"] for r in rows] == [1, 2, 3]
     assert rows[2]["parameters"] == 3 * rows[0]["parameters"]
-    assert rows[2]["macs_per_image"] == 3 * rows[0]["macs_per_image"] > 40e6  # ResNet-32 on 28x28: ~52M MACs
+    assert (
+        rows[2]["macs_per_image"] == 3 * rows[0]["macs_per_image"] > 40e6
+    )  # ResNet-32 on 28x28: ~52M MACs
     assert all(r["torch_cpu_ms_batch1"] > 0 for r in rows)

@@ -71,7 +71,9 @@ def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
 
 def _rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain lists, loadable with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple), "numpy's global RandomState is always MT19937"
+    kind, keys, pos, has_gauss, gauss = np_state
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -44,13 +44,17 @@ def resample(labels: torch.Tensor, prior: torch.Tensor, seed: int = 0) -> torch.
     return torch.cat(keep)
 
 
-def _score(logits: torch.Tensor, labels: torch.Tensor, model: Ensemble, prior, counts) -> dict[str, float]:
+def _score(
+    logits: torch.Tensor, labels: torch.Tensor, model: Ensemble, prior, counts
+) -> dict[str, float]:
     probs = model.calibrated_probs(logits, prior)
     acc = accuracy_report(probs.log(), labels, counts)
     return {"top1": acc["top1"], "ece": cal.expected_calibration_error(probs, labels) * 100}
 
 
-def shifted_prior_report(model: Ensemble, split, seed: int = 0, plot: str | Path | None = None) -> dict[str, Any]:
+def shifted_prior_report(
+    model: Ensemble, split, seed: int = 0, plot: str | Path | None = None
+) -> dict[str, Any]:
     """Accuracy and ECE on forward/backward-LT test sets with balanced, true and EM priors."""
     expert_logits, labels = collect_logits(model, split.test)
     logits = expert_logits.mean(0)
@@ -62,13 +66,17 @@ def shifted_prior_report(model: Ensemble, split, seed: int = 0, plot: str | Path
             idx = resample(labels, prior, seed)
             z, y = logits[idx], labels[idx]
             estimate = cal.estimate_prior_em(model.calibrated_probs(z, "balanced"))
-            rows.append({
-                "direction": direction, "imbalance": imbalance, "n": len(idx),
-                "balanced": _score(z, y, model, "balanced", counts),
-                "true_prior": _score(z, y, model, prior, counts),
-                "em_estimate": _score(z, y, model, estimate, counts),
-                "em_l1_error": float((estimate - prior).abs().sum()),
-            })
+            rows.append(
+                {
+                    "direction": direction,
+                    "imbalance": imbalance,
+                    "n": len(idx),
+                    "balanced": _score(z, y, model, "balanced", counts),
+                    "true_prior": _score(z, y, model, prior, counts),
+                    "em_estimate": _score(z, y, model, estimate, counts),
+                    "em_l1_error": float((estimate - prior).abs().sum()),
+                }
+            )
     if plot is not None:
         _plot(rows, Path(plot), model.config.name)
     return {"seed": seed, "rows": rows}
@@ -84,7 +92,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for ax, direction in zip(axes, ("forward", "backward"), strict=True):
         sub = [r for r in rows if r["direction"] == direction]
         xs = [r["imbalance"] for r in sub]
-        for key, label in (("balanced", "prior=balanced"), ("em_estimate", "prior=estimate (EM)"), ("true_prior", "true prior")):
+        for key, label in (
+            ("balanced", "prior=balanced"),
+            ("em_estimate", "prior=estimate (EM)"),
+            ("true_prior", "true prior"),
+        ):
             ax.plot(xs, [r[key]["top1"] for r in sub], marker="o", label=label)
         ax.set_xscale("log")
         ax.set_title(f"{direction}-LT test")

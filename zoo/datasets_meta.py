@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import PreprocessConfig
 
@@ -46,7 +47,7 @@ def _imagenet_classes() -> list[str]:
     return list(tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-IMAGENET_PREPROCESS = dict(
+IMAGENET_PREPROCESS: dict[str, Any] = dict(
     input_size=(224, 224),
     channels=3,
     mean=(0.485, 0.456, 0.406),
@@ -54,7 +55,7 @@ IMAGENET_PREPROCESS = dict(
     resize="resize_crop",
     crop_pct=0.875,
 )
-CIFAR_PREPROCESS = dict(
+CIFAR_PREPROCESS: dict[str, Any] = dict(
     input_size=(32, 32), channels=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)
 )
 

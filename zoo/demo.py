@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sized
 from pathlib import Path
+from typing import cast
 
 DEMO_MODEL = "ncl-resnet32-fmnistlt"
 DEMO_ORG = "ltzoo-demo"
@@ -77,7 +79,10 @@ def run_demo(
         split = build_lt_dataset("fashion_mnist_lt")
         for name, n in zip(split.class_names, split.class_counts, strict=True):
             print(f"  {name:12} {n:5d} training images ({zoo.shot_group(n)}-shot)")
-        print(f"  val {len(split.val or [])} (balanced), test {len(split.test)} (balanced)")
+        # torch's Dataset type has no __len__; every split here is a sized map-style dataset
+        n_val = len(cast(Sized, split.val)) if split.val is not None else 0
+        n_test = len(cast(Sized, split.test))
+        print(f"  val {n_val} (balanced), test {n_test} (balanced)")
 
         _step(2, total, f"train NCL, 3 x ResNet-32, {epochs} epoch(s) (recipe fmnistlt_ncl)")
         overrides = [

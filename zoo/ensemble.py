@@ -13,7 +13,7 @@ from torch import nn
 
 from . import calibration as cal
 from .config import EnsembleConfig
-from .models import build_experts
+from .models import Expert, as_experts, build_experts
 from .preprocess import Preprocess
 
 WEIGHTS_NAME = "model.safetensors"
@@ -47,6 +47,10 @@ class Ensemble(nn.Module):
         torch.Size([1, 10])
     """
 
+    stem: nn.Module
+    experts: nn.ModuleList
+    feature_dim: int
+
     def __init__(
         self, config: EnsembleConfig, pretrained_backbone: str | Path | None = None
     ) -> None:
@@ -59,10 +63,15 @@ class Ensemble(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    @property
+    def expert_list(self) -> list[Expert]:
+        """The experts as a typed list (``self.experts`` is their ``nn.ModuleList``)."""
+        return as_experts(self.experts)
+
     def expert_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each expert's classifier input feature (after its neck)."""
         h = self.stem(x)
-        return [e.forward_features(h) for e in self.experts]
+        return [e.forward_features(h) for e in self.expert_list]
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every expert, stacked: (K, B, C)."""

@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from safetensors import SafetensorError
@@ -57,7 +58,12 @@ def load_local(directory: str | Path, device: str | torch.device = "cpu") -> Ens
     return model.to(device).eval()
 
 
-def _hub_settings() -> dict[str, str | None]:
+class _HubSettings(TypedDict):
+    endpoint: str | None
+    cache_dir: str | None
+
+
+def _hub_settings() -> _HubSettings:
     """Endpoint and cache read from the environment at call time (huggingface_hub itself
     freezes them at import), so a process can switch Hubs, e.g. the demo's local one."""
     cache = os.environ.get("HF_HUB_CACHE") or (

@@ -53,10 +53,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
@@ -397,24 +397,31 @@ class Storage:
 
 
 # --- request helpers ------------------------------------------------------------------------
-async def _read_body(request: Request, limit: int, sink: Any = None) -> bytes | None:
-    """Read the request body, answering 413 beyond ``limit`` bytes (into ``sink`` if given)."""
+async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body's chunks, answering 413 beyond ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise HubError(400, "invalid Content-Length header")
         if int(declared) > limit:
             raise HubError(413, f"request body larger than the limit of {limit} bytes")
-    size, chunks = 0, []
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HubError(413, f"request body larger than the limit of {limit} bytes")
-        if sink is not None:
-            sink.write(chunk)
-        else:
-            chunks.append(chunk)
-    return None if sink is not None else b"".join(chunks)
+        yield chunk
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read the request body into memory, answering 413 beyond ``limit`` bytes."""
+    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
+
+
+async def _spool_body(request: Request, limit: int, sink: IO[bytes]) -> None:
+    """Write the request body into ``sink``, answering 413 beyond ``limit`` bytes."""
+    async for chunk in _body_chunks(request, limit):
+        sink.write(chunk)
 
 
 def _parse_json_object(body: bytes) -> dict[str, Any]:
@@ -783,9 +790,9 @@ def create_app(
                 404, f"Revision {branch} not found in {repo_id}", code="RevisionNotFound"
             )
         with tempfile.SpooledTemporaryFile(
-            max_size=8 * 1024 * 1024, dir=store.root / "tmp"
+            max_size=8 * 1024 * 1024, dir=str(store.root / "tmp")
         ) as spooled:
-            await _read_body(request, max_body_bytes, sink=spooled)
+            await _spool_body(request, max_body_bytes, spooled)
             header, ops = await run_in_threadpool(_parse_commit, spooled)
         commit_id = await run_in_threadpool(store.commit_operations, repo_id, branch, header, ops)
         return {

@@ -40,12 +40,12 @@ class Preprocess:
     def _resize(self, image: Image.Image) -> Image.Image:
         h, w = self.cfg.input_size
         if self.cfg.resize == "resize":
-            return image.resize((w, h), Image.BILINEAR)
+            return image.resize((w, h), Image.Resampling.BILINEAR)
         short = round(min(h, w) / self.cfg.crop_pct)
         scale = short / min(image.size)
         resized = image.resize(
             (max(w, round(image.width * scale)), max(h, round(image.height * scale))),
-            Image.BILINEAR,
+            Image.Resampling.BILINEAR,
         )
         left, top = (resized.width - w) // 2, (resized.height - h) // 2
         return resized.crop((left, top, left + w, top + h))

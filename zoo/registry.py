@@ -146,7 +146,7 @@ def list_models(filter: str = "") -> list[dict[str, Any]]:
 
 
 # --- Fashion-MNIST-LT (trained here, the embedded default) ----------------------------
-_FM = dict(backbone="resnet32", dataset="fashion_mnist_lt")
+_FM: dict[str, Any] = dict(backbone="resnet32", dataset="fashion_mnist_lt")
 register(
     ModelEntry(
         "ce-resnet32-fmnistlt", "ce", recipe="fmnistlt_ce", num_experts=1, layout="single", **_FM
@@ -239,7 +239,7 @@ register(
 _CBD_REF = "Iscen et al., Class-Balanced Distillation for Long-Tailed Visual Recognition, BMVC 2021"
 # Paper ensemble: 4 teachers (2 seeds x colour jitter on/off) x 2048-d ResNet-50 features = 8192
 # (official configs/stage_two_cbd_ens.py: proj_dim = 2048 * num_teachers).
-_CBD_HEAD = dict(
+_CBD_HEAD: dict[str, Any] = dict(
     num_experts=1, layout="single", head="cosine", head_bias=False, cosine_scale=20.0, neck_dim=8192
 )
 register(

@@ -116,7 +116,7 @@ class ArrayImageDataset(Dataset):
         self.transform = transform
         self.indices = None if indices is None else [int(i) for i in indices]
         if preprocess is None:
-            base = PreprocessConfig() if self.mode == "L" else PreprocessConfig(**CIFAR_PREPROCESS)  # type: ignore[arg-type]
+            base = PreprocessConfig() if self.mode == "L" else PreprocessConfig(**CIFAR_PREPROCESS)
             preprocess = dataclasses.replace(
                 base, input_size=(int(images.shape[1]), int(images.shape[2]))
             )
@@ -159,7 +159,7 @@ class FileListDataset(Dataset):
         self.targets = self.labels
         self.transform = transform
         if preprocess is None:
-            preprocess = PreprocessConfig(**IMAGENET_PREPROCESS)  # type: ignore[arg-type]
+            preprocess = PreprocessConfig(**IMAGENET_PREPROCESS)
         self.channels = preprocess.channels if channels is None else channels
         self.eval_preprocess = Preprocess(preprocess)
 
@@ -184,7 +184,7 @@ def _default_root() -> str:
 def _eval_default(name: str) -> PreprocessConfig:
     if name in DATASETS:
         return DATASETS[name].preprocess_config()
-    return PreprocessConfig(**IMAGENET_PREPROCESS)  # type: ignore[arg-type]
+    return PreprocessConfig(**IMAGENET_PREPROCESS)
 
 
 def _info(name: str, **kw: Any) -> dict[str, Any]:
@@ -421,9 +421,9 @@ def read_split_file(path: str | Path, what: str = "split") -> list[tuple[str, in
 
 def _names_from_paths(samples: list[tuple[str, int]], num_classes: int) -> list[str]:
     """Class names from the directory of each class's first image (Places-LT, iNat)."""
-    first: dict[int, list[str]] = {}
+    first: dict[int, tuple[str, ...]] = {}
     for rel, y in samples:
-        first.setdefault(y, Path(rel).parent.parts)  # type: ignore[arg-type]
+        first.setdefault(y, Path(rel).parent.parts)
     dirs = [list(first.get(c, ())) for c in range(num_classes)]
     present = [d for d in dirs if d]
     k = 0

@@ -18,4 +18,16 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-__all__ = ["CBD", "ECL", "METHODS", "NCL", "BalancedSoftmax", "CBDParams", "CrossEntropy", "Method", "MethodParams", "NCLLoss", "balanced_logits"]
+__all__ = [
+    "CBD",
+    "ECL",
+    "METHODS",
+    "NCL",
+    "BalancedSoftmax",
+    "CBDParams",
+    "CrossEntropy",
+    "Method",
+    "MethodParams",
+    "NCLLoss",
+    "balanced_logits",
+]

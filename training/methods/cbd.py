@@ -145,7 +145,7 @@ def teacher_feature(teachers: Sequence[Ensemble], images: torch.Tensor) -> torch
     with torch.no_grad():
         parts = []
         for t in teachers:
-            pooled = t.experts[0].body(t.stem(images))
+            pooled = t.expert_list[0].body(t.stem(images))
             parts.append(F.normalize(pooled.float(), dim=1))
         return F.normalize(torch.cat(parts, dim=1), dim=1)
 
@@ -413,7 +413,7 @@ class CBD(Method):
                 "CBD has no teachers: the engine calls prepare(); or call set_teachers()"
             )
         target = teacher_feature(self._teachers, images)
-        expert = self.model.experts[0]
+        expert = self.model.expert_list[0]
         feature = expert.forward_features(self.model.stem(images))
         logits = expert.classifier(feature)
         loss, ce, distance = cbd_loss(

@@ -11,12 +11,14 @@ Queues are per process (keys are not gathered across DDP ranks).
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zoo import Ensemble
+from zoo.models import as_experts
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Module:
@@ -51,6 +53,9 @@ def info_nce(
 class MoCoBranch(nn.Module):
     """Per-expert MoCo: projection heads, momentum (EMA) key encoders, queues."""
 
+    queues: torch.Tensor
+    queue_ptr: torch.Tensor
+
     def __init__(
         self,
         model: Ensemble,
@@ -83,9 +88,10 @@ class MoCoBranch(nn.Module):
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> list[torch.Tensor]:
         h = self.key_encoder["stem"](key_view(images))
+        key_experts = cast(nn.ModuleList, self.key_encoder["experts"])
         return [
             F.normalize(head(e.forward_features(h)), dim=1)
-            for e, head in zip(self.key_encoder["experts"], self.key_heads, strict=True)
+            for e, head in zip(as_experts(key_experts), self.key_heads, strict=True)
         ]
 
     @torch.no_grad()

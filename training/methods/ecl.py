@@ -246,9 +246,7 @@ class ECL(Method):
         if p.hcm:
             mask = hard_category_mask(logits[0], labels, p.num_hard)
             partial = [mask * z for z in full]
-            terms["ce_hcm"] = p.ce_weight * sum_tensors(
-                F.cross_entropy(z, labels) for z in partial
-            )
+            terms["ce_hcm"] = p.ce_weight * sum_tensors(F.cross_entropy(z, labels) for z in partial)
             terms["mutual_kl_hcm"] = mutual_kl(partial, p.distill_weight, sample_weight=sample_w)
         if self.dist_heads is not None and len(full) > 1:
             head_in = [f.detach() for f in feats] if p.dist_head_detach_feature else feats

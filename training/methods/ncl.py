@@ -26,7 +26,7 @@ from torch import nn
 
 from zoo import Ensemble
 
-from .base import Method, MethodParams, balanced_logits
+from .base import Method, MethodParams, balanced_logits, sum_tensors
 from .contrastive import MoCoBranch
 
 
@@ -68,6 +68,8 @@ def mutual_kl(
 class NCLLoss(nn.Module):
     """NIL + NBOD for a list of K expert logits (each (B, C)) and targets (B,)."""
 
+    log_counts: torch.Tensor
+
     def __init__(
         self,
         class_counts: Sequence[int],
@@ -96,14 +98,14 @@ class NCLLoss(nn.Module):
         full = [balanced_logits(z.float(), self.log_counts) for z in expert_logits]
         partial = [mask * z for z in full]
         return {
-            "nil_full": sum(F.cross_entropy(z, target) for z in full) * self.ce_ratio,
-            "nil_hcm": sum(F.cross_entropy(z, target) for z in partial) * self.hcm_ratio,
+            "nil_full": sum_tensors(F.cross_entropy(z, target) for z in full) * self.ce_ratio,
+            "nil_hcm": sum_tensors(F.cross_entropy(z, target) for z in partial) * self.hcm_ratio,
             "nbod_full": mutual_kl(full, self.nbod_weight),
             "nbod_hcm": mutual_kl(partial, self.nbod_weight_hcm),
         }
 
     def forward(self, expert_logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        return sum(self.terms(expert_logits, target).values())  # type: ignore[return-value]
+        return sum_tensors(self.terms(expert_logits, target).values())
 
 
 @dataclass
@@ -145,13 +147,14 @@ class NCL(Method):
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         h = self.model.stem(images)
-        feats = [e.forward_features(h) for e in self.model.experts]
-        logits = [e.classifier(f) for e, f in zip(self.model.experts, feats, strict=True)]
+        experts = self.model.expert_list
+        feats = [e.forward_features(h) for e in experts]
+        logits = [e.classifier(f) for e, f in zip(experts, feats, strict=True)]
         terms = self.criterion.terms(logits, labels)
         if self.moco is not None:
             terms["contrastive"] = self.params.contrastive_weight * self.moco(feats, images)
-        loss = sum(terms.values())
-        return loss, {k: float(v.detach()) for k, v in terms.items()}  # type: ignore[return-value]
+        loss = sum_tensors(terms.values())
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
 
     def after_step(self) -> None:
         if self.moco is not None:

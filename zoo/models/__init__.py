@@ -7,7 +7,9 @@ per-expert later stages (ECL), and a single network (baselines, CBD student).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ __all__ = [
     "CosineClassifier",
     "Expert",
     "ProjectionNeck",
+    "as_experts",
     "backbone_stages",
     "build_experts",
     "build_head",
@@ -59,6 +62,12 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
+
+
+def as_experts(modules: Iterable[nn.Module]) -> list[Expert]:
+    """The modules of an ``nn.ModuleList`` built by :func:`build_experts`, typed as experts
+    (indexing or iterating an ``nn.ModuleList`` is typed as plain ``nn.Module``)."""
+    return cast("list[Expert]", list(modules))
 
 
 def build_experts(
