@@ -137,10 +137,26 @@ def _serve_lines(serve: dict[str, Any]) -> list[str]:
 
 
 def _export_lines(export: dict[str, Any]) -> list[str]:
-    summary = export.get("summary") or export.get("ratios")
-    if not summary:
+    if not export.get("achieved"):
         return ["(no export benchmark results yet)"]
-    return ["```json", json.dumps(summary, indent=2), "```"]
+    lines = ["| ratio (one run, side by side) | target | achieved | met |", "|---|---|---|---|"]
+    for key, target in export["targets"].items():
+        achieved = export["achieved"].get(key)
+        lines.append(
+            f"| {key} | >= {target} | {achieved if achieved is not None else '-'} | "
+            f"{'yes' if export['met'].get(key) else 'no'} |"
+        )
+    return lines
+
+
+def _train_step_lines(step: dict[str, Any]) -> list[str]:
+    if not step:
+        return []
+    return [
+        f"NCL training step (3 experts, batch {step['batch']}, {step['device']}): "
+        f"{step['ncl_3_experts_step_ms']:.0f} ms vs 3 x {step['ce_single_expert_step_ms']:.0f} ms for one CE "
+        f"expert: ratio {step['ratio_ncl_vs_3x_ce']:.2f} (`benchmarks/results/train_step_cpu.json`)."
+    ]
 
 
 def build_section() -> str:
@@ -184,6 +200,8 @@ def build_section() -> str:
         "### Export (fused ONNX) and serving, this 2-core CPU",
         "",
         *_export_lines(_load("export_cpu.json")),
+        "",
+        *_train_step_lines(_load("train_step_cpu.json")),
         "",
         *_serve_lines(_load("serve_cpu.json")),
         "",
