@@ -24,6 +24,30 @@ RESULTS = Path(__file__).parent / "results"
 DOCS_IMG = Path(__file__).parents[1] / "docs" / "img"
 
 
+def int8_accuracy(model: zoo.Ensemble, split, workdir: Path) -> dict[str, float]:
+    """Top-1 on the full test set of the fused fp32 graph vs its INT8 (QDQ) quantization,
+    calibrated on the balanced validation split."""
+    from export.onnx import export_onnx, make_session, quantize_int8
+
+    fp32 = export_onnx(model, workdir / "fp32.onnx")
+    calib = torch.stack([split.val[i][0] for i in range(len(split.val))])
+    int8 = quantize_int8(fp32, workdir / "int8.onnx", calib)
+    x = torch.stack([split.test[i][0] for i in range(len(split.test))]).numpy()
+    y = torch.tensor([split.test[i][1] for i in range(len(split.test))])
+    out = {}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        sess = make_session(path)
+        probs = [
+            sess.run(["probs"], {"pixel_values": x[i : i + 256]})[0] for i in range(0, len(x), 256)
+        ]
+        out[f"top1_{name}"] = float(
+            (torch.from_numpy(__import__("numpy").concatenate(probs)).argmax(1) == y).float().mean()
+            * 100
+        )
+    out["top1_change"] = out["top1_int8"] - out["top1_fp32"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,6 +69,7 @@ def main() -> None:
         )
         shifted[tag] = shifted_prior_report(model, split, plot=DOCS_IMG / f"shifted_{tag}.png")
         cost[tag] = cost_report(model, repeats=args.repeats)
+        cost[tag]["int8"] = int8_accuracy(model, split, run)
         for name in ("per_class_accuracy.png", "reliability.png"):
             if (run / "plots" / name).is_file():
                 DOCS_IMG.mkdir(parents=True, exist_ok=True)

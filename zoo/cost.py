@@ -30,10 +30,25 @@ def _latency_ms(fn, x: torch.Tensor, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1000
 
 
+def _ort_latency_ms(sub: Ensemble, x: torch.Tensor, repeats: int) -> float | None:
+    """Median latency of the fused ONNX graph on ONNX Runtime (CPU); None without the export extra."""
+    try:
+        from export.onnx import export_onnx, make_session
+    except ImportError:
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = make_session(export_onnx(sub, f"{tmp}/m.onnx"))
+        feed = {"pixel_values": x.numpy()}
+        return _latency_ms(lambda _: session.run(["probs"], feed), x, repeats)
+
+
 def cost_report(
     model: Ensemble, batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 10
 ) -> dict[str, Any]:
-    """Per expert count k = 1..K: parameters, MACs per image, PyTorch CPU latency (median ms)."""
+    """Per expert count k = 1..K: parameters, MACs per image, and median CPU latency (ms) of
+    eager PyTorch and of the fused ONNX graph on ONNX Runtime."""
     model = model.eval().cpu()
     pre = model.config.preprocess
     x1 = torch.randn(1, pre.channels, *pre.input_size)
@@ -49,5 +64,13 @@ def cost_report(
             ms = _latency_ms(sub, x1.expand(b, -1, -1, -1).contiguous(), repeats)
             row[f"torch_cpu_ms_batch{b}"] = ms
             row[f"torch_cpu_img_per_s_batch{b}"] = b / ms * 1000
+            ort_ms = _ort_latency_ms(sub, x1.expand(b, -1, -1, -1).contiguous(), repeats)
+            if ort_ms is not None:
+                row[f"ort_cpu_ms_batch{b}"] = ort_ms
+                row[f"ort_cpu_img_per_s_batch{b}"] = b / ort_ms * 1000
         rows.append(row)
-    return {"backend": "torch-cpu", "threads": torch.get_num_threads(), "rows": rows}
+    return {
+        "backends": ["torch-cpu", "onnxruntime-cpu (fused graph)"],
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
