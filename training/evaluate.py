@@ -69,6 +69,19 @@ def evaluate(
     }
 
 
+def _grouped_calibration(
+    probs: torch.Tensor, labels: torch.Tensor, counts: Sequence[int]
+) -> dict[str, Any]:
+    """Calibration metrics overall and on the test samples of many/medium/few-shot classes."""
+    report: dict[str, Any] = cal.calibration_metrics(probs, labels)
+    groups = [shot_group(n) for n in counts]
+    for g in GROUPS:
+        mask = torch.tensor([groups[int(y)] == g for y in labels])
+        if mask.any():
+            report[g] = cal.calibration_metrics(probs[mask], labels[mask])
+    return report
+
+
 def calibrate_and_evaluate(
     model: Ensemble,
     split,
@@ -87,13 +100,15 @@ def calibrate_and_evaluate(
         "accuracy_balanced_prior": accuracy_report(combined + shift, test_labels, counts),
         "experts": [accuracy_report(z, test_labels, counts)["top1"] for z in test_logits],
     }
-    before = cal.calibration_metrics(torch.softmax(combined + shift, 1), test_labels)
+    before = _grouped_calibration(torch.softmax(combined + shift, 1), test_labels, counts)
     temperature = 1.0
     if split.val is not None and len(split.val) > 0:
         val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
         temperature = cal.fit_temperature(val_logits.mean(0) + shift, val_labels)
     model.config.temperature = temperature
-    after = cal.calibration_metrics(torch.softmax((combined + shift) / temperature, 1), test_labels)
+    after = _grouped_calibration(
+        torch.softmax((combined + shift) / temperature, 1), test_labels, counts
+    )
     results["calibration"] = {
         "temperature": temperature,
         "before": before,
