@@ -13,7 +13,6 @@ TensorRT execution providers when onnxruntime-gpu has them.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
 from export.onnx import SESSION_SETTINGS, export_onnx, make_session, quantize_int8, read_metadata  # noqa: E402
+from training.data import read_idx  # noqa: E402
 from zoo.datasets_meta import IMAGENET_PREPROCESS  # noqa: E402
 
 FMNIST = Path(os.environ.get("LTZOO_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -47,19 +47,11 @@ TARGETS = {
 }
 
 
-def read_idx(name: str) -> np.ndarray:
-    with gzip.open(FMNIST / name, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def fmnist(split: str, model: zoo.Ensemble) -> tuple[np.ndarray, np.ndarray] | None:
     if not (FMNIST / f"{split}-images-idx3-ubyte.gz").is_file():
         return None
-    images = read_idx(f"{split}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
-    labels = read_idx(f"{split}-labels-idx1-ubyte.gz").astype(np.int64)
+    images = read_idx(FMNIST / f"{split}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+    labels = read_idx(FMNIST / f"{split}-labels-idx1-ubyte.gz").astype(np.int64)
     pre = model.config.preprocess
     return ((images[:, None] - pre.mean[0]) / pre.std[0]).astype(np.float32), labels
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from export.onnx import (
     quantize_int8,
     read_metadata,
 )
+from training.data import read_idx
 from zoo.calibration import expert_disagreement
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -190,18 +190,10 @@ def test_runs_in_fresh_process_without_torch(exported, tmp_path):
         assert out["top1"] == model.calibrated_probs(model(x)).argmax(1).tolist()
 
 
-def _read_idx(name: str) -> np.ndarray:
-    with gzip.open(FMNIST / name, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def _fmnist(split: str, n: int, model: zoo.Ensemble) -> torch.Tensor:
     if not (FMNIST / f"{split}-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not found under {FMNIST}")
-    images = _read_idx(f"{split}-images-idx3-ubyte.gz")[:n].astype(np.float32) / 255.0
+    images = read_idx(FMNIST / f"{split}-images-idx3-ubyte.gz")[:n].astype(np.float32) / 255.0
     pre = model.config.preprocess
     return ((torch.from_numpy(images)[:, None] - pre.mean[0]) / pre.std[0]).float()
 

@@ -11,7 +11,7 @@ Queues are per process (keys are not gathered across DDP ranks).
 from __future__ import annotations
 
 import copy
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -111,3 +111,26 @@ class MoCoBranch(nn.Module):
             loss = loss + info_nce(q, key, self.queues[i].clone().detach(), self.temperature)
             self._enqueue(i, key)
         return loss
+
+
+class MoCoParams(Protocol):
+    """The ``[method_params]`` of a method with an optional MoCo branch (NCL, ECL)."""
+
+    contrastive_weight: float
+    moco_dim: int
+    moco_queue: int
+    moco_temperature: float
+    moco_momentum: float
+
+
+def optional_moco(model: Ensemble, params: MoCoParams) -> MoCoBranch | None:
+    """The MoCo branch ``params`` describe, or None when ``contrastive_weight`` is not > 0."""
+    if not params.contrastive_weight > 0:
+        return None
+    return MoCoBranch(
+        model,
+        params.moco_dim,
+        params.moco_queue,
+        params.moco_temperature,
+        params.moco_momentum,
+    )

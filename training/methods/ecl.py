@@ -62,7 +62,7 @@ from zoo import Ensemble
 from zoo.models import build_head
 
 from .base import Method, MethodParams, balanced_logits, sum_tensors
-from .contrastive import MoCoBranch
+from .contrastive import optional_moco
 from .ncl import hard_category_mask, mutual_kl
 
 #: The exact re-weighting rule (also meant for the model card).
@@ -197,17 +197,7 @@ class ECL(Method):
             )
         self.register_buffer("class_gap", torch.zeros(num_classes))
         self.register_buffer("class_weights", torch.ones(num_classes))
-        self.moco = (
-            MoCoBranch(
-                model,
-                params.moco_dim,
-                params.moco_queue,
-                params.moco_temperature,
-                params.moco_momentum,
-            )
-            if params.contrastive_weight > 0
-            else None
-        )
+        self.moco = optional_moco(model, params)
 
     # -- re-weighting ----------------------------------------------------------------------
     def weights_from_gap(self, gap: torch.Tensor) -> torch.Tensor:

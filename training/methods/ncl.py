@@ -27,7 +27,7 @@ from torch import nn
 from zoo import Ensemble
 
 from .base import Method, MethodParams, balanced_logits, sum_tensors
-from .contrastive import MoCoBranch
+from .contrastive import optional_moco
 
 
 def hard_category_mask(
@@ -131,17 +131,7 @@ class NCL(Method):
         super().__init__(model, class_counts, params)
         self.params: NCLParams = params
         self.criterion = NCLLoss(class_counts, params.num_hard, params.nbod_weight)
-        self.moco = (
-            MoCoBranch(
-                model,
-                params.moco_dim,
-                params.moco_queue,
-                params.moco_temperature,
-                params.moco_momentum,
-            )
-            if params.contrastive_weight > 0
-            else None
-        )
+        self.moco = optional_moco(model, params)
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor
