@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 #: tolerance of ``--check`` on the float32 graph (max |p_onnx - p_torch|)
 CHECK_TOL = 1e-4
@@ -93,7 +93,7 @@ def load_calibration_images(spec: str, model: Any, n: int, seed: int = 0):  # ->
             f"is unavailable ({exc}); pass a directory of images"
         ) from exc
     split = build_lt_dataset(spec, seed=seed)
-    data = split.val if getattr(split, "val", None) is not None else split.test
+    data = cast(Any, split.val if getattr(split, "val", None) is not None else split.test)  # Sized
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(data), generator=gen)[:n].tolist()
     return torch.stack([data[i][0] for i in pick]).float()

@@ -115,6 +115,8 @@ class FusedEnsemble(nn.Module):
     ``log_prior_shift`` defaults to the model config's default prior shift, shape (1, C).
     """
 
+    default_log_prior_shift: torch.Tensor
+
     def __init__(self, model: Ensemble, expert_outputs: bool = False) -> None:
         super().__init__()
         self.model = model

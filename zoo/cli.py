@@ -92,7 +92,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.workdir, epochs=args.epochs, max_steps=args.max_steps, eval_subset=args.eval_subset)
+    return run_demo(
+        args.workdir, epochs=args.epochs, max_steps=args.max_steps, eval_subset=args.eval_subset
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("demo", help="run the whole pipeline end to end on Fashion-MNIST-LT (CPU, offline)")
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline end to end on Fashion-MNIST-LT (CPU, offline)"
+    )
     p.add_argument("--workdir", default="artifacts/demo", help="where every artefact goes")
     p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     p.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (0: full epochs)")
