@@ -198,7 +198,11 @@ class RequestDecoder:
     # -- options ---------------------------------------------------------------------------
     def _shift_of(self, spec: Any) -> np.ndarray:
         target = cal.resolve_prior(spec, self.config.class_counts, self.num_classes)
-        return cal.prior_shift(target, self._source_prior).float().numpy()
+        return (
+            cal.calibrated_shift(target, self._source_prior, self.config.temperature)
+            .float()
+            .numpy()
+        )
 
     def parse_top_k(self, value: Any, from_form: bool) -> int:
         c = self.num_classes

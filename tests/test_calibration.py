@@ -152,3 +152,19 @@ def test_predict_prior_modes_and_topk():
     assert (bal.disagreement >= 0).all()
     with pytest.raises(ValueError, match="top_k"):
         model.predict(x, top_k=11)
+
+
+def test_prior_adjustment_is_bayes_correct_with_a_temperature():
+    """p_target ∝ p_balanced(T) * target / uniform, whatever the temperature."""
+    counts = [500, 50, 5]
+    cfg = zoo.EnsembleConfig(
+        num_classes=3, num_experts=1, layout="single", class_counts=counts, temperature=0.6
+    )
+    model = zoo.Ensemble(cfg)
+    z = torch.randn(4, 3) * 3
+    balanced = model.calibrated_probs(z, "balanced")
+    assert torch.allclose(balanced, (z / 0.6).softmax(1), atol=1e-6)
+    target = torch.tensor([0.2, 0.3, 0.5])
+    expected = balanced * target
+    expected = expected / expected.sum(1, keepdim=True)
+    assert torch.allclose(model.calibrated_probs(z, target.tolist()), expected, atol=1e-5)

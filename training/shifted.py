@@ -99,6 +99,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ):
             ax.plot(xs, [r[key]["top1"] for r in sub], marker="o", label=label)
         ax.set_xscale("log")
+        ax.set_xticks(list(IMBALANCES), [str(i) for i in IMBALANCES])
+        ax.minorticks_off()
         ax.set_title(f"{direction}-LT test")
         ax.set_xlabel("test imbalance")
     axes[0].set_ylabel("top-1 (%)")

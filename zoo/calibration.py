@@ -62,6 +62,20 @@ def prior_shift(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return torch.log(target.clamp_min(1e-12)) - torch.log(source.clamp_min(1e-12))
 
 
+def calibrated_shift(
+    target: torch.Tensor, source: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The logit shift ``s`` such that ``softmax((z + s) / T)`` is Bayes-correct for ``target``.
+
+    The temperature is fitted on balanced logits ``z + log(u) - log(source)`` (u uniform), so
+    the calibrated balanced posterior is ``softmax((z + log u - log source) / T)``; moving it
+    to another prior multiplies it by ``target / u``, which inside the ``/ T`` is
+    ``T * (log target - log u)``. With ``T = 1`` this is ``log target - log source``.
+    """
+    uniform = torch.full_like(source, 1.0 / source.numel())
+    return prior_shift(uniform, source) + temperature * prior_shift(target, uniform)
+
+
 def calibrated_probs(logits: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax((logits + shift) / T)."""
     return torch.softmax((logits + shift.to(logits)) / temperature, dim=-1)
@@ -198,6 +212,7 @@ def log_prior_of_counts(counts: Sequence[int]) -> torch.Tensor:
 
 __all__ = [
     "calibrated_probs",
+    "calibrated_shift",
     "calibration_metrics",
     "classwise_ece",
     "estimate_prior_em",

@@ -89,10 +89,11 @@ class Ensemble(nn.Module):
         return cal.resolve_prior(spec, self.config.class_counts, self.config.num_classes)
 
     def prior_shift(self, prior: cal.PriorSpec = None) -> torch.Tensor:
-        """``log(target prior) - log(source prior)`` for a prior spec (default: the config's)."""
+        """Logit shift for a target prior spec (default: the config's), to be applied as
+        ``softmax((logits + shift) / T)``; see :func:`zoo.calibration.calibrated_shift`."""
         spec = self.config.default_prior if prior is None else prior
         target = cal.resolve_prior(spec, self.config.class_counts, self.config.num_classes)
-        return cal.prior_shift(target, self.source_prior()).float()
+        return cal.calibrated_shift(target, self.source_prior(), self.config.temperature).float()
 
     def calibrated_probs(self, logits: torch.Tensor, prior: cal.PriorSpec = None) -> torch.Tensor:
         """Prior-adjusted, temperature-scaled probabilities from combined logits."""
