@@ -71,6 +71,37 @@ def _accuracy_table(fm: dict[str, Any], cost: dict[str, Any], tags: list[str]) -
     return lines
 
 
+def export_cbd_teachers() -> None:
+    """Copy the CBD run's teacher results (written by the CBD method) into results/."""
+    config = ROOT / "runs" / "bench" / "cbd-s0" / "model" / "config.json"
+    if config.is_file():
+        extra = json.loads(config.read_text())["extra"]
+        (RESULTS / "cbd_teachers_fmnistlt.json").write_text(
+            json.dumps(extra.get("teacher_results", {}), indent=2)
+        )
+
+
+def _cbd_lines(fm: dict[str, Any]) -> list[str]:
+    teachers = _load("cbd_teachers_fmnistlt.json")
+    if not teachers or "cbd" not in fm:
+        return []
+    lines = ["| CBD stage | top-1 (raw logits) | top-1 (balanced prior) |", "|---|---|---|"]
+    for t in teachers["teachers"]:
+        lines.append(
+            f"| teacher {t['index']} (seed {t['seed']}, {'with' if t['jitter'] else 'no'} colour jitter, "
+            f"instance sampling) | {t['top1']:.2f} | {t['top1_balanced_prior']:.2f} |"
+        )
+    ens = teachers["ensemble"]
+    lines.append(
+        f"| teacher ensemble ({ens['num_teachers']} teachers, mean logits) | {ens['top1']:.2f} | "
+        f"{ens['top1_balanced_prior']:.2f} |"
+    )
+    lines.append(
+        f"| student (class-balanced sampling, feature distillation) | {fm['cbd']['top1']['mean']:.2f} | - |"
+    )
+    return lines
+
+
 def _paper_table() -> list[str]:
     from zoo.registry import list_models
 
@@ -207,6 +238,8 @@ def build_section() -> str:
         "",
         *_accuracy_table(fm, cost, ["ce", "bs", "ncl", "cbd", "ecl"]),
         "",
+        *_cbd_lines(fm),
+        "",
         "### ECL ablation (reconstruction; same budget as NCL)",
         "",
         *_accuracy_table(fm, cost, ["ecl_plain", "ecl_rw", "ecl_fd", "ecl_full"]),
@@ -282,6 +315,7 @@ def write_cards() -> None:
 
 
 def main() -> None:
+    export_cbd_teachers()
     section = build_section()
     text = README.read_text()
     text = re.sub(

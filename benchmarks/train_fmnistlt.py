@@ -62,6 +62,28 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def collect() -> None:
+    """Rebuild the summary from every finished run under runs/bench (all seeds found)."""
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    runs: dict[str, list[tuple[int, dict]]] = {}
+    for path in sorted(Path("runs/bench").glob("*-s*/results.json")):
+        tag, _, seed = path.parent.name.rpartition("-s")
+        runs.setdefault(tag, []).append((int(seed), json.loads(path.read_text())))
+    summary = {}
+    for tag, found in sorted(runs.items()):
+        config = json.loads(
+            (Path("runs/bench") / f"{tag}-s{found[0][0]}" / "run.json").read_text()
+        )["config"]
+        summary[tag] = {
+            "recipe": config["recipe"],
+            "overrides": old.get(tag, {}).get("overrides", ""),
+            "seed_list": [s for s, _ in sorted(found, key=lambda x: x[0])],
+            **summarise([r for _, r in sorted(found, key=lambda x: x[0])]),
+        }
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    print({tag: summary[tag]["seeds"] for tag in summary}, file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,7 +95,13 @@ def main() -> None:
         help="methods or name=recipe:override,override",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument(
+        "--collect", action="store_true", help="only rebuild the summary from finished runs"
+    )
     args = ap.parse_args()
+    if args.collect:
+        collect()
+        return
     for spec in args.methods:
         tag, _, rest = spec.partition("=")
         recipe, _, overrides = (rest or RECIPES[tag]).partition(":")
