@@ -215,18 +215,10 @@ def test_registry_measured_metrics_match_benchmark_results():
     root = Path(__file__).resolve().parents[1]
     results = json.loads((root / "benchmarks/results/fmnistlt.json").read_text())
     measured = json.loads((root / "zoo/data/measured.json").read_text())
-    tags = {
-        "ce": "ce-resnet32-fmnistlt",
-        "bs": "bs-resnet32-fmnistlt",
-        "ncl": "ncl-resnet32-fmnistlt",
-        "cbd": "cbd-resnet32-fmnistlt",
-        "ecl": "ecl-resnet32-fmnistlt",
-    }
     assert measured, "no measured metrics: run benchmarks/report.py"
-    for tag, name in tags.items():
-        if tag not in results:
-            assert name not in measured
-            continue
+    for name, entry in measured.items():
+        run = results[entry["benchmark_tag"]]  # the results row this entry was read from
         for key in ("top1", "many", "medium", "few"):
-            assert measured[name]["accuracy"][key] == results[tag][key]["mean"]
+            assert entry["accuracy"][key] == run[key]["mean"]
+        assert entry["seeds"] == run["seeds"]
         assert get_entry(name).measured == measured[name]
