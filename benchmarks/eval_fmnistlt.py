@@ -53,11 +53,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--tags", nargs="+", default=["ce", "bs", "ncl", "cbd", "ecl"])
+    ap.add_argument("--tags", nargs="+", default=["ce", "bs", "ncl_lr05", "cbd", "ecl_lr05"])
     ap.add_argument("--repeats", type=int, default=20, help="latency repeats per measurement")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    shifted, cost = {}, {}
+    shifted_path, cost_path = RESULTS / "shifted_fmnistlt.json", RESULTS / "cost_fmnistlt.json"
+    shifted = json.loads(shifted_path.read_text()) if shifted_path.is_file() else {}
+    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
     for tag in args.tags:
         run = Path("runs/bench") / f"{tag}-s0"
         if not (run / "model" / "config.json").is_file():
@@ -86,10 +88,10 @@ def main() -> None:
             if (run / "plots" / name).is_file():
                 DOCS_IMG.mkdir(parents=True, exist_ok=True)
                 shutil.copy(run / "plots" / name, DOCS_IMG / f"{tag}_{name}")
+        RESULTS.mkdir(parents=True, exist_ok=True)  # written after every model: a crash loses one
+        shifted_path.write_text(json.dumps(shifted, indent=2))
+        cost_path.write_text(json.dumps(cost, indent=2))
         print(f"{tag}: done")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "shifted_fmnistlt.json").write_text(json.dumps(shifted, indent=2))
-    (RESULTS / "cost_fmnistlt.json").write_text(json.dumps(cost, indent=2))
 
 
 if __name__ == "__main__":

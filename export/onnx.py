@@ -527,7 +527,12 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+            try:
+                quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
+            except TypeError:
+                # onnxruntime's symbolic shape inference fails on the Expand that
+                # F.normalize exports (cosine heads, CBD's neck); ONNX shape inference suffices.
+                quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         pre_proto = onnx.load(str(pre))
         tail_roots = [
             n.name for n in pre_proto.graph.node if n.name in set(meta.get(TAIL_NODES_KEY, []))
