@@ -166,7 +166,7 @@ def _cost_table(cost: dict[str, Any]) -> list[str]:
             i8 = rep["int8"]
             lines.append("")
             lines.append(
-                f"INT8 (ONNX Runtime static QDQ) on {LABELS.get(tag, tag)}: top-1 {i8['top1_fp32']:.2f} → "
+                f"INT8 (ONNX Runtime static QDQ) on {LABELS.get(tag, tag)}: top-1 of the fused graph's calibrated (balanced-prior) output {i8['top1_fp32']:.2f} → "
                 f"{i8['top1_int8']:.2f} ({i8['top1_change']:+.2f} points) on the 10k test set."
             )
     return lines
@@ -245,6 +245,8 @@ def _claims(fm: dict[str, Any]) -> list[str]:
         verdict = "yes" if gap > 0 else "no"
         if abs(gap) < 2 and min(fm[a]["seeds"], fm[b]["seeds"]) < 3:
             verdict += " (gap < 2 points with < 3 seeds: not evidence of an order)"
+        elif abs(gap) < max(fm[a][key]["std"], fm[b][key]["std"]):
+            verdict += " (within the seed spread: no order)"
         lines.append(f"| {text} | {va:.2f} | {vb:.2f} | {verdict} | {seeds(a, b)} |")
     for tag in ("ncl_lr05", "ecl_lr05", "ncl", "ecl"):
         if tag in fm:
@@ -308,6 +310,10 @@ def build_section() -> str:
         *_recalibration_lines(shifted),
         "",
         "### What each expert costs",
+        "",
+        "Latencies were measured with one thread while trainings ran beside them on the same 2 cores: "
+        "treat them as rough (rerun `python benchmarks/eval_fmnistlt.py` on an idle machine); "
+        "parameters and MACs are exact.",
         "",
         *_cost_table(cost),
         "",
