@@ -11,7 +11,8 @@ Queues are per process (keys are not gathered across DDP ranks).
 from __future__ import annotations
 
 import copy
-from typing import Protocol, cast
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,20 @@ from torch import nn
 
 from zoo import Ensemble
 from zoo.models import as_experts
+
+from .base import MethodParams
+
+
+@dataclass
+class MoCoParams(MethodParams):
+    """The MoCo branch's settings, shared by every method that can switch the branch on
+    (NCL, ECL); ``contrastive_weight`` > 0 turns it on."""
+
+    contrastive_weight: float = 0.0
+    moco_dim: int = 64
+    moco_queue: int = 1024
+    moco_temperature: float = 0.2
+    moco_momentum: float = 0.999
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Module:
@@ -111,16 +126,6 @@ class MoCoBranch(nn.Module):
             loss = loss + info_nce(q, key, self.queues[i].clone().detach(), self.temperature)
             self._enqueue(i, key)
         return loss
-
-
-class MoCoParams(Protocol):
-    """The ``[method_params]`` of a method with an optional MoCo branch (NCL, ECL)."""
-
-    contrastive_weight: float
-    moco_dim: int
-    moco_queue: int
-    moco_temperature: float
-    moco_momentum: float
 
 
 def optional_moco(model: Ensemble, params: MoCoParams) -> MoCoBranch | None:

@@ -61,8 +61,8 @@ from torch import nn
 from zoo import Ensemble
 from zoo.models import build_head
 
-from .base import Method, MethodParams, balanced_logits, sum_tensors
-from .contrastive import optional_moco
+from .base import Method, balanced_logits, sum_tensors
+from .contrastive import MoCoParams, optional_moco
 from .ncl import hard_category_mask, mutual_kl
 
 #: The exact re-weighting rule (also meant for the model card).
@@ -82,7 +82,7 @@ REWEIGHT_RULE = (
 
 
 @dataclass
-class ECLParams(MethodParams):
+class ECLParams(MoCoParams):
     # -- part 1: collaborative learning --------------------------------------------------
     #: weight of the balanced CE of the label classifiers (summed over experts)
     ce_weight: float = 1.0
@@ -109,10 +109,6 @@ class ECLParams(MethodParams):
     feature_distill_weight: float = 1.0
     # -- part 4: contrastive proxy branch (MoCo), 0 disables it ----------------------------
     contrastive_weight: float = 0.5
-    moco_dim: int = 64
-    moco_queue: int = 1024
-    moco_temperature: float = 0.2
-    moco_momentum: float = 0.999
 
 
 def feature_distillation(features: Sequence[torch.Tensor], weight: float) -> torch.Tensor:

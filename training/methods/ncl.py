@@ -26,8 +26,8 @@ from torch import nn
 
 from zoo import Ensemble
 
-from .base import Method, MethodParams, balanced_logits, sum_tensors
-from .contrastive import optional_moco
+from .base import Method, balanced_logits, sum_tensors
+from .contrastive import MoCoParams, optional_moco
 
 
 def hard_category_mask(
@@ -109,16 +109,12 @@ class NCLLoss(nn.Module):
 
 
 @dataclass
-class NCLParams(MethodParams):
+class NCLParams(MoCoParams):
     #: hard-category set size m (about 30% of C: 30 CIFAR-100, 300 ImageNet-LT, 3 for 10 classes)
     num_hard: int = 30
     nbod_weight: float = 0.6
     #: MoCo-style contrastive branch per expert (0 disables it)
     contrastive_weight: float = 0.0
-    moco_dim: int = 64
-    moco_queue: int = 1024
-    moco_temperature: float = 0.2
-    moco_momentum: float = 0.999
 
 
 class NCL(Method):
