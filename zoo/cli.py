@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the whole pipeline end to end on Fashion-MNIST-LT (CPU, offline)"
     )
     p.add_argument("--workdir", default="artifacts/demo", help="where every artefact goes")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     p.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (0: full epochs)")
     p.add_argument("--eval-subset", type=int, default=2000, help="test images to evaluate on")
     p.set_defaults(func=_cmd_demo)

@@ -50,7 +50,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> N
 
 def run_demo(
     workdir: str | Path = "artifacts/demo",
-    epochs: int = 2,
+    epochs: int = 5,
     max_steps: int = 0,
     eval_subset: int = 2000,
     num_images: int = 6,
