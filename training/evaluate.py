@@ -32,6 +32,14 @@ def collect_logits(
     return torch.cat(chunks, dim=1), torch.cat(labels)
 
 
+def group_masks(labels: torch.Tensor, class_counts: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Boolean mask over samples for each many/medium/few group (all "many" without counts)."""
+    num_classes = len(class_counts) if class_counts else int(labels.max()) + 1
+    groups = [shot_group(n) for n in class_counts] if class_counts else ["many"] * num_classes
+    sample_groups = [groups[i] for i in labels.tolist()]
+    return {g: torch.tensor([sg == g for sg in sample_groups], dtype=torch.bool) for g in GROUPS}
+
+
 def accuracy_report(
     logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequence[int]
 ) -> dict[str, Any]:
@@ -45,10 +53,8 @@ def accuracy_report(
         float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan")
         for c in range(num_classes)
     ]
-    groups = [shot_group(n) for n in class_counts] if class_counts else ["many"] * num_classes
     report: dict[str, Any] = {"top1": float(correct.mean() * 100), "top5": float(top5.mean() * 100)}
-    for g in GROUPS:
-        mask = torch.tensor([groups[int(y)] == g for y in labels])
+    for g, mask in group_masks(labels, class_counts).items():
         report[g] = float(correct[mask].mean() * 100) if mask.any() else None
     report["per_class"] = per_class
     return report
@@ -74,9 +80,7 @@ def _grouped_calibration(
 ) -> dict[str, Any]:
     """Calibration metrics overall and on the test samples of many/medium/few-shot classes."""
     report: dict[str, Any] = cal.calibration_metrics(probs, labels)
-    groups = [shot_group(n) for n in counts]
-    for g in GROUPS:
-        mask = torch.tensor([groups[int(y)] == g for y in labels])
+    for g, mask in group_masks(labels, counts).items():
         if mask.any():
             report[g] = cal.calibration_metrics(probs[mask], labels[mask])
     return report

@@ -105,6 +105,19 @@ def fit_temperature(
     return float(log_t.exp().clamp(min_temperature, max_temperature).item())
 
 
+def _binned(
+    values: torch.Tensor, hits: torch.Tensor, n_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per equal-width bin (right-closed): sample count, sum of ``values``, sum of ``hits``."""
+    values = values.double().contiguous()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(values, edges[1:-1], right=False)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    value_sum = torch.bincount(idx, weights=values, minlength=n_bins)
+    hit_sum = torch.bincount(idx, weights=hits.double(), minlength=n_bins)
+    return count, value_sum, hit_sum
+
+
 def expected_calibration_error(
     probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, norm: str = "l1"
 ) -> float:
@@ -113,13 +126,7 @@ def expected_calibration_error(
     Matches torchmetrics' ``MulticlassCalibrationError`` (bins are right-closed).
     """
     conf, pred = probs.max(dim=1)
-    correct = (pred == labels).double()
-    conf = conf.double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    idx = torch.bucketize(conf, edges[1:-1], right=False)
-    count = torch.bincount(idx, minlength=n_bins).double()
-    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
-    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    count, conf_sum, acc_sum = _binned(conf, pred == labels, n_bins)
     gaps = (acc_sum - conf_sum).abs() / count.clamp_min(1)
     if norm == "max":
         return float(gaps[count > 0].max()) if (count > 0).any() else 0.0
@@ -129,17 +136,9 @@ def expected_calibration_error(
 def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """Mean over classes of the one-vs-rest calibration error of that class's probability."""
     errors = []
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     for c in range(probs.shape[1]):
-        p = probs[:, c].double().contiguous()
-        hit = (labels == c).double()
-        idx = torch.bucketize(p, edges[1:-1])
-        count = torch.bincount(idx, minlength=n_bins).double()
-        gap = (
-            torch.bincount(idx, weights=hit, minlength=n_bins)
-            - torch.bincount(idx, weights=p, minlength=n_bins)
-        ).abs()
-        errors.append(float(gap.sum() / count.sum()))
+        count, p_sum, hit_sum = _binned(probs[:, c], labels == c, n_bins)
+        errors.append(float((hit_sum - p_sum).abs().sum() / count.sum()))
     return sum(errors) / len(errors)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Any
 
@@ -30,18 +31,15 @@ def _latency_ms(fn, x: torch.Tensor, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1000
 
 
-def _ort_latency_ms(sub: Ensemble, x: torch.Tensor, repeats: int) -> float | None:
-    """Median latency of the fused ONNX graph on ONNX Runtime (CPU); None without the export extra."""
+def _ort_runner(sub: Ensemble, tmp: str):
+    """``x -> probs`` through the fused ONNX graph on ONNX Runtime (CPU), exported once;
+    None without the export extra."""
     try:
         from export.onnx import export_onnx, make_session
     except ImportError:
         return None
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        session = make_session(export_onnx(sub, f"{tmp}/m.onnx"))
-        feed = {"pixel_values": x.numpy()}
-        return _latency_ms(lambda _: session.run(["probs"], feed), x, repeats)
+    session = make_session(export_onnx(sub, f"{tmp}/experts{sub.num_experts}.onnx"))
+    return lambda x: session.run(["probs"], {"pixel_values": x.numpy()})
 
 
 def cost_report(
@@ -60,14 +58,15 @@ def cost_report(
             "parameters": sum(p.numel() for p in sub.parameters()),
             "macs_per_image": count_macs(sub, x1),
         }
-        for b in batch_sizes:
-            ms = _latency_ms(sub, x1.expand(b, -1, -1, -1).contiguous(), repeats)
-            row[f"torch_cpu_ms_batch{b}"] = ms
-            row[f"torch_cpu_img_per_s_batch{b}"] = b / ms * 1000
-            ort_ms = _ort_latency_ms(sub, x1.expand(b, -1, -1, -1).contiguous(), repeats)
-            if ort_ms is not None:
-                row[f"ort_cpu_ms_batch{b}"] = ort_ms
-                row[f"ort_cpu_img_per_s_batch{b}"] = b / ort_ms * 1000
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = {"torch_cpu": sub, "ort_cpu": _ort_runner(sub, tmp)}
+            for b in batch_sizes:
+                xb = x1.expand(b, -1, -1, -1).contiguous()
+                for backend, run in runners.items():
+                    if run is not None:
+                        ms = _latency_ms(run, xb, repeats)
+                        row[f"{backend}_ms_batch{b}"] = ms
+                        row[f"{backend}_img_per_s_batch{b}"] = b / ms * 1000
         rows.append(row)
     return {
         "backends": ["torch-cpu", "onnxruntime-cpu (fused graph)"],

@@ -123,6 +123,13 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return Path(path)
 
 
+def _load_from_hub(repo_id: str, revision: str | None, device: str | torch.device) -> Ensemble:
+    """Download (or find in the cache) and load a repo, recording where it came from."""
+    model = load_local(download(repo_id, revision), device)
+    model.config.extra.setdefault("source", {"repo_id": repo_id, "revision": revision or "main"})
+    return model
+
+
 def load(
     name: str,
     revision: str | None = None,
@@ -142,11 +149,7 @@ def load(
         if not pretrained:
             model = Ensemble(entry.build_config()).to(device).eval()
         else:
-            repo = entry.resolved_hub_id()
-            model = load_local(download(repo, revision or entry.revision), device)
-            model.config.extra.setdefault(
-                "source", {"repo_id": repo, "revision": revision or entry.revision}
-            )
+            model = _load_from_hub(entry.resolved_hub_id(), revision or entry.revision, device)
     else:
         repo, at_rev = split_revision(name)
         if not _REPO_ID.match(repo):
@@ -158,9 +161,7 @@ def load(
             raise ValueError(
                 "pretrained=False needs a registered model name (the architecture comes from the registry)"
             )
-        rev = revision or at_rev
-        model = load_local(download(repo, rev), device)
-        model.config.extra.setdefault("source", {"repo_id": repo, "revision": rev or "main"})
+        model = _load_from_hub(repo, revision or at_rev, device)
     return model.select_experts(experts) if experts is not None else model
 
 

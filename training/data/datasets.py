@@ -647,29 +647,12 @@ def build_lt_dataset(
     cfg = _eval_default(name)
     etf = eval_transform if eval_transform is not None else Preprocess(cfg)
     ttf = train_transform if train_transform is not None else etf
-    if name == "fashion_mnist_lt":
-        return _fashion_mnist(
-            root,
-            DEFAULT_RHO if rho is None else rho,
-            n_max or DEFAULT_N_MAX[name],
-            seed,
-            class_order,
-            val_per_class,
-            ttf,
-            etf,
-        )
-    if name in ("cifar10_lt", "cifar100_lt"):
-        return _cifar(
-            name,
-            root,
-            DEFAULT_RHO if rho is None else rho,
-            n_max or DEFAULT_N_MAX[name],
-            seed,
-            class_order,
-            val_per_class,
-            ttf,
-            etf,
-        )
+    if name in DEFAULT_N_MAX:  # the profile-based builders (Fashion-MNIST, CIFAR)
+        rho_, n_max_ = DEFAULT_RHO if rho is None else rho, n_max or DEFAULT_N_MAX[name]
+        args = (root, rho_, n_max_, seed, class_order, val_per_class, ttf, etf)
+        if name == "fashion_mnist_lt":
+            return _fashion_mnist(*args)
+        return _cifar(name, *args)
     if name in SPLIT_FILES:
         if n_max is not None or rho not in (None, DEFAULT_RHO):
             warnings.warn(
