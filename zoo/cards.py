@@ -1,4 +1,7 @@
-"""Model cards rendered from ``model_cards/template.md`` (Hub metadata in the YAML header)."""
+"""Model cards rendered from ``zoo/data/card_template.md`` (Hub metadata in the YAML header).
+
+The template is package data, so an installed wheel can write cards too.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,41 @@ from typing import Any
 
 from .config import EnsembleConfig
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "data" / "card_template.md"
+
+_LT_SUBSET = (
+    "a long-tailed subset of the {source} training set (exponential class profile, "
+    "imbalance ratio and largest class size in the recipe), evaluated on the balanced test set"
+)
+#: ltzoo dataset name -> (Hub dataset id or "", what the long-tailed variant is)
+DATASET_CARDS: dict[str, tuple[str, str]] = {
+    "fashion_mnist_lt": (
+        "zalando-datasets/fashion_mnist",
+        _LT_SUBSET.format(source="Fashion-MNIST")
+        + " (Fashion-MNIST-LT: at most 1,000 images per class, imbalance ratio 100)",
+    ),
+    "cifar10_lt": ("uoft-cs/cifar10", _LT_SUBSET.format(source="CIFAR-10")),
+    "cifar100_lt": ("uoft-cs/cifar100", _LT_SUBSET.format(source="CIFAR-100")),
+    "imagenet_lt": (
+        "ILSVRC/imagenet-1k",
+        "ImageNet-LT (Liu et al., CVPR 2019): a long-tailed subset of ImageNet-1k, "
+        "115.8k images, 1,280 to 5 per class; balanced 50k validation set",
+    ),
+    "places_lt": ("", "Places-LT (Liu et al., CVPR 2019): a long-tailed subset of Places-365"),
+    "inat2018": ("", "iNaturalist 2018, naturally long-tailed (8,142 species)"),
+}
+
+
+def _dataset_fields(dataset: str) -> dict[str, str]:
+    """Template fields describing ``dataset``: a Hub ``datasets:`` id only where one exists."""
+    hub_id, desc = DATASET_CARDS.get(dataset, ("", "custom dataset"))
+    return {
+        "datasets_yaml": f"datasets:\n- {hub_id}\n" if hub_id else "",
+        "dataset_type": hub_id or dataset or "unknown",
+        "dataset_title": dataset or "unknown",
+        "dataset_desc": desc,
+    }
+
 
 _SUMMARIES = {
     "ncl": "NCL (Nested Collaborative Learning, Li et al. CVPR 2022): K independent experts trained "
@@ -64,6 +101,7 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
         name=config.name or "ltzoo-ensemble",
         method=config.method or "unknown",
         dataset=config.dataset or "unknown",
+        **_dataset_fields(config.dataset),
         metrics_yaml=metrics_yaml,
         summary=_SUMMARIES.get(config.method, ""),
         provenance=config.provenance or "unspecified",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,73 @@ LogitPrior = Literal["uniform", "train"]
 #: OLTR convention: many-shot > 100 training images, medium 20..100, few < 20.
 MANY_SHOT_MIN = 101
 FEW_SHOT_MAX = 19
+
+#: Bounds every config is checked against before anything is built (a config.json from
+#: a Hub repo is untrusted input: a 1 KB file must not allocate or compute without bound).
+MAX_CLASSES = 100_000
+MAX_EXPERTS = 64
+MAX_STAGES = 16
+MAX_INPUT_SIDE = 4096
+MAX_NECK_DIM = 65_536
+MAX_CLASS_COUNT = 10**12
+MAX_TEXT_CHARS = 100_000
+TEMPERATURE_RANGE = (1e-3, 1e3)
+COSINE_SCALE_RANGE = (1e-3, 1e4)
+MAX_CONFIG_BYTES = 64 * 1024 * 1024
+#: Largest model a config may describe (4 GB of fp32), estimated before building.
+MAX_PARAMETERS = 10**9
+#: Approximate backbone sizes and pooled-feature widths, for that estimate only.
+_BACKBONE_SIZE = {"resnet32": (0.47e6, 64)}
+_DEFAULT_BACKBONE_SIZE = (60e6, 2048)  # the largest torchvision backbone here (ResNet-152)
+
+
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int if it is an integer (not a bool or a string) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {_show(value)}")
+    return int(value)
+
+
+def _float(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_show(value)}")
+    number = float(value)
+    above_low = low < number if low_open else low <= number
+    if not (math.isfinite(number) and above_low and number <= high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be finite and in {interval}, got {_show(value)}")
+    return number
+
+
+def _text(name: str, value: Any, max_chars: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {_show(value)}")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} is longer than {max_chars} characters")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {_show(value)}")
+    return value
+
+
+def _sequence(name: str, value: Any, max_len: int) -> list[Any]:
+    """A list/tuple of at most ``max_len`` items (checked before anything is iterated)."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list, got {_show(value)}")
+    if len(value) > max_len:
+        raise ValueError(f"{name} has {len(value)} items, at most {max_len} allowed")
+    return list(value)
+
+
+def _show(value: Any, n: int = 60) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def shot_group(count: int) -> str:
@@ -44,15 +113,30 @@ class PreprocessConfig:
     crop_pct: float = 0.875
 
     def __post_init__(self) -> None:
-        self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
-        self.mean = tuple(float(m) for m in self.mean)
-        self.std = tuple(float(s) for s in self.std)
+        size = _sequence("preprocess.input_size", self.input_size, 2)
+        if len(size) != 2:
+            raise ValueError(f"preprocess.input_size must be [height, width], got {_show(size)}")
+        self.input_size = tuple(  # type: ignore[assignment]
+            _int("preprocess.input_size", s, 1, MAX_INPUT_SIDE) for s in size
+        )
+        self.channels = _int("preprocess.channels", self.channels, 1, 3)
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise ValueError(f"preprocess.channels must be 1 or 3, got {self.channels}")
+        self.mean = tuple(
+            _float("preprocess.mean", m, -1e3, 1e3)
+            for m in _sequence("preprocess.mean", self.mean, 3)
+        )
+        self.std = tuple(
+            _float("preprocess.std", s, 0.0, 1e3, low_open=True)
+            for s in _sequence("preprocess.std", self.std, 3)
+        )
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError("mean and std need one value per channel")
+            raise ValueError("preprocess.mean and preprocess.std need one value per channel")
         if self.resize not in ("resize", "resize_crop"):
-            raise ValueError(f"resize must be 'resize' or 'resize_crop', got {self.resize!r}")
+            raise ValueError(
+                f"preprocess.resize must be 'resize' or 'resize_crop', got {_show(self.resize)}"
+            )
+        self.crop_pct = _float("preprocess.crop_pct", self.crop_pct, 0.0, 1.0, low_open=True)
 
 
 @dataclass
@@ -89,26 +173,70 @@ class EnsembleConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_architecture()
+        self._check_classes()
+        self._check_calibration_and_text()
+        if self.estimated_parameters() > MAX_PARAMETERS:
+            raise ValueError(
+                f"this config describes about {self.estimated_parameters():.3g} parameters "
+                f"(num_experts={self.num_experts}, num_classes={self.num_classes}, "
+                f"neck_dim={self.neck_dim}), more than the limit of {MAX_PARAMETERS:.0e}"
+            )
+
+    def estimated_parameters(self) -> float:
+        """An upper estimate of the parameter count, computed without building anything."""
+        body, width = _BACKBONE_SIZE.get(self.backbone, _DEFAULT_BACKBONE_SIZE)
+        neck = self.neck_dim or 0
+        head = width * neck + (neck or width) * self.num_classes
+        return float(self.num_experts * (body + head))
+
+    def _check_architecture(self) -> None:
         if isinstance(self.preprocess, dict):
+            keys = {f.name for f in dataclasses.fields(PreprocessConfig)}
+            if set(self.preprocess) - keys:
+                raise ValueError(f"unknown preprocess keys: {sorted(set(self.preprocess) - keys)}")
             self.preprocess = PreprocessConfig(**self.preprocess)
+        if not isinstance(self.preprocess, PreprocessConfig):
+            raise ValueError(f"preprocess must be an object, got {_show(self.preprocess)}")
+        self.backbone = _text("backbone", self.backbone, 100)
+        if self.layout not in ("independent", "shared", "single"):
+            raise ValueError(f"unknown layout {_show(self.layout)}")
+        if self.head not in ("linear", "cosine"):
+            raise ValueError(f"unknown head {_show(self.head)}; choose 'linear' or 'cosine'")
+        self.num_experts = _int("num_experts", self.num_experts, 1, MAX_EXPERTS)
         if self.layout == "single" and self.num_experts != 1:
             raise ValueError("layout 'single' needs num_experts=1")
-        if self.layout not in ("independent", "shared", "single"):
-            raise ValueError(f"unknown layout {self.layout!r}")
-        if self.head not in ("linear", "cosine"):
-            raise ValueError(f"unknown head {self.head!r}; choose 'linear' or 'cosine'")
-        if self.num_experts < 1 or self.num_classes < 2:
-            raise ValueError("need num_experts >= 1 and num_classes >= 2")
-        if not self.class_names:
-            self.class_names = [f"class_{i}" for i in range(self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if self.class_counts and len(self.class_counts) != self.num_classes:
+        self.shared_stages = _int("shared_stages", self.shared_stages, 0, MAX_STAGES)
+        self.head_bias = _flag("head_bias", self.head_bias)
+        self.learn_scale = _flag("learn_scale", self.learn_scale)
+        self.cosine_scale = _float("cosine_scale", self.cosine_scale, *COSINE_SCALE_RANGE)
+        if self.neck_dim is not None:
+            self.neck_dim = _int("neck_dim", self.neck_dim, 1, MAX_NECK_DIM)
+
+    def _check_classes(self) -> None:
+        self.num_classes = _int("num_classes", self.num_classes, 2, MAX_CLASSES)
+        names = _sequence("class_names", self.class_names, MAX_CLASSES)
+        if not names:
+            names = [f"class_{i}" for i in range(self.num_classes)]
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
+        self.class_names = [_text("class_names[]", n, 1000) for n in names]
+        counts = _sequence("class_counts", self.class_counts, MAX_CLASSES)
+        if counts and len(counts) != self.num_classes:
+            raise ValueError(f"{len(counts)} class counts for {self.num_classes} classes")
+        self.class_counts = [_int("class_counts[]", c, 0, MAX_CLASS_COUNT) for c in counts]
+
+    def _check_calibration_and_text(self) -> None:
+        if self.logit_prior not in ("uniform", "train"):
             raise ValueError(
-                f"{len(self.class_counts)} class counts for {self.num_classes} classes"
+                f"logit_prior must be 'uniform' or 'train', got {_show(self.logit_prior)}"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self.temperature = _float("temperature", self.temperature, *TEMPERATURE_RANGE)
+        for name in ("default_prior", "name", "method", "recipe", "dataset", "provenance"):
+            setattr(self, name, _text(name, getattr(self, name)))
+        for name in ("metrics", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be an object, got {_show(getattr(self, name))}")
 
     @property
     def shot_groups(self) -> list[str]:
@@ -120,6 +248,9 @@ class EnsembleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EnsembleConfig:
+        """Build a config from plain data (e.g. a parsed config.json), checking every field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -131,4 +262,11 @@ class EnsembleConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> EnsembleConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read and check a ``config.json``; any problem is a ``ValueError`` naming the file."""
+        path = Path(path)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not an ltzoo config")
+        try:
+            return cls.from_dict(json.loads(path.read_bytes()))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"invalid config {path}: {exc}") from None

@@ -138,11 +138,13 @@ class Ensemble(nn.Module):
         )
 
     def select_experts(self, indices: Sequence[int]) -> Ensemble:
-        """A new ensemble that keeps only the experts at ``indices`` (shares no tensors)."""
+        """A new ensemble that keeps only the experts at ``indices`` (distinct, shares no tensors)."""
         if not indices or any(not 0 <= i < self.num_experts for i in indices):
             raise ValueError(
                 f"expert indices must be in [0, {self.num_experts - 1}], got {list(indices)}"
             )
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"expert indices must be distinct, got {list(indices)}")
         cfg = copy.deepcopy(self.config)
         cfg.num_experts = len(indices)
         cfg.extra = {**cfg.extra, "expert_subset": list(indices)}
