@@ -4,13 +4,19 @@ Process layout (LitServe): the main process builds a :class:`~litserve.LitServer
 inference worker is a *spawned* process that unpickles :class:`EnsembleAPI` and calls
 ``setup`` (backend + decoder built there); the HTTP servers are *forked* uvicorn processes.
 
-Request path::
+Request path (all under one ``--timeout`` deadline, 504 when it passes)::
 
-    POST /predict --(uvicorn)--> read_payload: body limit 413, content type 415,
-                                 JSON / multipart framing 400  -> picklable dict
+    POST /predict --(uvicorn)--> read_payload: body limit 413, read timeout 408,
+                                 content type 415, JSON / multipart framing 400
+                  --(HTTP process, DecodePool threads)--> RequestDecoder: fields 422,
+                                 images 400, per-image / per-request pixel limits 413
+                                 -> DecodedRequest (preprocessed pixels)
                   --(queue)----> IsolatingBatchedLoop (worker):
-                                 decode_request per request (422/400/413, isolated),
-                                 batch(valid ones) -> predict -> unbatch -> encode_response
+                                 batch -> predict -> unbatch -> encode_response
+
+Images are decoded before they are queued, on a few threads per HTTP process: the
+inference worker only ever runs the model, and the decoded pixels in flight are at most
+``decode_threads * max_request_pixels`` per HTTP process.
 
 Dynamic batching: the loop blocks for the first queued request, then gathers more until
 ``max_batch_size`` requests or ``batch_timeout`` seconds. A request may carry several
@@ -26,36 +32,58 @@ rest of the batch is served.
 
 from __future__ import annotations
 
+import asyncio
+import importlib.resources
 import logging
 import multiprocessing as mp
+import os
 import secrets
 import threading
 import time
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from queue import Empty
 from typing import Any
 
 import litserve as ls
 import numpy as np
-from fastapi import Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from litserve.loops import BatchedLoop
-from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
+from litserve.server import RegularRequestHandler
+from litserve.utils import (
+    LitAPIStatus,
+    LoopResponseType,
+    PickleableHTTPException,
+    ResponseBufferItem,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo.config import EnsembleConfig
 
 from .backends import BackendSpec
-from .decoding import DecodedRequest, RequestDecoder, read_payload, top_k_predictions
+from .decoding import (
+    ERROR_SCHEMA,
+    DecodedRequest,
+    RequestDecoder,
+    predict_request_body,
+    read_payload,
+    request_error,
+    top_k_predictions,
+)
+from .supervisor import die_with_parent
 
 logger = logging.getLogger("ltzoo.serve")
 
 #: paths that never need the API key (load-balancer probes, API docs)
-OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc"})
+#: where the Swagger UI / ReDoc assets shipped by ``fastapi-offline`` are served (no CDN)
+DOCS_ASSETS = "/docs-assets"
 _SENTINEL = (None, None, None, None)  # LitServe's stop message on the request queue
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="set with --api-key")
 
 
 class _StopLoop(Exception):
@@ -209,8 +237,6 @@ class EnsembleAPI(ls.LitAPI):
         *,
         max_batch_size: int = 32,
         batch_timeout: float = 0.01,
-        max_pixels: int = 25_000_000,
-        max_images: int = 64,
         api_key: str | None = None,
     ) -> None:
         with warnings.catch_warnings():  # batch/unbatch are used even with max_batch_size=1
@@ -222,23 +248,23 @@ class EnsembleAPI(ls.LitAPI):
             )
         self.backend_spec = spec
         self.config_dict = config.to_dict()
-        self.max_pixels = max_pixels
-        self.max_images = max_images
         self.api_key = api_key
+        self.main_pid = os.getpid()
         self.stats = BatchStats(max_batch_size)
         src = config.extra.get("source") or {}
         self.model_info = {
             "name": config.name or spec.source.rstrip("/").split("/")[-1],
-            "revision": src.get("revision"),
+            "revision": src.get("revision") or None,  # same for every backend: null when unknown
             "temperature": float(config.temperature),
             "backend": spec.kind,
         }
 
     # -- auth (runs in the HTTP process as a FastAPI dependency) ------------------------------
-    def authorize(self, request: Request, x_api_key: str | None = Depends(_api_key_header)) -> None:
+    def authorize(self, request: Request) -> None:
+        """Require the API key (``X-API-Key`` or ``Authorization: Bearer``) off :data:`OPEN_PATHS`."""
         if self.api_key is None or request.url.path in OPEN_PATHS:
             return
-        given = x_api_key
+        given = request.headers.get("x-api-key")
         if given is None:
             auth = request.headers.get("authorization", "")
             if auth.lower().startswith("bearer "):
@@ -256,6 +282,7 @@ class EnsembleAPI(ls.LitAPI):
 
     # -- worker side -------------------------------------------------------------------------
     def setup(self, device: str) -> None:
+        die_with_parent(self.main_pid)
         # LitServe hands "cpu" or "cuda:<i>" (one worker per device); honour an explicit cuda:<i>
         if self.backend_spec.device.startswith("cuda:"):
             device = self.backend_spec.device
@@ -263,7 +290,6 @@ class EnsembleAPI(ls.LitAPI):
             device if self.backend_spec.device.startswith("cuda") else "cpu"
         )
         config = EnsembleConfig.from_dict(self.config_dict)
-        self.decoder = RequestDecoder(config, self.max_pixels, self.max_images)
         self.names = list(config.class_names)
         self.groups = list(config.shot_groups)
         self.model_info = {**self.model_info, "backend": self.backend.name}
@@ -275,7 +301,10 @@ class EnsembleAPI(ls.LitAPI):
         logger.info("ltzoo serve worker ready: %s", self.backend.info())
 
     def decode_request(self, request: Any) -> DecodedRequest:
-        return self.decoder.decode(request)
+        """Requests arrive decoded and validated by the HTTP process (:class:`DecodePool`)."""
+        if not isinstance(request, DecodedRequest):
+            raise TypeError(f"expected a DecodedRequest, got {type(request).__name__}")
+        return request
 
     def batch(self, inputs: list[DecodedRequest]) -> dict[str, Any]:
         return {
@@ -385,7 +414,11 @@ _KNOWN_PATHS = frozenset(
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware counting every response (including 401/413/415 ones)."""
+    """Pure ASGI middleware counting every response (including 401/413/415 ones).
+
+    It also gives a ``text/plain`` Content-Type to responses that have none (LitServe's
+    ``/health`` and ``/``), so every response says what it is.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -400,6 +433,10 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"content-type" for k, _ in headers):
+                    headers.append((b"content-type", b"text/plain; charset=utf-8"))
+                    message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -409,56 +446,161 @@ class MetricsMiddleware:
             METRICS.observe(scope["method"], path, status, time.perf_counter() - start)
 
 
-_PREDICT_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "byte",
-                            "description": "base64 image",
-                        },
-                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-                        "top_k": {"type": "integer", "minimum": 1, "default": 5},
-                        "prior": {
-                            "oneOf": [
-                                {"type": "string", "enum": ["balanced", "train"]},
-                                {"type": "array", "items": {"type": "number", "minimum": 0}},
-                            ],
-                            "default": "balanced",
-                        },
-                    },
-                }
-            },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "top_k": {"type": "integer"},
-                        "prior": {
-                            "type": "string",
-                            "description": "balanced, train or a JSON list",
-                        },
-                    },
-                }
-            },
+class DecodePool:
+    """Decodes requests in the HTTP process on a few threads: bounded parallel decoding.
+
+    Threads do not survive ``fork``, so each (forked) HTTP process makes its own pool on
+    first use; torch runs single-threaded there (preprocessing works on small tensors).
+    """
+
+    def __init__(self, decoder: RequestDecoder, threads: int) -> None:
+        self.decoder = decoder
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = -1
+
+    async def decode(self, payload: dict[str, Any]) -> DecodedRequest:
+        if self._pid != os.getpid():
+            import torch
+
+            torch.set_num_threads(1)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ltzoo-decode")
+            self._pid = os.getpid()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.decoder.decode, payload)
+
+
+class QueueingHandler(RegularRequestHandler):
+    """LitServe's regular handler, which also forgets a request whose caller gave up.
+
+    ``handle_request`` may be cancelled (the ``--timeout`` deadline); the response slot is
+    then removed, so a late answer from the worker is dropped instead of kept forever.
+    """
+
+    async def handle_request(self, request: Any, request_type: Any) -> Any:
+        uid, _ = await self._submit_request(request)
+        item = ResponseBufferItem(asyncio.Event())
+        self.server.response_buffer[uid] = item
+        try:
+            await item.event.wait()
+        finally:
+            self.server.response_buffer.pop(uid, None)
+        response, status = item.response
+        if status == LitAPIStatus.ERROR:
+            self._handle_error_response(response)
+        return response
+
+
+def _text(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    reasons = {
+        400: "malformed body, bad base64, undecodable image",
+        401: "missing or wrong API key",
+        408: "request body not received within the read timeout",
+        413: "payload, image pixels, request pixels or image count over the limit",
+        415: "unsupported content type",
+        422: "missing/unknown field, wrong type, invalid top_k or prior",
+        504: "no answer within the server's --timeout",
+    }
+    return {
+        str(c): {
+            "description": reasons[c],
+            "content": {"application/json": {"schema": ERROR_SCHEMA}},
+        }
+        for c in codes
+    }
+
+
+def openapi_document(
+    app: FastAPI, *, auth: bool, num_classes: int, max_images: int
+) -> dict[str, Any]:
+    """The OpenAPI document, derived from the routes and from the same limits as the server.
+
+    Security (and a 401) is declared exactly where :meth:`EnsembleAPI.authorize` asks for a
+    key: on every path outside :data:`OPEN_PATHS`, and only when auth is on.
+    """
+    doc = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    paths = doc["paths"]
+    paths["/predict"]["post"]["requestBody"] = predict_request_body(num_classes, max_images)
+    paths["/predict"]["post"]["responses"] = {
+        "200": {
+            "description": "top-k predictions (a list of them for 'images' / 'files')",
+            "content": {"application/json": {"schema": {}}},
         },
-    },
-    "responses": {
-        "400": {"description": "malformed body, bad base64, undecodable image"},
-        "401": {"description": "missing or wrong API key"},
-        "413": {"description": "payload, image pixels or image count over the limit"},
-        "415": {"description": "unsupported content type"},
-        "422": {"description": "missing/unknown field, wrong type, invalid top_k or prior"},
-    },
-}
+        **_errors(400, 408, 413, 415, 422, 504),
+    }
+    paths["/health"]["get"]["responses"] = {
+        "200": _text("ready ('ok')"),
+        "503": _text("workers not ready"),
+    }
+    paths["/metrics"]["get"]["responses"] = {"200": _text("Prometheus text format")}
+    paths["/"]["get"]["responses"] = {"200": _text("server running")}
+    if auth:
+        doc.setdefault("components", {})["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "Bearer": {"type": "http", "scheme": "bearer"},
+        }
+        for path, operations in paths.items():
+            if path in OPEN_PATHS:
+                continue
+            for op in operations.values():
+                op["security"] = [{"ApiKey": []}, {"Bearer": []}]
+                op["responses"].update(_errors(401))
+    return doc
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs and /redoc from assets shipped by ``fastapi-offline``: they work air-gapped."""
+    assets = importlib.resources.files("fastapi_offline") / "static"
+    app.router.routes = [
+        r
+        for r in app.router.routes
+        if getattr(r, "path", None) not in ("/docs", "/redoc", "/docs/oauth2-redirect")
+    ]
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
+
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+
+
+def uvicorn_limits(
+    max_connections: int = 256, keep_alive_s: int = 5, max_header_bytes: int = 64 * 1024
+) -> dict[str, Any]:
+    """Explicit uvicorn limits (``server.run(**uvicorn_limits())``).
+
+    h11 rather than httptools, because only h11 bounds the request head
+    (``h11_max_incomplete_event_size``); past ``max_connections`` concurrent connections
+    uvicorn answers 503; idle keep-alive connections close after ``keep_alive_s``.
+    """
+    return {
+        "http": "h11",
+        "h11_max_incomplete_event_size": max_header_bytes,
+        "limit_concurrency": max_connections,
+        "timeout_keep_alive": keep_alive_s,
+    }
 
 
 def build_server(
@@ -471,22 +613,23 @@ def build_server(
     api_key: str | None = None,
     max_payload_mb: float = 20.0,
     max_pixels: int = 25_000_000,
+    max_request_pixels: int | None = None,
     max_images: int = 64,
     timeout: float = 30.0,
+    read_timeout: float = 10.0,
+    decode_threads: int = 2,
     fast_queue: bool = False,
 ) -> ls.LitServer:
     """A ready-to-``run`` LitServer with /predict, /health, /info, /metrics and /docs."""
-    from litserve.server import RegularRequestHandler
-
     api = EnsembleAPI(
         spec,
         config,
         max_batch_size=max_batch_size,
         batch_timeout=batch_timeout,
-        max_pixels=max_pixels,
-        max_images=max_images,
         api_key=api_key,
     )
+    decoder = RequestDecoder(config, max_pixels, max_images, max_request_pixels)
+    pool = DecodePool(decoder, decode_threads)
     max_bytes = int(max_payload_mb * 1024 * 1024)
     accelerator = "cuda" if spec.device.startswith("cuda") else "cpu"
     metadata = {
@@ -511,7 +654,10 @@ def build_server(
             "batch_timeout_s": batch_timeout,
             "max_payload_bytes": max_bytes,
             "max_pixels": max_pixels,
+            "max_request_pixels": decoder.max_request_pixels,
             "max_images_per_request": max_images,
+            "timeout_s": timeout,
+            "read_timeout_s": read_timeout,
         },
         "auth": api_key is not None,
     }
@@ -525,9 +671,9 @@ def build_server(
         middlewares=[MetricsMiddleware],
         fast_queue=fast_queue,
     )
-    # Replace LitServe's /predict route by one that frames the body robustly (its own
-    # parsing turns malformed JSON / multipart into 500s) and then hands the framed payload
-    # to LitServe's regular handler (queue -> worker -> response).
+    # Replace LitServe's /predict route by one that frames and decodes the body here (its
+    # own parsing turns malformed JSON / multipart into 500s) and then hands the decoded
+    # request to LitServe's queue -> worker -> response path.
     app = server.app
     app.title = f"ltzoo serve: {metadata['name']}"
     app.description = "Calibrated long-tailed predictions from a multi-expert ensemble."
@@ -536,11 +682,17 @@ def build_server(
         for r in app.router.routes
         if not (getattr(r, "path", None) == api.api_path and "POST" in r.methods)
     ]
-    handler = RegularRequestHandler(api, server)
+    handler = QueueingHandler(api, server)
 
     async def predict(request: Request) -> Any:
-        payload = await read_payload(request, max_bytes, max_images)
-        return await handler.handle_request(payload, dict)
+        try:
+            async with asyncio.timeout(timeout):
+                payload = await read_payload(request, max_bytes, max_images, read_timeout)
+                return await handler.handle_request(await pool.decode(payload), dict)
+        except TimeoutError:
+            raise request_error(
+                504, "timeout", f"no answer within the server's timeout of {timeout:g} s"
+            ) from None
 
     app.add_api_route(
         api.api_path,
@@ -548,7 +700,6 @@ def build_server(
         methods=["POST"],
         dependencies=[Depends(server.setup_auth(api))],
         summary="Calibrated top-k predictions for one or several images",
-        openapi_extra=_PREDICT_OPENAPI,
     )
 
     async def metrics() -> PlainTextResponse:
@@ -557,6 +708,11 @@ def build_server(
     app.add_api_route(
         "/metrics", metrics, methods=["GET"], dependencies=[Depends(server.setup_auth(api))]
     )
+    _offline_docs(app)
+    document = openapi_document(
+        app, auth=api_key is not None, num_classes=config.num_classes, max_images=max_images
+    )
+    app.openapi = lambda: document  # type: ignore[method-assign]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -275,6 +275,8 @@ def resolve_device(device: str, backend: str) -> str:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
     if device != "auto":
+        if device.startswith("cuda") and backend != "tensorrt":
+            _check_cuda(device, backend)
         return device
     if backend == "tensorrt":
         return "cuda"
@@ -285,6 +287,23 @@ def resolve_device(device: str, backend: str) -> str:
 
         return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
     return "cuda"
+
+
+def _check_cuda(device: str, backend: str) -> None:
+    """Raise a one-line RuntimeError when ``device`` (cuda[:N]) cannot run ``backend``."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return
+        raise RuntimeError(
+            f"device {device!r} asked for but onnxruntime has no CUDAExecutionProvider; "
+            "install onnxruntime-gpu (pip install 'ltzoo[gpu]') or use --device cpu"
+        )
+    if not cuda_available():
+        raise RuntimeError(
+            f"device {device!r} asked for but no CUDA GPU is visible; use --device cpu"
+        )
 
 
 def cache_dir() -> Path:

@@ -28,18 +28,43 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from .api import build_server
-    from .backends import prepare
+def _max_pixels(text: str) -> int:
+    from .decoding import PIL_PIXEL_CEILING
 
-    api_key = args.api_key or os.environ.get("LTZOO_API_KEY") or None
+    value = _positive_int(text)
+    if value > PIL_PIXEL_CEILING:
+        raise argparse.ArgumentTypeError(f"must be <= {PIL_PIXEL_CEILING} (PIL's hard limit)")
+    return value
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """``$LTZOO_API_KEY`` (the documented way) or ``--api-key`` (visible in ``ps``: warned)."""
+    if args.api_key:
+        print(
+            "ltzoo serve: warning: --api-key is visible to every user in `ps`; "
+            "set LTZOO_API_KEY in the environment instead",
+            file=sys.stderr,
+        )
+        return str(args.api_key)
+    return os.environ.get("LTZOO_API_KEY") or None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from zoo.resolve import resolve_model
+
+    from .api import build_server, uvicorn_limits
+    from .backends import prepare
+    from .supervisor import run_supervised
+
+    api_key = _api_key(args)
     threads = args.threads
     if threads is None and args.device != "cuda" and not args.device.startswith("cuda:"):
         # leave a core to the HTTP process; more intra-op threads than free cores makes
         # OpenMP spin-waits collapse throughput on small machines
         threads = max(1, ((os.cpu_count() or 1) - 1) // args.workers_per_device)
     try:
-        spec, config = prepare(args.model, args.backend, args.device, threads)
+        model = resolve_model(args.model, allow_onnx=True).spec  # run dirs -> RUN_DIR/model
+        spec, config = prepare(model, args.backend, args.device, threads)
     except RuntimeError as exc:  # missing runtime / GPU: a clear message, no traceback
         print(f"ltzoo serve: error: {exc}", file=sys.stderr)
         return 2
@@ -52,8 +77,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_payload_mb=args.max_payload_mb,
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
         max_images=args.max_images,
         timeout=args.timeout,
+        read_timeout=args.read_timeout,
+        decode_threads=args.decode_threads,
         fast_queue=args.fast_queue,
     )
     print(
@@ -61,14 +89,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/predict (docs: /docs, auth: {'on' if api_key else 'off'})",
         flush=True,
     )
-    server.run(
+    return run_supervised(
+        server,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         generate_client_file=False,
         num_api_servers=args.api_servers,
+        **uvicorn_limits(max_connections=args.max_connections),
     )
-    return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +114,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "model",
         metavar="MODEL_OR_ONNX",
-        help="model directory, registry name, Hub repo id, or a fused .onnx file from `ltzoo export`",
+        help="run or model directory, registry name, Hub repo id[@rev], or a fused .onnx file "
+        "from `ltzoo export`",
     )
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -116,20 +146,48 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require this key in X-API-Key (or Authorization: Bearer); default $LTZOO_API_KEY",
+        help="require this key in X-API-Key (or Authorization: Bearer). Prefer the LTZOO_API_KEY "
+        "environment variable: a flag is visible to every user in `ps`",
     )
     p.add_argument(
         "--max-payload-mb", type=_positive_float, default=20.0, help="request body limit (413)"
     )
     p.add_argument(
         "--max-pixels",
-        type=_positive_int,
+        type=_max_pixels,
         default=25_000_000,
         help="largest image (width x height) accepted, checked before decoding (413)",
     )
+    p.add_argument(
+        "--max-request-pixels",
+        type=_positive_int,
+        default=None,
+        help="pixels summed over the images of one request (413; default 2 x --max-pixels)",
+    )
     p.add_argument("--max-images", type=_positive_int, default=64, help="images per request (413)")
     p.add_argument(
-        "--timeout", type=_positive_float, default=30.0, help="request timeout in seconds (504)"
+        "--decode-threads",
+        type=_positive_int,
+        default=2,
+        help="image-decoding threads per HTTP process (bounds the decoded pixels in flight)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds from request to answer, queueing included (504)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds to receive a request body (408, connection closed)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=256,
+        help="concurrent connections per HTTP process; more get 503",
     )
     p.add_argument("--fast-queue", action="store_true", help="ZeroMQ response transport")
     p.add_argument(

@@ -16,6 +16,7 @@ Every failure is a :class:`fastapi.HTTPException` whose ``detail`` is a JSON obj
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -24,7 +25,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,79 @@ JSON_KEYS = frozenset({"image", "images", "top_k", "prior"})
 FORM_FILE_KEYS = frozenset({"file", "files"})
 FORM_OPTION_KEYS = frozenset({"top_k", "prior"})
 DEFAULT_TOP_K = 5
+#: widest accepted side ratio: a 1 x 25,000,000 strip would be upscaled to ~800 M pixels by
+#: the model's shorter-side resize before cropping
+MAX_ASPECT_RATIO = 100
+#: PIL refuses to open images above twice ``Image.MAX_IMAGE_PIXELS`` whatever we ask
+PIL_PIXEL_CEILING = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+_TOP_K_TEXT = re.compile(r"\s*[+-]?[0-9]{1,9}\s*", re.ASCII)  # ASCII digits only (not "٣")
+
+
+#: JSON schema of every error body
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {
+            "type": "object",
+            "required": ["error", "message", "field"],
+            "properties": {
+                "error": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def predict_request_body(num_classes: int, max_images: int) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of /predict, from the constants :class:`RequestDecoder` checks."""
+    b64_image = {"type": "string", "format": "byte", "description": "base64 image"}
+    top_k = {"type": "integer", "minimum": 1, "maximum": num_classes, "default": DEFAULT_TOP_K}
+    prior = {
+        "oneOf": [
+            {"type": "string", "enum": ["balanced", "train"]},
+            {
+                "type": "array",
+                "items": {"type": "number", "minimum": 0},
+                "minItems": num_classes,
+                "maxItems": num_classes,
+            },
+        ],
+        "description": "target class prior: a name or one non-negative weight per class",
+    }
+    images = {"type": "array", "items": b64_image, "minItems": 1, "maxItems": max_images}
+    options = {"top_k": top_k, "prior": prior}
+    json_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"image": b64_image, "images": images, **options},
+        "oneOf": [{"required": ["image"]}, {"required": ["images"]}],
+    }
+    form_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "files": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "minItems": 1,
+                "maxItems": max_images,
+            },
+            "top_k": {"type": "string", "pattern": "^[0-9]{1,9}$", "description": "an integer"},
+            "prior": {"type": "string", "description": "balanced, train or a JSON list"},
+        },
+        "oneOf": [{"required": ["file"]}, {"required": ["files"]}],
+    }
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": json_schema},
+            "multipart/form-data": {"schema": form_schema},
+        },
+    }
 
 
 def request_error(status: int, code: str, message: str, field: str | None = None) -> HTTPException:
@@ -74,8 +148,13 @@ async def _replay(body: bytes) -> AsyncGenerator[bytes, None]:
     yield b""
 
 
-async def read_payload(request: Any, max_bytes: int, max_images: int) -> dict[str, Any]:
+async def read_payload(
+    request: Any, max_bytes: int, max_images: int, read_timeout: float | None = None
+) -> dict[str, Any]:
     """Read and frame a /predict body into ``{"kind": "json"|"form", "data": ...}``.
+
+    A body not received in full within ``read_timeout`` seconds gets a 408 (and the
+    connection is closed, since its body was not read to the end).
 
     ``request`` is a Starlette request. JSON bodies become ``data = <parsed JSON>``; multipart
     bodies become ``data = {"file": [bytes...], "files": [...], "top_k": [str...], ...}``
@@ -95,7 +174,12 @@ async def read_payload(request: Any, max_bytes: int, max_images: int) -> dict[st
                 "payload_too_large",
                 f"request body is {declared_len} bytes, more than the server's limit of {max_bytes} bytes",
             )
-    body = await _read_limited(request.stream(), max_bytes)
+    try:
+        body = await asyncio.wait_for(_read_limited(request.stream(), max_bytes), read_timeout)
+    except TimeoutError:
+        raise request_error(
+            408, "read_timeout", f"request body not received within {read_timeout:g} s"
+        ) from None
     if not body:
         raise request_error(
             400, "empty_body", "request body is empty; send JSON or a multipart image upload"
@@ -104,9 +188,9 @@ async def read_payload(request: Any, max_bytes: int, max_images: int) -> dict[st
     if content_type in ("", "application/json") or content_type.endswith("+json"):
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # also ints over Python's 4300-digit limit
             raise request_error(
-                400, "malformed_json", f"request body is not valid JSON: {exc}"
+                400, "malformed_json", f"request body is not valid JSON: {exc}"[:300]
             ) from None
         return {"kind": "json", "data": data}
     if content_type == "multipart/form-data":
@@ -176,13 +260,25 @@ def _is_number(v: Any) -> bool:
 
 
 class RequestDecoder:
-    """Validates a framed payload and turns it into a :class:`DecodedRequest`."""
+    """Validates a framed payload and turns it into a :class:`DecodedRequest`.
 
-    def __init__(self, config: EnsembleConfig, max_pixels: int, max_images: int) -> None:
+    Limits: ``max_pixels`` per image, ``max_request_pixels`` summed over the images of one
+    request (default ``2 * max_pixels``), ``max_images`` per request. All sizes are read
+    from the image headers and checked before any pixel is decoded.
+    """
+
+    def __init__(
+        self,
+        config: EnsembleConfig,
+        max_pixels: int,
+        max_images: int,
+        max_request_pixels: int | None = None,
+    ) -> None:
         self.config = config
         self.num_classes = config.num_classes
         self.max_pixels = int(max_pixels)
         self.max_images = int(max_images)
+        self.max_request_pixels = int(max_request_pixels or 2 * self.max_pixels)
         self.preprocess = Preprocess(config.preprocess)
         src = "train" if config.logit_prior == "train" else "balanced"
         self._source_prior = cal.resolve_prior(src, config.class_counts, config.num_classes)
@@ -191,9 +287,6 @@ class RequestDecoder:
             # "train" without class counts is reported per request instead
             with contextlib.suppress(ValueError):
                 self._named_shifts[name] = self._shift_of(name)
-        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; we check sizes ourselves
-        # first and turn the warning into an error as a second line of defence.
-        Image.MAX_IMAGE_PIXELS = self.max_pixels
 
     # -- options ---------------------------------------------------------------------------
     def _shift_of(self, spec: Any) -> np.ndarray:
@@ -209,7 +302,7 @@ class RequestDecoder:
         if value is None:
             return min(DEFAULT_TOP_K, c)
         if from_form:
-            if not re.fullmatch(r"\s*[+-]?\d{1,9}\s*", value):
+            if not _TOP_K_TEXT.fullmatch(value):
                 raise request_error(
                     422,
                     "invalid_top_k",
@@ -237,7 +330,7 @@ class RequestDecoder:
         if from_form and isinstance(value, str) and value.strip().startswith("["):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 raise request_error(
                     422, "invalid_prior", "prior form field is not a valid JSON list", "prior"
                 ) from None
@@ -266,12 +359,18 @@ class RequestDecoder:
                 f"prior entries must all be numbers, got {value!r}"[:300],
                 "prior",
             )
-        if not all(math.isfinite(v) for v in value):
+        try:
+            floats = [float(v) for v in value]
+        except OverflowError:  # a 400-digit integer
+            raise request_error(
+                422, "invalid_prior", "prior contains a number too large for a float", "prior"
+            ) from None
+        if not all(math.isfinite(v) for v in floats):
             raise request_error(
                 422, "invalid_prior", "prior contains NaN or infinite values", "prior"
             )
         try:
-            return self._shift_of([float(v) for v in value])
+            return self._shift_of(floats)
         except ValueError as exc:  # negative entries, zero sum
             raise request_error(422, "invalid_prior", str(exc), "prior") from None
 
@@ -303,31 +402,22 @@ class RequestDecoder:
             ) from None
         return data
 
-    def load_image(self, data: bytes, field: str) -> np.ndarray:
-        """Bytes -> preprocessed (C, H, W) float32 array, with the pixel limit checked first."""
-        if not data:
-            raise request_error(400, "empty_image", f"{field} is empty (0 bytes)", field)
+    @contextlib.contextmanager
+    def _image_errors(self, field: str) -> Iterator[None]:
+        """Map PIL's failures on ``field`` to 4xx errors (HTTPExceptions pass through)."""
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-                width, height = image.size
-                if width < 1 or height < 1:
-                    raise request_error(
-                        400, "invalid_image", f"{field} has an empty size {width}x{height}", field
-                    )
-                if width * height > self.max_pixels:
-                    raise self._too_big(field, width, height)
-                self._draft(image)
-                image.load()
-                tensor = self.preprocess(image)
+                if self.max_pixels < (Image.MAX_IMAGE_PIXELS or 0):
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                yield
         except HTTPException:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise request_error(
                 413,
                 "image_too_large",
-                f"{field} exceeds the server's pixel limit (--max-pixels): {exc}",
+                f"{field} has more pixels than the server's limit of {self.max_pixels} "
+                "(--max-pixels)",
                 field,
             ) from None
         except UnidentifiedImageError:
@@ -341,7 +431,39 @@ class RequestDecoder:
             raise request_error(
                 400, "invalid_image", f"{field} could not be decoded: {exc}"[:300], field
             ) from None
-        return tensor.numpy()
+
+    def open_image(self, data: bytes, field: str) -> Image.Image:
+        """Read only the header of ``data`` and check its size against the per-image limits."""
+        if not data:
+            raise request_error(400, "empty_image", f"{field} is empty (0 bytes)", field)
+        with self._image_errors(field):
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise request_error(
+                400, "invalid_image", f"{field} has an empty size {width}x{height}", field
+            )
+        if width * height > self.max_pixels:
+            raise self._too_big(field, width, height)
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise request_error(
+                400,
+                "invalid_image",
+                f"{field} is {width}x{height}: sides more than {MAX_ASPECT_RATIO}:1 apart",
+                field,
+            )
+        return image
+
+    def to_array(self, image: Image.Image, field: str) -> np.ndarray:
+        """Decode an opened image and preprocess it to a (C, H, W) float32 array."""
+        with self._image_errors(field):
+            self._draft(image)
+            image.load()
+            return self.preprocess(image).numpy()
+
+    def load_image(self, data: bytes, field: str) -> np.ndarray:
+        """Bytes -> preprocessed (C, H, W) float32 array, with the pixel limit checked first."""
+        return self.to_array(self.open_image(data, field), field)
 
     def _too_big(self, field: str, width: int, height: int) -> HTTPException:
         return request_error(
@@ -351,6 +473,17 @@ class RequestDecoder:
             f"{self.max_pixels} (--max-pixels)",
             field,
         )
+
+    def _check_request_pixels(self, images: Sequence[Image.Image], field: str) -> None:
+        total = sum(im.width * im.height for im in images)
+        if total > self.max_request_pixels:
+            raise request_error(
+                413,
+                "request_too_large",
+                f"the images of this request have {total} pixels in all, more than the server's "
+                f"limit of {self.max_request_pixels} per request (--max-request-pixels)",
+                field,
+            )
 
     def _draft(self, image: Image.Image) -> None:
         """Let JPEG decode at a reduced scale that still leaves >= 2x the model's input size."""
@@ -368,7 +501,9 @@ class RequestDecoder:
             blobs, multi, top_k, shift = self._from_json(payload["data"])
         else:
             blobs, multi, top_k, shift = self._from_form(payload["data"])
-        pixels = np.stack([self.load_image(data, field) for field, data in blobs])
+        images = [self.open_image(data, field) for field, data in blobs]
+        self._check_request_pixels(images, blobs[0][0].split("[")[0])
+        pixels = np.stack([self.to_array(im, f) for im, (f, _) in zip(images, blobs, strict=True)])
         shifts = np.broadcast_to(shift, (len(blobs), self.num_classes)).astype(np.float32)
         return DecodedRequest(pixels.astype(np.float32, copy=False), shifts, top_k, multi)
 

@@ -1,0 +1,232 @@
+"""Reliability fixes of `ltzoo serve` (issues 18 and 19): limits, client input, OpenAPI, signals.
+
+Fast unit tests of the decoder, the OpenAPI document and the CLI, plus the CI-sized run of
+``benchmarks/bench_reliability.py`` (real server on 127.0.0.1: hostile inputs, batch
+isolation, load, SIGTERM and kill -9 of the HTTP process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.requests import Request
+
+import zoo
+from serve.decoding import PIL_PIXEL_CEILING, RequestDecoder, read_payload
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_reliability import header_only_png, png  # noqa: E402
+
+COUNTS = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
+CONFIG = zoo.EnsembleConfig(num_classes=10, class_counts=COUNTS, name="tiny")
+
+
+def _status(fn, *args) -> HTTPException:
+    with pytest.raises(HTTPException) as info:
+        fn(*args)
+    return info.value
+
+
+def _decoder(**kw) -> RequestDecoder:
+    return RequestDecoder(CONFIG, kw.pop("max_pixels", 1_000_000), 8, **kw)
+
+
+def _form(files: list[bytes], **options: str) -> dict:
+    data: dict = {"files": files}
+    data.update({k: [v] for k, v in options.items()})
+    return {"kind": "form", "data": data}
+
+
+# -- 19.1 pixel limits, 18.11 message, no global PIL state --------------------------------------
+def test_decoder_leaves_pil_global_limit_alone():
+    before = Image.MAX_IMAGE_PIXELS
+    _decoder(max_pixels=1000)
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
+def test_request_pixel_budget_checked_from_headers_before_decoding():
+    # header-only PNGs: decoding them would fail with 400, so a 413 proves no pixel was decoded
+    blobs = [header_only_png(1000, 1000)] * 2
+    exc = _status(_decoder(max_request_pixels=1_500_000).decode, _form(blobs))
+    assert exc.status_code == 413 and exc.detail["error"] == "request_too_large"
+    assert "1500000" in exc.detail["message"]
+
+
+def test_extreme_aspect_ratio_is_refused():
+    exc = _status(_decoder(max_pixels=25_000_000).decode, _form([header_only_png(2_000_000, 1)]))
+    assert exc.status_code == 400 and "100:1" in exc.detail["message"]
+
+
+def test_pixel_limit_message_quotes_the_servers_limit_not_pils():
+    exc = _status(_decoder().decode, _form([header_only_png(100_000, 100_000)]))
+    assert exc.status_code == 413
+    assert (
+        "1000000" in exc.detail["message"] and str(PIL_PIXEL_CEILING) not in exc.detail["message"]
+    )
+
+
+def test_valid_multi_image_request_within_budget():
+    decoded = _decoder().decode(_form([png("RGB", (40, 30), seed=i) for i in range(3)]))
+    assert decoded.pixels.shape == (3, 1, 28, 28)
+
+
+# -- 19.5 client input that gave 500 --------------------------------------------------------
+@pytest.mark.parametrize("text", ["\u0663", "9" * 5000, "2.5", "\uff13"])
+def test_form_top_k_only_ascii_integers(text):
+    exc = _status(_decoder().decode, _form([png("L", (28, 28))], top_k=text))
+    assert exc.status_code == 422 and exc.detail["field"] == "top_k"
+
+
+@pytest.mark.parametrize("form", [False, True])
+def test_prior_with_a_400_digit_integer_is_422(form):
+    prior = [10**400] + [1] * 9
+    value = ("[" + ",".join(map(str, prior)) + "]") if form else prior
+    exc = _status(_decoder().parse_prior, value, form)
+    assert exc.status_code == 422 and exc.detail["field"] == "prior"
+
+
+def _request(body: bytes, stall: bool = False) -> Request:
+    messages = [{"type": "http.request", "body": body, "more_body": stall}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # a client that never sends the rest
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"application/json")]
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+def test_json_integer_over_4300_digits_is_400():
+    body = b'{"image": "x", "top_k": 1' + b"0" * 5000 + b"}"
+    with pytest.raises(HTTPException) as info:
+        asyncio.run(read_payload(_request(body), 10**6, 8))
+    assert info.value.status_code == 400 and info.value.detail["error"] == "malformed_json"
+
+
+# -- 19.6 a slow body is dropped ------------------------------------------------------------
+def test_slow_body_gets_408_after_read_timeout():
+    with pytest.raises(HTTPException) as info:
+        asyncio.run(read_payload(_request(b'{"ima', stall=True), 10**6, 8, read_timeout=0.2))
+    assert info.value.status_code == 408
+
+
+# -- 19.9 OpenAPI document, 18.10 offline docs, 18.11 revision -------------------------------
+def _server(api_key: str | None):
+    from serve.api import build_server
+    from serve.backends import BackendSpec
+
+    return build_server(BackendSpec("torch", "unused"), CONFIG, api_key=api_key, max_images=8)
+
+
+def test_openapi_without_auth_declares_no_security():
+    doc = _server(None).app.openapi()
+    assert "securitySchemes" not in doc.get("components", {})
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            assert "security" not in op and "401" not in op["responses"]
+    body = doc["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert (
+        body["properties"]["top_k"]["minimum"] == 1 and body["properties"]["top_k"]["maximum"] == 10
+    )
+    assert {"required": ["image"]} in body["oneOf"] and body["properties"]["images"][
+        "maxItems"
+    ] == 8
+    assert "text/plain" in doc["paths"]["/health"]["get"]["responses"]["200"]["content"]
+    assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+def test_openapi_with_auth_secures_exactly_the_protected_paths():
+    doc = _server("k").app.openapi()
+    assert set(doc["components"]["securitySchemes"]) == {"ApiKey", "Bearer"}
+    assert "security" not in doc["paths"]["/health"]["get"]
+    for path in ("/predict", "/info", "/metrics"):
+        op = next(iter(doc["paths"][path].values()))
+        assert op["security"] and "401" in op["responses"], path
+
+
+def test_docs_and_redoc_are_served_without_a_cdn():
+    client = TestClient(_server(None).app)  # no lifespan: only static routes are used
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page).text
+        assert f"/docs-assets/{asset}" in html and "cdn.jsdelivr" not in html
+        assert client.get(f"/docs-assets/{asset}").status_code == 200
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
+def test_revision_is_null_for_every_backend_when_unknown():
+    from serve.api import EnsembleAPI
+    from serve.backends import BackendSpec
+
+    cfg = zoo.EnsembleConfig.from_dict(CONFIG.to_dict())
+    cfg.extra["source"] = {"revision": ""}  # what an exported .onnx records for a local model
+    assert EnsembleAPI(BackendSpec("onnxruntime", "m.onnx"), cfg).model_info["revision"] is None
+
+
+# -- 19.10 API key, 18.11 CLI errors --------------------------------------------------------
+def test_api_key_flag_warns_env_var_does_not(monkeypatch, capsys):
+    from serve.cli import _api_key
+
+    monkeypatch.setenv("LTZOO_API_KEY", "from-env")
+    assert _api_key(argparse.Namespace(api_key=None)) == "from-env"
+    assert capsys.readouterr().err == ""
+    assert _api_key(argparse.Namespace(api_key="flag")) == "flag"
+    assert "LTZOO_API_KEY" in capsys.readouterr().err
+
+
+def test_max_pixels_above_pil_ceiling_is_a_usage_error(capsys):
+    from zoo.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "m", "--max-pixels", str(PIL_PIXEL_CEILING + 1)])
+    assert info.value.code == 2 and "PIL's hard limit" in capsys.readouterr().err
+
+
+def test_device_cuda_without_gpu_is_one_line(tmp_path, capsys):
+    from serve.backends import cuda_available
+    from zoo.cli import main
+
+    if cuda_available():
+        pytest.skip("a GPU is visible")
+    zoo.Ensemble(zoo.EnsembleConfig(num_classes=10, class_counts=COUNTS)).save_pretrained(tmp_path)
+    assert main(["serve", str(tmp_path), "--device", "cuda"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA GPU" in err and "--device cpu" in err and len(err.splitlines()) == 1
+
+
+# -- 19.1, 19.2, 19.5, 19.6, 18.3: the CI-sized reliability run on a real server ---------------
+def test_bench_reliability_quick(tmp_path):
+    out = tmp_path / "reliability.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_reliability.py"),
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["hostile"]["kinds"] >= 30 and not r["hostile"]["failed"], r["hostile"]
+    assert r["hostile"]["healthy_after"] and r["small_during_big"]["ok"], r
+    assert r["isolation"]["ok"], r["isolation"]
+    assert r["load"]["torch"]["errors"] == 0, r["load"]
+    for s in r["signals"]:
+        assert s["orphans"] == 0 and s["port_free"] and s["ok"], s
+    assert proc.returncode == 0, proc.stdout[-3000:]
