@@ -134,6 +134,8 @@ def test_select_experts_keeps_chosen_experts():
     assert torch.allclose(sub.expert_logits(x), model.expert_logits(x)[[0, 2]])
     with pytest.raises(ValueError):
         model.select_experts([5])
+    with pytest.raises(ValueError, match="distinct"):
+        model.select_experts([0, 0])
 
 
 def test_registry_covers_paper_settings_and_builds_configs():

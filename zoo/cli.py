@@ -75,8 +75,20 @@ def _cmd_push(args: argparse.Namespace) -> int:
         revision=args.revision,
         private=args.private,
         commit_message=args.message,
+        tag=args.tag,
     )
-    print(f"pushed {args.model} to {args.repo_id}@{args.revision or 'main'} (commit {oid})")
+    tagged = f", tagged {args.tag}" if args.tag else ""
+    print(f"pushed {args.model} to {args.repo_id}@{args.revision or 'main'} (commit {oid}{tagged})")
+    return 0
+
+
+def _cmd_push_zoo(args: argparse.Namespace) -> int:
+    from .bundle import push_zoo
+
+    for name, repo, oid in push_zoo(
+        args.org, revision=args.revision, tag=args.tag, private=args.private
+    ):
+        print(f"pushed {name} to {repo}@{args.revision or 'main'} (commit {oid})")
     return 0
 
 
@@ -126,9 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory / model directory / repo id to publish")
     p.add_argument("repo_id", help="target repo, e.g. my-org/ncl-resnet32-fmnistlt")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--tag", default=None, help="also tag the new commit (immutable, e.g. v1.0)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--message", default="Upload ltzoo ensemble", help="commit message")
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser(
+        "push-zoo", help="publish every bundled model, with its card, to a Hub organisation"
+    )
+    p.add_argument("org", help="target organisation: each model goes to ORG/<name>")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--tag", default=None, help="also tag each new commit (e.g. v1.0)")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_cmd_push_zoo)
 
     p = sub.add_parser("download", help="pre-fetch a model into the Hub cache for offline use")
     p.add_argument("model", help="registry name or Hub repo id")

@@ -6,25 +6,39 @@ a missing ``config.json``, a missing tensor or an unexpected one is an error.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from .config import EnsembleConfig
 from .ensemble import CONFIG_NAME, WEIGHTS_NAME, Ensemble
+from .hashing import file_sha256, git_blob_sha1
 from .registry import get_entry, is_registered
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+logger = logging.getLogger("zoo")
+
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
 class ModelNotAvailableError(RuntimeError):
     """A model is neither in the local cache nor reachable on the Hub."""
+
+
+class IntegrityError(ValueError):
+    """A weights or config file does not match the checksum it was published with."""
 
 
 def save_pretrained(model: Ensemble, directory: str | Path, card: bool = True) -> Path:
@@ -32,7 +46,10 @@ def save_pretrained(model: Ensemble, directory: str | Path, card: bool = True) -
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "ltzoo"})
+    # written through open() (not safetensors' own writer, which creates files with mode
+    # 0600), so the file gets the usual umask-derived mode like config.json and README.md
+    data = save_safetensors(state, metadata={"format": "pt", "library": "ltzoo"})
+    (directory / WEIGHTS_NAME).write_bytes(data)
     model.config.save(directory / CONFIG_NAME)
     if card:
         from .cards import render_card
@@ -84,14 +101,13 @@ def _not_available(repo_id: str, revision: str | None, why: str) -> ModelNotAvai
     return ModelNotAvailableError(
         f"cannot load {repo_id!r} at revision {revision or 'main'}: {why}.\n"
         "Train it with `ltzoo train RECIPE` and publish it with "
-        f"`ltzoo push RUN_DIR {repo_id}`, or point HF_ENDPOINT at a Hub that hosts it."
+        f"`ltzoo push RUN_DIR {repo_id}` (or pass RUN_DIR itself instead of the name), "
+        "or point HF_ENDPOINT at a Hub that hosts it."
     )
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
-    """Fetch a model repo snapshot into the Hugging Face cache (or find it there offline)."""
-    if not _REPO_ID.match(repo_id):
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
+def _snapshot(repo_id: str, revision: str | None) -> Path:
+    """``snapshot_download`` of the files an ensemble needs, errors mapped to ours."""
     # Imported here, not at module level: huggingface_hub reads HF_ENDPOINT / HF_HOME when
     # first imported, so `import zoo` must not freeze them (the demo points them at a local Hub).
     from huggingface_hub import snapshot_download
@@ -123,11 +139,95 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return Path(path)
 
 
+def corrupt_cached_files(snapshot: Path) -> list[Path]:
+    """Files of a cached snapshot whose content does not match the Hub's ETag.
+
+    The cache names every blob by its ETag: the sha256 (LFS oid) of LFS files, the git
+    blob sha1 of regular ones. Copies without that naming (no symlinks) are not checked.
+    """
+    bad = []
+    for path in sorted(snapshot.iterdir()):
+        if not path.is_file():
+            continue
+        blob = path.resolve()
+        if _HEX64.match(blob.name):
+            ok = file_sha256(blob) == blob.name
+        elif _HEX40.match(blob.name):
+            ok = git_blob_sha1(blob) == blob.name
+        else:
+            continue
+        if not ok:
+            bad.append(path)
+    return bad
+
+
+def _evict(files: Iterable[Path]) -> None:
+    """Remove cached files and their blobs, so the next download fetches them again."""
+    for path in files:
+        path.resolve().unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch a model repo snapshot into the Hugging Face cache (or find it there offline).
+
+    Every file is checked against its Hub checksum; a corrupt cached copy is evicted and
+    fetched once more, and if that copy is corrupt too it is evicted and
+    :class:`IntegrityError` is raised, so a bad download never poisons the cache.
+    """
+    if not _REPO_ID.match(repo_id):
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
+    path = _snapshot(repo_id, revision)
+    bad = corrupt_cached_files(path)
+    if not bad:
+        return path
+    logger.warning("%s: cached %s corrupt, downloading again", repo_id, [p.name for p in bad])
+    _evict(bad)
+    removed = IntegrityError(
+        f"{repo_id}: the cached {', '.join(p.name for p in bad)} did not match the Hub's "
+        "checksum and was removed; the Hub is not reachable to download it again"
+    )
+    try:
+        path = _snapshot(repo_id, revision)
+    except ModelNotAvailableError as exc:
+        raise removed from exc
+    if not all((path / p.name).is_file() for p in bad):  # offline: the snapshot stays partial
+        raise removed
+    bad = corrupt_cached_files(path)
+    if bad:
+        _evict(bad)
+        raise IntegrityError(
+            f"{repo_id}@{revision or 'main'}: {', '.join(p.name for p in bad)} as served by the "
+            "Hub does not match its checksum (ETag), twice: the Hub's copy is damaged. "
+            "Nothing was loaded and the bad copy was removed from the cache."
+        )
+    return path
+
+
 def _load_from_hub(repo_id: str, revision: str | None, device: str | torch.device) -> Ensemble:
     """Download (or find in the cache) and load a repo, recording where it came from."""
     model = load_local(download(repo_id, revision), device)
     model.config.extra.setdefault("source", {"repo_id": repo_id, "revision": revision or "main"})
+    logger.info("loaded %s@%s from the Hub", repo_id, revision or "main")
     return model
+
+
+def _load_registered(name: str, revision: str | None, device: str | torch.device) -> Ensemble:
+    """A registered model from the Hub when it is reachable and has it, else the bundled copy.
+
+    The bundled copy only stands in for the registry's own revision: an explicitly
+    requested revision that the Hub cannot provide is an error.
+    """
+    from .bundle import is_bundled, load_bundled
+
+    entry = get_entry(name)
+    try:
+        return _load_from_hub(entry.resolved_hub_id(), revision or entry.revision, device)
+    except ModelNotAvailableError as exc:
+        if revision not in (None, entry.revision) or not is_bundled(name):
+            raise
+        logger.info("%s: Hub copy not available (%s); using the bundled copy", name, exc)
+        return load_bundled(name, device)
 
 
 def load(
@@ -139,6 +239,9 @@ def load(
 ) -> Ensemble:
     """Load an ensemble by registry name, Hub repo id (``org/name[@rev]``) or local directory.
 
+    A registry name loads from the Hub (``LTZOO_HUB_ORG``, revision, cache and
+    ``HF_HUB_OFFLINE`` honoured) and falls back to the copy bundled with the package;
+    ``model.config.extra["source"]`` says which one was used.
     ``pretrained=False`` builds the registered architecture with random weights.
     ``experts=[0, 1]`` keeps only those experts (cheaper inference).
     """
@@ -149,7 +252,7 @@ def load(
         if not pretrained:
             model = Ensemble(entry.build_config()).to(device).eval()
         else:
-            model = _load_from_hub(entry.resolved_hub_id(), revision or entry.revision, device)
+            model = _load_registered(name, revision, device)
     else:
         repo, at_rev = split_revision(name)
         if not _REPO_ID.match(repo):
@@ -172,10 +275,12 @@ def push_to_hub(
     private: bool = False,
     commit_message: str = "Upload ltzoo ensemble",
     token: str | None = None,
+    tag: str | None = None,
 ) -> str:
     """Publish ``model`` to ``repo_id`` in one commit (weights + config + card). Returns the commit id.
 
-    ``revision`` is a branch, created from main if missing.
+    ``revision`` is a branch, created from main if missing (it moves with later pushes);
+    ``tag`` also tags the new commit (an immutable name, e.g. ``v1.0``).
     """
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
@@ -190,4 +295,6 @@ def push_to_hub(
         info = api.upload_folder(
             repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message
         )
+    if tag:
+        api.create_tag(repo_id, tag=tag, revision=str(info.oid), tag_message=commit_message)
     return str(info.oid)

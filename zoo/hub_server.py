@@ -52,8 +52,9 @@ import socket
 import tempfile
 import threading
 import time
+import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -65,6 +66,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .hashing import git_blob_sha1
+
 #: One part of a repo id: the charset of ``zoo.hub_io._REPO_ID`` (kept in sync by a test).
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _NAME = re.compile(f"^{NAME_PATTERN}$")
@@ -74,6 +77,18 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_PATH_LEN = 1024
 _MAX_SEGMENT_LEN = 255
 _MAX_OPERATIONS = 10_000
+#: Deepest JSON nesting accepted in any request (the client sends depth 3 at most).
+MAX_JSON_DEPTH = 32
+#: NDJSON commit lines up to this size are parsed in memory; in longer ones, strings of
+#: more than _SPILL_MIN bytes (file contents) are decoded from the spooled body in chunks.
+_INLINE_LINE = 1 << 20
+_SPILL_MIN = 1 << 16
+_CHUNK = 1 << 22  # a multiple of 4: base64 decodes chunk by chunk
+#: Windows device names: refused as a path segment (with or without an extension).
+_DEVICE_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{kind}{n}" for kind in ("COM", "LPT") for n in [*"123456789", "¹", "²", "³"]]
+)
 
 DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_JSON_BYTES = 8 * 1024 * 1024
@@ -156,12 +171,82 @@ def validate_path(path: Any) -> str:
         raise HubError(400, "invalid file path: expected a non-empty string")
     if len(path) > _MAX_PATH_LEN:
         raise HubError(400, f"invalid file path: longer than {_MAX_PATH_LEN} characters")
-    if path.startswith("/") or "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise HubError(400, f"invalid file path {_short(path)}")
+    if path.startswith("/") or "\\" in path or any(_is_control(c) for c in path):
+        raise HubError(
+            400, f"invalid file path {_short(path)}: no control or bidirectional characters"
+        )
     for seg in path.split("/"):
         if seg in ("", ".", "..") or len(seg) > _MAX_SEGMENT_LEN or seg == ".git":
             raise HubError(400, f"invalid file path {_short(path)}")
+        if seg != seg.strip() or seg.endswith("."):
+            raise HubError(
+                400,
+                f"invalid file path {_short(path)}: no blank names, no leading or "
+                "trailing spaces, no trailing dots",
+            )
+        if seg.split(".", 1)[0].rstrip().upper() in _DEVICE_NAMES:
+            raise HubError(
+                400, f"invalid file path {_short(path)}: {seg!r} is a Windows device name"
+            )
     return path
+
+
+def _is_control(char: str) -> bool:
+    """Control, format (bidi overrides, zero-width) and line/paragraph separator characters."""
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+
+
+_CARD_LISTS = ("tags", "datasets", "metrics")
+_HUB_ID = re.compile(rf"^(?:{NAME_PATTERN}/)?{NAME_PATTERN}$")
+
+
+def validate_card_metadata(content: str) -> dict[str, Any]:
+    """Check a model card's YAML front matter as the Hub does: 400 when it is not valid.
+
+    The metadata must be a YAML mapping; ``license``/``library_name`` are strings, list
+    fields are lists of strings, ``datasets`` are Hub dataset ids and ``model-index``
+    is a list of ``{name, results}``.
+    """
+    import yaml
+
+    if not content.startswith("---"):
+        return {"errors": [], "warnings": ["empty or missing YAML metadata in the model card"]}
+    head, sep, _ = content[3:].partition("\n---")
+    if not sep:
+        raise HubError(400, "YAML metadata is not closed by a '---' line")
+    try:
+        meta = yaml.safe_load(head)
+    except yaml.YAMLError as exc:
+        raise HubError(400, f"invalid YAML metadata: {' '.join(str(exc).split())}") from None
+    if meta is None:
+        return {"errors": [], "warnings": ["empty YAML metadata in the model card"]}
+    if not isinstance(meta, dict):
+        raise HubError(400, "YAML metadata must be a mapping of keys to values")
+    problems = [
+        f"'{k}' must be a string"
+        for k in ("license", "library_name", "pipeline_tag")
+        if k in meta and not isinstance(meta[k], str)
+    ]
+    for key in _CARD_LISTS:
+        value = meta.get(key)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            problems.append(f"'{key}' must be a list of strings")
+    problems += [
+        f"'datasets' entry {d!r} is not a Hub dataset id"
+        for d in meta.get("datasets") or []
+        if isinstance(d, str) and not _HUB_ID.match(d)
+    ]
+    index = meta.get("model-index")
+    if index is not None and not (
+        isinstance(index, list)
+        and all(isinstance(m, dict) and isinstance(m.get("results"), list) for m in index)
+    ):
+        problems.append("'model-index' must be a list of {name, results: [...]}")
+    if problems:
+        raise HubError(400, "invalid model card metadata: " + "; ".join(problems))
+    return {"errors": [], "warnings": []}
 
 
 def _git_blob_id(data: bytes) -> str:
@@ -234,14 +319,48 @@ class Storage:
             self._write_atomic(path, data)
         return {"sha256": sha256, "size": len(data), "oid": _git_blob_id(data)}
 
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A folder for the blobs of one commit; whatever is left in it is deleted at exit,
+        so a rejected commit leaves no blob behind."""
+        with tempfile.TemporaryDirectory(dir=self.root / "tmp", prefix="stage-") as tmp:
+            yield Path(tmp)
+
+    @staticmethod
+    def stage_blob(stage: Path, chunks: Iterable[bytes], size: int) -> dict[str, Any]:
+        """Write ``size`` bytes from ``chunks`` into ``stage``, hashing them on the way."""
+        sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+        fd, tmp = tempfile.mkstemp(dir=stage)
+        written = 0
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                sha256.update(chunk)
+                sha1.update(chunk)
+                written += len(chunk)
+                f.write(chunk)
+        if written != size:
+            raise HubError(400, "file content size does not match its base64 length")
+        return {"sha256": sha256.hexdigest(), "size": size, "oid": sha1.hexdigest(), "staged": tmp}
+
+    def _publish_staged(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Move a staged blob into the store (call under the lock); the entry without it."""
+        entry = dict(entry)
+        staged = entry.pop("staged", None)
+        if staged is not None:
+            path = self.blob_path(entry["sha256"])
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, path)
+        return entry
+
     def blob_entry(self, sha256: str, size: int | None) -> dict[str, Any]:
         path = self.blob_path(sha256)
         if not path.is_file():
             raise HubError(400, f"unknown LFS object {sha256}: upload it as a regular file")
-        data = path.read_bytes()
-        if size is not None and size != len(data):
-            raise HubError(400, f"LFS object {sha256} has size {len(data)}, not {size}")
-        return {"sha256": sha256, "size": len(data), "oid": _git_blob_id(data)}
+        actual = path.stat().st_size
+        if size is not None and size != actual:
+            raise HubError(400, f"LFS object {sha256} has size {actual}, not {size}")
+        return {"sha256": sha256, "size": actual, "oid": git_blob_sha1(path)}
 
     # repos
     def repo_exists(self, repo_id: str) -> bool:
@@ -279,7 +398,30 @@ class Storage:
         return self._read_json(self.require_repo(repo_id) / "repo.json")
 
     def refs(self, repo_id: str) -> dict[str, str]:
+        """Branch name -> commit id."""
         return self._read_json(self.require_repo(repo_id) / "refs.json")
+
+    def tags(self, repo_id: str) -> dict[str, str]:
+        """Tag name -> commit id (tags never move)."""
+        path = self.require_repo(repo_id) / "tags.json"
+        return self._read_json(path) if path.is_file() else {}
+
+    def create_tag(self, repo_id: str, tag: str, revision: str) -> str:
+        with self.lock:
+            tags = self.tags(repo_id)
+            if tag in tags or tag in self.refs(repo_id):
+                raise HubError(409, f"Reference {tag} already exists (a tag or a branch)")
+            commit_id, _ = self.resolve(repo_id, revision)
+            tags[tag] = commit_id
+            self._write_json(self.repo_dir(repo_id) / "tags.json", tags)
+            return commit_id
+
+    def delete_tag(self, repo_id: str, tag: str) -> None:
+        with self.lock:
+            tags = self.tags(repo_id)
+            if tags.pop(tag, None) is None:
+                raise HubError(404, f"Tag {tag} not found in {repo_id}", code="RevisionNotFound")
+            self._write_json(self.repo_dir(repo_id) / "tags.json", tags)
 
     def commit(self, repo_id: str, commit_id: str) -> dict[str, Any]:
         path = self.require_repo(repo_id) / "commits" / f"{commit_id}.json"
@@ -290,11 +432,14 @@ class Storage:
         return self._read_json(path)
 
     def resolve(self, repo_id: str, revision: str) -> tuple[str, dict[str, Any]]:
-        """(commit id, commit) of a branch name or commit id."""
+        """(commit id, commit) of a branch name, a tag or a commit id."""
         revision = validate_revision(revision)
         refs = self.refs(repo_id)
+        tags = self.tags(repo_id)
         if revision in refs:
             commit_id = refs[revision]
+        elif revision in tags:
+            commit_id = tags[revision]
         elif _COMMIT_ID.match(revision):
             commit_id = revision
         else:
@@ -321,7 +466,7 @@ class Storage:
     def create_branch(self, repo_id: str, branch: str, starting_point: str | None) -> str:
         with self.lock:
             refs = self.refs(repo_id)
-            if branch in refs:
+            if branch in refs or branch in self.tags(repo_id):
                 raise HubError(409, f"Reference refs/heads/{branch} already exists")
             commit_id, _ = self.resolve(repo_id, starting_point or "main")
             refs[branch] = commit_id
@@ -388,6 +533,7 @@ class Storage:
                     for p in gone:
                         del tree[p]
             rdir = self.repo_dir(repo_id)
+            tree = {p: self._publish_staged(e) for p, e in tree.items()}
             commit_id = self._new_commit(
                 rdir, tree, head, str(header["summary"]), str(header.get("description") or "")
             )
@@ -424,14 +570,137 @@ async def _spool_body(request: Request, limit: int, sink: IO[bytes]) -> None:
         sink.write(chunk)
 
 
-def _parse_json_object(body: bytes) -> dict[str, Any]:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, strings ignored (no recursion)."""
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw))
+    depth = deepest = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _json_loads(raw: bytes, what: str) -> Any:
+    """Parse JSON from the network: malformed or nested deeper than MAX_JSON_DEPTH -> 400."""
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise HubError(400, f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HubError(400, f"malformed JSON body: {exc}") from None
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise HubError(400, f"{what}: not valid JSON ({type(exc).__name__})") from None
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any]:
+    data = _json_loads(body or b"{}", "malformed JSON body")
     if not isinstance(data, dict):
         raise HubError(400, "malformed JSON body: expected an object")
     return data
+
+
+# --- streaming NDJSON commits ----------------------------------------------------------------
+_STRING_SPECIAL = re.compile(rb'["\\]')
+
+
+def _b64decode(data: bytes) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise HubError(400, "file content is not valid base64") from None
+
+
+def _line_spans(f: IO[bytes]) -> Iterator[tuple[int, int]]:
+    """(start, end) offsets of the lines of ``f``, read in chunks (the caller may seek)."""
+    start = pos = 0
+    while True:
+        f.seek(pos)
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        i = 0
+        while (j := chunk.find(b"\n", i)) >= 0:
+            yield start, pos + j
+            start, i = pos + j + 1, j + 1
+        pos += len(chunk)
+    if start < pos:
+        yield start, pos
+
+
+def _long_strings(f: IO[bytes], start: int, end: int) -> list[tuple[int, int]]:
+    """Offsets of the contents of the JSON strings in ``f[start:end]`` longer than _SPILL_MIN."""
+    spans: list[tuple[int, int]] = []
+    in_string = escaped = False
+    opened = pos = start
+    while pos < end:
+        f.seek(pos)
+        chunk = f.read(min(_CHUNK, end - pos))
+        i = 0
+        while i < len(chunk):
+            if escaped:
+                escaped, i = False, i + 1
+            elif not in_string:
+                j = chunk.find(b'"', i)
+                if j < 0:
+                    break
+                in_string, opened, i = True, pos + j + 1, j + 1
+            elif (m := _STRING_SPECIAL.search(chunk, i)) is None:
+                break
+            else:
+                i = m.end()
+                if m.group() == b"\\":
+                    escaped = True
+                    continue
+                in_string = False
+                if pos + m.start() - opened >= _SPILL_MIN:
+                    spans.append((opened, pos + m.start()))
+        pos += len(chunk)
+    return spans
+
+
+def _ndjson_items(f: IO[bytes]) -> Iterator[tuple[Any, dict[str, tuple[int, int]]]]:
+    """Parse an NDJSON body without holding long strings in memory.
+
+    Yields (item, spilled) per non-blank line: long strings (file contents) are replaced
+    in ``item`` by placeholders, keys of ``spilled``, whose values are their offsets in ``f``.
+    """
+    for lineno, (start, end) in enumerate(_line_spans(f), 1):
+        what = f"malformed NDJSON commit: line {lineno}"
+        spans = _long_strings(f, start, end) if end - start > _INLINE_LINE else []
+        if (end - start) - sum(e - s for s, e in spans) > _INLINE_LINE:
+            raise HubError(400, f"{what} is too large")
+        parts, spilled, pos = [], {}, start
+        for k, (s, e) in enumerate(spans):
+            f.seek(pos)
+            parts += [f.read(s - pos), b"\\u0000%d" % k]
+            spilled[f"\0{k}"], pos = (s, e), e
+        f.seek(pos)
+        parts.append(f.read(end - pos))
+        raw = b"".join(parts)
+        if raw.strip():
+            yield _json_loads(raw, what), spilled
+
+
+def _b64_file_chunks(f: IO[bytes], start: int, end: int) -> tuple[Iterator[bytes], int]:
+    """The decoded bytes of the base64 text at ``f[start:end]``, chunk by chunk, and their size."""
+    if (end - start) % 4:
+        raise HubError(400, "file content is not valid base64")
+    f.seek(end - 2)
+    size = (end - start) // 4 * 3 - f.read(2).count(b"=")
+
+    def chunks() -> Iterator[bytes]:
+        pos = start
+        while pos < end:
+            f.seek(pos)
+            chunk = f.read(min(_CHUNK, end - pos))
+            pos += len(chunk)
+            if pos < end and b"=" in chunk:
+                raise HubError(400, "file content is not valid base64")
+            yield _b64decode(chunk)
+
+    return chunks(), size
 
 
 def _tree_entries(
@@ -519,8 +788,11 @@ def create_app(
 
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request) -> dict[str, Any]:
-        _parse_json_object(await _read_body(request, json_limit))
-        return {"errors": [], "warnings": []}
+        data = _parse_json_object(await _read_body(request, json_limit))
+        content = data.get("content")
+        if not isinstance(content, str):
+            raise HubError(400, "expected 'content': the model card text")
+        return validate_card_metadata(content)
 
     # -- repos ----------------------------------------------------------------------------------
     def _repo_from_payload(data: dict[str, Any]) -> str:
@@ -591,12 +863,34 @@ def create_app(
     # -- refs ------------------------------------------------------------------------------------
     @app.get("/api/models/{org}/{name}/refs")
     def list_refs(org: str, name: str) -> dict[str, Any]:
-        refs = store.refs(validate_repo_id(org, name))
+        repo_id = validate_repo_id(org, name)
         branches = [
             {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
-            for b, c in sorted(refs.items())
+            for b, c in sorted(store.refs(repo_id).items())
         ]
-        return {"branches": branches, "converts": [], "tags": [], "pullRequests": []}
+        tags = [
+            {"name": t, "ref": f"refs/tags/{t}", "targetCommit": c}
+            for t, c in sorted(store.tags(repo_id).items())
+        ]
+        return {"branches": branches, "converts": [], "tags": tags, "pullRequests": []}
+
+    @app.post("/api/models/{org}/{name}/tag/{revision:path}")
+    async def create_tag(request: Request, org: str, name: str, revision: str) -> dict[str, Any]:
+        repo_id = validate_repo_id(org, name)
+        revision = validate_revision(revision)
+        data = _parse_json_object(await _read_body(request, json_limit))
+        tag = data.get("tag")
+        if not isinstance(tag, str):
+            raise HubError(400, "expected 'tag': the name of the tag to create")
+        if not isinstance(data.get("message", ""), str):
+            raise HubError(400, "tag message must be a string")
+        await run_in_threadpool(store.create_tag, repo_id, validate_branch(tag), revision)
+        return {}
+
+    @app.delete("/api/models/{org}/{name}/tag/{tag:path}")
+    def delete_tag(org: str, name: str, tag: str) -> dict[str, Any]:
+        store.delete_tag(validate_repo_id(org, name), validate_branch(tag))
+        return {}
 
     @app.post("/api/models/{org}/{name}/branch/{branch:path}")
     async def create_branch(request: Request, org: str, name: str, branch: str) -> dict[str, Any]:
@@ -705,18 +999,13 @@ def create_app(
             "commitOid": commit_id,
         }
 
-    def _parse_commit(spooled: Any) -> tuple[dict[str, Any], list[tuple[str, str, Any]]]:
+    def _parse_commit(
+        spooled: Any, stage: Path
+    ) -> tuple[dict[str, Any], list[tuple[str, str, Any]]]:
         header: dict[str, Any] | None = None
         ops: list[tuple[str, str, Any]] = []
         seen: set[str] = set()
-        spooled.seek(0)
-        for lineno, raw in enumerate(spooled, 1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise HubError(400, f"malformed NDJSON commit: line {lineno} is not JSON") from None
+        for lineno, (item, spilled) in enumerate(_ndjson_items(spooled), 1):
             if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
                 raise HubError(
                     400, f"malformed NDJSON commit: line {lineno} needs 'key' and 'value'"
@@ -749,15 +1038,17 @@ def create_app(
                 raise HubError(400, f"{path!r} appears twice in one commit")
             seen.add(path)
             if key == "file":
-                if value.get("encoding") != "base64" or not isinstance(value.get("content"), str):
+                content = value.get("content")
+                if value.get("encoding") != "base64" or not isinstance(content, str):
                     raise HubError(
                         400, f"{path!r}: expected base64 'content' with encoding 'base64'"
                     )
-                try:
-                    data = base64.b64decode(value["content"], validate=True)
-                except (binascii.Error, ValueError):
-                    raise HubError(400, f"{path!r}: content is not valid base64") from None
-                ops.append(("file", path, store.put_blob(data)))
+                if content in spilled:
+                    chunks, size = _b64_file_chunks(spooled, *spilled[content])
+                else:
+                    data = _b64decode(content.encode("ascii", "replace"))
+                    chunks, size = iter([data]), len(data)
+                ops.append(("file", path, store.stage_blob(stage, chunks, size)))
             elif key == "lfsFile":
                 oid, size = value.get("oid"), value.get("size")
                 if (
@@ -785,6 +1076,8 @@ def create_app(
             raise HubError(400, "pull requests are not supported by this server")
         if _COMMIT_ID.match(branch):
             raise HubError(400, "commits go to a branch, not to a commit id")
+        if branch in store.tags(repo_id):
+            raise HubError(400, f"{branch} is a tag: tags are immutable, commit to a branch")
         if branch not in store.refs(repo_id):
             raise HubError(
                 404, f"Revision {branch} not found in {repo_id}", code="RevisionNotFound"
@@ -793,8 +1086,11 @@ def create_app(
             max_size=8 * 1024 * 1024, dir=str(store.root / "tmp")
         ) as spooled:
             await _spool_body(request, max_body_bytes, spooled)
-            header, ops = await run_in_threadpool(_parse_commit, spooled)
-        commit_id = await run_in_threadpool(store.commit_operations, repo_id, branch, header, ops)
+            with store.staging() as stage:
+                header, ops = await run_in_threadpool(_parse_commit, spooled, stage)
+                commit_id = await run_in_threadpool(
+                    store.commit_operations, repo_id, branch, header, ops
+                )
         return {
             "success": True,
             "commitOid": commit_id,

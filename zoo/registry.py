@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .bundle import read_manifest
 from .config import EnsembleConfig
 from .datasets_meta import DATASETS
 
@@ -60,6 +61,11 @@ class ModelEntry:
     @property
     def measured(self) -> dict[str, Any]:
         return _measured().get(self.name, {})
+
+    @property
+    def bundled(self) -> dict[str, Any]:
+        """The bundle manifest entry (sha256 and size of each shipped file), or {}."""
+        return read_manifest().get(self.name, {})
 
     def resolved_hub_id(self) -> str:
         """The Hub repo id, honouring ``LTZOO_HUB_ORG``."""
@@ -138,6 +144,7 @@ def list_models(filter: str = "") -> list[dict[str, Any]]:
             revision=e.revision,
             paper=e.paper,
             measured=e.measured,
+            bundled=bool(e.bundled),
             provenance=e.provenance,
         )
         for e in _ENTRIES.values()

@@ -1,0 +1,175 @@
+"""Trained weights that ship inside the package: the offline fallback of ``zoo.load(name)``.
+
+Layout (package data, so a wheel install finds it)::
+
+    zoo/weights/manifest.json            name -> {files: {file: {sha256, size}}, top1, run}
+    zoo/weights/<name>/model.safetensors
+    zoo/weights/<name>/config.json
+
+The manifest pins every file by size and sha256; a bundled model is verified before
+anything is built from it. ``LTZOO_BUNDLE_DIR`` points at another bundle root (tests,
+site-specific zoos). ``benchmarks/bundle_weights.py`` fills the bundle from run folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .ensemble import CONFIG_NAME, WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    import torch
+
+    from .ensemble import Ensemble
+
+BUNDLE_ENV = "LTZOO_BUNDLE_DIR"
+MANIFEST_NAME = "manifest.json"
+BUNDLED_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+DEFAULT_ROOT = Path(__file__).resolve().parent / "weights"
+
+logger = logging.getLogger("zoo")
+
+
+def bundle_root() -> Path:
+    """Where bundled weights live: ``$LTZOO_BUNDLE_DIR`` or the package's ``zoo/weights``."""
+    return Path(os.environ.get(BUNDLE_ENV) or DEFAULT_ROOT)
+
+
+def read_manifest(root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """name -> manifest entry of every bundled model (empty when nothing is bundled)."""
+    path = (root or bundle_root()) / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        models = json.loads(path.read_text()).get("models", {})
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a valid bundle manifest: {exc}") from None
+    if not isinstance(models, dict):
+        raise ValueError(f"{path} is not a valid bundle manifest: 'models' must be an object")
+    return models
+
+
+def is_bundled(name: str) -> bool:
+    """True when ``name`` has bundled weights."""
+    return name in read_manifest()
+
+
+def _verify(name: str, directory: Path, files: dict[str, Any]) -> None:
+    """Size, then sha256, of every bundled file against the manifest; IntegrityError if not."""
+    from .hashing import file_sha256
+    from .hub_io import IntegrityError
+
+    for filename in BUNDLED_FILES:
+        pinned, path = files.get(filename) or {}, directory / filename
+        if not path.is_file() or not pinned.get("sha256"):
+            raise IntegrityError(f"bundled {name}: {filename} is missing or not pinned")
+        size = path.stat().st_size
+        if size != pinned.get("size"):
+            raise IntegrityError(
+                f"bundled {name}: {filename} has {size} bytes, the manifest pins {pinned.get('size')}"
+                " (damaged install: reinstall ltzoo)"
+            )
+        if file_sha256(path) != pinned["sha256"]:
+            raise IntegrityError(
+                f"bundled {name}: {filename} does not match its pinned sha256 "
+                f"{pinned['sha256'][:12]}... (damaged install: reinstall ltzoo)"
+            )
+
+
+def load_bundled(name: str, device: str | torch.device = "cpu") -> Ensemble:
+    """The bundled copy of ``name``, verified against the manifest before it is built."""
+    from .hub_io import ModelNotAvailableError, load_local
+
+    root = bundle_root()
+    entry = read_manifest(root).get(name)
+    if entry is None:
+        raise ModelNotAvailableError(f"{name!r} has no bundled weights under {root}")
+    directory = root / name
+    _verify(name, directory, entry.get("files") or {})
+    model = load_local(directory, device)
+    model.config.extra["source"] = {
+        "bundled": name,
+        "sha256": entry["files"][WEIGHTS_NAME]["sha256"],
+    }
+    logger.info("loaded %s from the bundled copy in %s", name, directory)
+    return model
+
+
+def _file_pin(path: Path) -> dict[str, Any]:
+    from .hashing import file_sha256
+
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
+
+
+def add_to_bundle(model_dir: str | Path, root: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """Copy a saved model (``config.json`` + weights) into the bundle and pin it.
+
+    ``model_dir`` is a model folder or a run folder holding ``model/``. The model is
+    loaded once first (nothing unloadable is bundled). Returns (name, manifest entry).
+    """
+    from .hub_io import load_local
+
+    src = Path(model_dir)
+    if (src / "model").is_dir():
+        src = src / "model"
+    config = load_local(src).config
+    if not config.name:
+        raise ValueError(f"{src}: config.json has no 'name'; cannot bundle an unnamed model")
+    root = root or bundle_root()
+    dest = root / config.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for filename in BUNDLED_FILES:
+        shutil.copyfile(src / filename, dest / filename)
+    entry: dict[str, Any] = {"files": {f: _file_pin(dest / f) for f in BUNDLED_FILES}}
+    top1 = config.metrics.get("accuracy", {}).get("top1")
+    if isinstance(top1, int | float):
+        entry["top1"] = float(top1)
+    entry["run"] = str(Path(model_dir))
+    models = read_manifest(root)
+    models[config.name] = entry
+    _write_manifest(root, models)
+    return config.name, entry
+
+
+def _write_manifest(root: Path, models: dict[str, Any]) -> None:
+    """Write the manifest atomically (temp file + rename)."""
+    text = json.dumps({"format": 1, "models": dict(sorted(models.items()))}, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, root / MANIFEST_NAME)
+
+
+def push_zoo(
+    org: str, revision: str | None = None, tag: str | None = None, private: bool = False
+) -> Iterator[tuple[str, str, str]]:
+    """Push every bundled model, with its card, to ``org/<name>``; yields (name, repo, commit)."""
+    from .hub_io import push_to_hub
+    from .registry import get_entry, is_registered
+
+    names = sorted(read_manifest())
+    if not names:
+        raise ValueError(f"nothing is bundled under {bundle_root()}: nothing to push")
+    for name in names:
+        model = load_bundled(name)
+        model.config.extra.pop("source", None)
+        if not model.config.metrics and is_registered(name):
+            model.config.metrics = dict(get_entry(name).measured)
+        repo = f"{org}/{name}"
+        oid = push_to_hub(
+            model,
+            repo,
+            revision=revision,
+            private=private,
+            tag=tag,
+            commit_message=f"Publish {name} (ltzoo push-zoo)",
+        )
+        yield name, repo, oid
