@@ -1,92 +1,281 @@
-"""Training-step cost: one NCL step (3 experts, NIL + NBOD) vs 3 x one CE step of a single
-expert on the same batch, side by side in one run; plus peak memory.
+"""Training throughput, side by side in one run: the engine's layout before this change vs
+now, and the plain reference a user would write, for NCL, ECL and CE.
 
-    python benchmarks/bench_train_step.py [--batch 64] [--repeats 20]
+* ``reference``: what the official NCL code does: K separate ResNet-32 networks in a Python
+  loop, torchvision per-sample transforms (RandomCrop(pad 4) + flip + ToTensor + Normalize)
+  in a DataLoader, NCL's loss (CE: one network, cross-entropy). No ECL reference (ECL has no
+  public code).
+* ``before``: the ltzoo engine as it was: NCHW tensors, per-sample PIL augmentation.
+* ``batched``: NCHW, whole uint8 batches augmented in one vectorised pass on the device
+  (training/data/batched.py): the data-path change alone.
+* ``engine``: the ltzoo engine as it is: ``batched`` plus channels-last model and batches.
 
-Writes benchmarks/results/train_step_cpu.json (or _cuda on a GPU).
+A step is what a training loop does per batch: fetch it from the loader, augment, forward,
+backward, optimiser step. Variants are interleaved (a few steps each, rotating order) so
+machine noise hits them alike; peak memory (RSS) is measured for each variant in its own
+subprocess. Shapes: Fashion-MNIST (1x28x28, 10 classes) and CIFAR-100 (3x32x32, 100 classes).
+
+    python benchmarks/bench_train_step.py [--rounds 6] [--steps 4] [--allow-busy]
+
+Writes benchmarks/results/train_step_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-import zoo
-from training.methods import METHODS
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-COUNTS = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
+from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
+from training.config import load_recipe  # noqa: E402
+from training.data import ArrayImageDataset, build_transforms, lt_counts  # noqa: E402
+from training.engine import Trainer  # noqa: E402
+from training.methods import METHODS  # noqa: E402
+from training.methods.ncl import NCLLoss  # noqa: E402
+from zoo import Ensemble  # noqa: E402
+from zoo.config import PreprocessConfig  # noqa: E402
+from zoo.models.resnet_cifar import resnet32_stages  # noqa: E402
+from zoo.registry import get_entry  # noqa: E402
+
+BATCH = 64
+SHAPES = {
+    "fmnist": dict(channels=1, size=28, classes=10, n_max=1000, num_hard=3),
+    "cifar100": dict(channels=3, size=32, classes=100, n_max=500, num_hard=30),
+}
+METHOD_NAMES = ("ncl", "ecl", "ce")
+#: engine variants: (channels_last, batched_augment)
+ENGINE_VARIANTS = {"before": (False, False), "batched": (False, True), "engine": (True, True)}
+VARIANTS = ("reference", *ENGINE_VARIANTS)
 
 
-def _method(name: str, experts: int, params: dict, device: torch.device):
-    layout = "independent" if experts > 1 else "single"
-    model = zoo.Ensemble(
-        zoo.EnsembleConfig(num_experts=experts, layout=layout, class_counts=COUNTS)
-    )
-    cls = METHODS[name]
-    method = cls(model, COUNTS, cls.Params.from_dict(params)).to(device)
-    opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-    return method, opt
+@dataclass
+class Setting:
+    method: str
+    shape: str
+
+    @property
+    def spec(self) -> dict:
+        return SHAPES[self.shape]
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        c, s = self.spec["channels"], self.spec["size"]
+        return PreprocessConfig(input_size=(s, s), channels=c, mean=(0.5,) * c, std=(0.25,) * c)
+
+    def data(self) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Synthetic uint8 images with long-tailed labels (the step does not look at pixels)."""
+        counts = lt_counts(self.spec["n_max"], self.spec["classes"], 100)
+        labels = [c for c, n in enumerate(counts) for _ in range(n)][: 16 * BATCH]
+        rng = np.random.default_rng(0)
+        s, c = self.spec["size"], self.spec["channels"]
+        shape = (len(labels), s, s) if c == 1 else (len(labels), s, s, c)
+        return torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)), labels, counts
 
 
-def _step_ms(method, opt, x, y, repeats: int, device: torch.device) -> list[float]:
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss, _ = method(x, y)
-        opt.zero_grad()
+def _cycle(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+class EngineRunner:
+    """The ltzoo engine's own build_loader / device_batch / train_step."""
+
+    def __init__(self, setting: Setting, channels_last: bool, batched: bool) -> None:
+        recipe = load_recipe(f"fmnistlt_{setting.method}")
+        recipe.run.channels_last, recipe.run.batched_augment = channels_last, batched
+        recipe.run.device = "cpu" if not torch.cuda.is_available() else "cuda"
+        recipe.optim.batch_size = BATCH
+        if "num_hard" in recipe.method_params:
+            recipe.method_params["num_hard"] = setting.spec["num_hard"]
+        self.trainer = Trainer(recipe, run_dir="/nonexistent")
+        images, labels, counts = setting.data()
+        config = get_entry(recipe.model).build_config(
+            num_classes=setting.spec["classes"],
+            class_names=[f"c{i}" for i in range(setting.spec["classes"])],
+            class_counts=counts,
+            preprocess=setting.preprocess,
+        )
+        cls = METHODS[recipe.method]
+        self.method = cls(Ensemble(config), counts, cls.Params.from_dict(recipe.method_params))
+        self.method.to(self.trainer.device)
+        if channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        tf = build_transforms(setting.preprocess, recipe.data.augment, train=True)
+        train = ArrayImageDataset(images, labels, tf, preprocess=setting.preprocess)
+        split = SimpleNamespace(train=train, train_labels=labels)
+        self.batches = _cycle(self.trainer.build_loader(split, self.method))
+        self.optimizer = self.trainer.build_optimizer(self.method)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.trainer.device.type == "cuda")
+
+    def step(self) -> None:
+        t = self.trainer
+        images, labels = t.device_batch(*next(self.batches))
+        amp = t.device.type == "cuda"
+        t.train_step(self.method, self.method, self.optimizer, self.scaler, amp, images, labels)
+
+
+class _PILDataset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: list[int], transform: Callable) -> None:
+        self.images, self.labels, self.transform = images.numpy(), labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+class ReferenceRunner:
+    """Plain user code: K separate ResNet-32 in a Python loop, torchvision transforms."""
+
+    def __init__(self, setting: Setting) -> None:
+        spec, pre = setting.spec, setting.preprocess
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        experts = 3 if setting.method == "ncl" else 1
+
+        def network() -> nn.Module:
+            stages, width = resnet32_stages(spec["channels"])
+            return nn.Sequential(*stages, nn.Linear(width, spec["classes"]))
+
+        self.nets = nn.ModuleList(network() for _ in range(experts)).to(self.device)
+        images, labels, counts = setting.data()
+        tf = T.Compose(
+            [
+                T.RandomCrop(spec["size"], padding=4),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(pre.mean, pre.std),
+            ]
+        )
+        loader = DataLoader(_PILDataset(images, labels, tf), BATCH, shuffle=True, drop_last=True)
+        self.batches = _cycle(loader)
+        self.loss = NCLLoss(counts, spec["num_hard"]).to(self.device) if experts > 1 else None
+        self.optimizer = torch.optim.SGD(
+            self.nets.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-4
+        )
+
+    def step(self) -> None:
+        x, y = (t.to(self.device) for t in next(self.batches))
+        logits = [net(x) for net in self.nets]
+        loss = self.loss(logits, y) if self.loss is not None else F.cross_entropy(logits[0], y)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        method.after_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # warm-up steps excluded
-            times.append((time.perf_counter() - t0) * 1000)
-    return times
+        self.optimizer.step()
+
+
+def make_runner(variant: str, setting: Setting):
+    if variant == "reference":
+        return ReferenceRunner(setting)
+    channels_last, batched = ENGINE_VARIANTS[variant]
+    return EngineRunner(setting, channels_last, batched)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(setting: Setting, rounds: int, steps: int) -> dict[str, dict]:
+    """Per variant: images/s and median step time over ``rounds`` x ``steps`` (round 0 is warm-up)."""
+    variants = [v for v in VARIANTS if not (v == "reference" and setting.method == "ecl")]
+    runners = {v: make_runner(v, setting) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds + 1):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for v in order:
+            for _ in range(steps):
+                _sync()
+                t0 = time.perf_counter()
+                runners[v].step()
+                _sync()
+                if r:
+                    times[v].append(time.perf_counter() - t0)
+    return {
+        v: {
+            "images_per_s": round(BATCH * len(ts) / sum(ts), 1),
+            "step_ms_median": round(1000 * statistics.median(ts), 1),
+            "steps_timed": len(ts),
+        }
+        for v, ts in times.items()
+    }
+
+
+def peak_rss_mb(variant: str, setting: Setting) -> float:
+    """Peak RSS (VmHWM) of a fresh process that builds ``variant`` and runs 3 steps.
+
+    VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over ``fork`` + ``exec``, so a child
+    would report at least this (large) process's RSS.
+    """
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from benchmarks.bench_train_step import Setting, make_runner; "
+        f"r = make_runner({variant!r}, Setting({setting.method!r}, {setting.shape!r})); "
+        "[r.step() for _ in range(3)]; "
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(int(out.stdout.split()[-1]) / 1024, 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=6, help="timed rounds per variant")
+    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--out", type=Path, default=None)
+    add_allow_busy(ap)
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    ce, ce_opt = _method("ce", 1, {}, device)
-    ncl, ncl_opt = _method("ncl", 3, {"num_hard": 3}, device)
-    # interleave the two so machine load affects both alike
-    ce_ms, ncl_ms = [], []
-    for _ in range(max(1, args.repeats // 5)):
-        ce_ms += _step_ms(ce, ce_opt, x, y, 5, device)
-        ncl_ms += _step_ms(ncl, ncl_opt, x, y, 5, device)
-    ce_med, ncl_med = statistics.median(ce_ms), statistics.median(ncl_ms)
-    result = {
-        "device": str(device),
+    guard = LoadGuard.start(args.allow_busy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for shape in args.shapes:
+        for method in args.methods:
+            setting = Setting(method, shape)
+            row = {"method": method, "shape": shape, "batch": BATCH}
+            row["variants"] = time_interleaved(setting, args.rounds, args.steps)
+            if not args.no_memory and device == "cpu":
+                for v, stats in row["variants"].items():
+                    stats["peak_rss_mb"] = peak_rss_mb(v, setting)
+            speed = {v: s["images_per_s"] for v, s in row["variants"].items()}
+            row["speedup_engine_vs_before"] = round(speed["engine"] / speed["before"], 2)
+            row["speedup_batched_vs_before"] = round(speed["batched"] / speed["before"], 2)
+            if "reference" in speed:
+                row["speedup_engine_vs_reference"] = round(speed["engine"] / speed["reference"], 2)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    report = {
+        "device": device,
         "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "ce_single_expert_step_ms": ce_med,
-        "ncl_3_experts_step_ms": ncl_med,
-        "ratio_ncl_vs_3x_ce": ncl_med / (3 * ce_med),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else None,
-        "loadavg": list(__import__("os").getloadavg()),
+        "torch": torch.__version__,
+        "results": results,
+        "peak_rss_note": "VmHWM of a fresh process per variant (build + 3 steps); CPU only",
+        "machine": guard.finish(),
     }
-    out = Path(__file__).parent / "results" / f"train_step_{device.type}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    out = args.out or ROOT / "benchmarks" / "results" / f"train_step_{device}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

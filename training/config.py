@@ -1,11 +1,19 @@
 """Typed run configuration loaded from recipe files (TOML) with ``key=value`` overrides.
 
-Unknown keys and ill-typed values are errors raised before any training starts.
+Unknown keys, ill-typed and out-of-range values are errors raised at load time, so both
+``--dry-run`` and the real run fail before any training starts.
+
+Shortening a recipe: overriding only ``optim.epochs`` scales the recipe's
+``optim.milestones`` and ``optim.warmup_epochs`` by the same ratio (the ones not overridden
+themselves; see :meth:`OptimConfig.rescale`), and :func:`load_recipe` reports what it scaled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,10 +45,30 @@ class DataConfig:
     workers: int = 0
 
     def validate(self) -> None:
+        from .data.datasets import NAMES
+
+        if self.name not in NAMES:
+            raise ConfigError(f"unknown data.name {self.name!r}; valid: {', '.join(NAMES)}")
         if self.rho < 1:
             raise ConfigError(f"data.rho must be >= 1, got {self.rho}")
         if self.val_per_class < 0:
             raise ConfigError("data.val_per_class must be >= 0")
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the dataset, when known without reading it (not for imagefolder_lt)."""
+        from zoo.datasets_meta import DATASETS
+
+        return DATASETS[self.name].num_classes if self.name in DATASETS else None
+
+    def train_size(self) -> int | None:
+        """Training images of the long-tailed profile, for the profile datasets (else None)."""
+        from .data import lt_counts
+        from .data.datasets import DEFAULT_N_MAX
+
+        if self.name not in DEFAULT_N_MAX or self.num_classes is None:
+            return None
+        return sum(lt_counts(self.n_max or DEFAULT_N_MAX[self.name], self.num_classes, self.rho))
 
 
 @dataclass
@@ -61,8 +89,18 @@ class OptimConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ConfigError(f"optim.gamma must be a finite number > 0, got {self.gamma}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(
+                f"optim.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in ("multistep", "cosine", "constant"):
             raise ConfigError(
                 f"optim.schedule must be multistep, cosine or constant, got {self.schedule!r}"
@@ -71,8 +109,27 @@ class OptimConfig:
             raise ConfigError(
                 f"optim.milestones {self.milestones} must lie inside (0, {self.epochs})"
             )
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+        if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError("optim.warmup_epochs must be in [0, epochs)")
+
+    def rescale(self, from_epochs: int, milestones: bool = True, warmup: bool = True) -> list[str]:
+        """Scale a schedule written for ``from_epochs`` to ``self.epochs``, in place.
+
+        Milestones are scaled and rounded (those leaving ``(0, epochs)`` are dropped), the
+        warm-up scaled and capped at ``epochs - 1``. Returns what changed, as messages.
+        """
+        ratio, notes = self.epochs / from_epochs, []
+        if milestones and self.milestones:
+            scaled = sorted(
+                {m for m in (round(m * ratio) for m in self.milestones) if 0 < m < self.epochs}
+            )
+            notes.append(f"optim.milestones {self.milestones} -> {scaled}")
+            self.milestones = scaled
+        if warmup and self.warmup_epochs:
+            scaled_warmup = min(self.warmup_epochs * ratio, max(0.0, self.epochs - 1.0))
+            notes.append(f"optim.warmup_epochs {self.warmup_epochs:g} -> {scaled_warmup:g}")
+            self.warmup_epochs = scaled_warmup
+        return notes
 
 
 @dataclass
@@ -88,6 +145,32 @@ class RunSettings:
     eval_subset: int = 0  # evaluate on every k-th test image so N remain (0: the full test set)
     tensorboard: bool = False
     threads: int = 0  # torch intra-op threads on CPU; 0: leave the default
+    #: channels-last memory format for the model and batches (faster convolutions with
+    #: oneDNN on CPU and cuDNN on GPU; same mathematics, same saved weights)
+    channels_last: bool = True
+    #: in-memory datasets: augment whole uint8 batches on the device (training/data/batched.py)
+    #: instead of per-sample PIL transforms, where the augmentations allow it
+    batched_augment: bool = True
+
+    def validate(self) -> None:
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    f"run.device={self.device!r} but no CUDA device is available here; "
+                    "use run.device=cpu (or auto)"
+                )
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"run.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        for key in ("max_steps_per_epoch", "eval_every", "eval_subset", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"run.{key} must be >= 0 (0: off), got {getattr(self, key)}")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -116,7 +199,25 @@ class RunConfig:
             raise ConfigError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
         self.data.validate()
         self.optim.validate()
-        METHODS[self.method].Params.from_dict(self.method_params)  # raises on unknown keys
+        self.run.validate()
+        params = METHODS[self.method].Params.from_dict(self.method_params)  # unknown keys raise
+        num_classes = self.data.num_classes
+        num_hard = getattr(params, "num_hard", None)
+        if num_classes and num_hard is not None and not 1 <= num_hard <= num_classes:
+            raise ConfigError(
+                f"method_params.num_hard must be in [1, {num_classes}] "
+                f"({self.data.name} has {num_classes} classes), got {num_hard}"
+            )
+        train_size = self.data.train_size()
+        if train_size is not None and self.optim.batch_size > train_size:
+            raise ConfigError(
+                f"optim.batch_size {self.optim.batch_size} is larger than the training set "
+                f"({train_size} images of {self.data.name} at rho {self.data.rho:g})"
+            )
+
+    def run_dir(self) -> Path:
+        """Where the run goes when ``--out`` is not given: ``run.out`` or ``runs/<recipe>``."""
+        return Path(self.run.out or Path("runs") / self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,10 +292,9 @@ def resolve_recipe_path(recipe: str) -> Path:
     raise ConfigError(f"no recipe {recipe!r}; available: {available}")
 
 
-def load_recipe(recipe: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe, apply ``key=value`` overrides, validate everything."""
-    path = resolve_recipe_path(recipe)
-    raw = tomllib.loads(path.read_text())
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> set[str]:
+    """Set ``key=value`` overrides in a raw (TOML/JSON) config, in place; returns the keys."""
+    keys_set = set()
     for text in overrides or []:
         keys, value = parse_override(text)
         node = raw
@@ -203,21 +303,112 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> RunConfig:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a table")
         node[keys[-1]] = value
+        keys_set.add(".".join(keys))
+    return keys_set
+
+
+def _build(raw: dict[str, Any], recipe: str, source: str) -> RunConfig:
+    """A (not yet validated) :class:`RunConfig` from a raw config read from ``source``."""
     top = {"model", "method", "data", "optim", "run", "method_params", "model_overrides"}
     unknown = sorted(set(raw) - top)
     if unknown:
-        raise ConfigError(
-            f"unknown top-level key(s) {unknown} in {path.name}; valid: {sorted(top)}"
-        )
-    cfg = RunConfig(
+        raise ConfigError(f"unknown top-level key(s) {unknown} in {source}; valid: {sorted(top)}")
+    return RunConfig(
         model=_coerce(raw.get("model", RunConfig.model), str, "model"),
         method=_coerce(raw.get("method", RunConfig.method), str, "method"),
-        recipe=path.stem,
+        recipe=recipe,
         data=build_section(DataConfig, raw.get("data", {}), "data"),
         optim=build_section(OptimConfig, raw.get("optim", {}), "optim"),
         run=build_section(RunSettings, raw.get("run", {}), "run"),
         method_params=dict(raw.get("method_params", {})),
         model_overrides=dict(raw.get("model_overrides", {})),
     )
+
+
+def _scale_schedule(cfg: RunConfig, base_epochs: int, overridden: set[str]) -> list[str]:
+    """When ``optim.epochs`` is overridden, scale the milestones / warm-up not overridden."""
+    new = cfg.optim.epochs
+    if "optim.epochs" not in overridden or new == base_epochs or base_epochs < 1:
+        return []
+    notes = cfg.optim.rescale(
+        base_epochs,
+        milestones="optim.milestones" not in overridden,
+        warmup="optim.warmup_epochs" not in overridden,
+    )
+    if not notes:
+        return []
+    return [
+        f"optim.epochs {base_epochs} -> {new}: scaled {'; '.join(notes)} "
+        "(override them to choose other values)"
+    ]
+
+
+def load_recipe(
+    recipe: str, overrides: list[str] | None = None, notes: list[str] | None = None
+) -> RunConfig:
+    """Load a recipe, apply ``key=value`` overrides, validate everything.
+
+    What was adjusted for the overrides (a schedule scaled to new ``optim.epochs``) is
+    appended to ``notes`` as messages for the user.
+    """
+    path = resolve_recipe_path(recipe)
+    raw = tomllib.loads(path.read_text())
+    base_epochs = _coerce(
+        raw.get("optim", {}).get("epochs", OptimConfig.epochs), int, "optim.epochs"
+    )
+    overridden = _apply_overrides(raw, overrides)
+    cfg = _build(raw, path.stem, path.name)
+    scaled = _scale_schedule(cfg, base_epochs, overridden)
+    if notes is not None:
+        notes.extend(scaled)
+    cfg.validate()
+    return cfg
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_MISSING = _Unset()
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The configuration a run was started with (``run_dir/run.json``), for ``--resume``.
+
+    Overrides that agree with it are accepted (the same command line plus ``--resume``);
+    overrides that would change it are a :class:`ConfigError`: a resumed run keeps its settings.
+    """
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist: no run to resume there (drop --resume to start a new run)"
+        )
+    stored = json.loads(path.read_text())["config"]
+    raw = {k: v for k, v in json.loads(json.dumps(stored)).items() if k != "recipe"}
+    overridden = _apply_overrides(raw, overrides)
+    cfg = _build(raw, stored.get("recipe", ""), str(path))
+    _scale_schedule(cfg, stored.get("optim", {}).get("epochs", 0), overridden)
+    new = cfg.to_dict()
+    changed = [
+        f"{k} {_lookup(stored, k)!r} -> {_lookup(new, k)!r}"
+        for k in sorted(overridden)
+        if _lookup(stored, k) != _lookup(new, k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues {run_dir} with the settings in its run.json; these overrides "
+            f"would change them: {', '.join(changed)}. Drop them, or start a new run with "
+            "another --out"
+        )
     cfg.validate()
     return cfg

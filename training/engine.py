@@ -9,6 +9,7 @@ SIGKILL and resumed ends with the same weights as an uninterrupted run (CPU).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from zoo import Ensemble
 from zoo.registry import get_entry
 
 from .config import RunConfig
+from .data.batched import BatchAugment
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .methods import METHODS, Method
 
@@ -96,12 +98,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file then rename: a kill never leaves a half-written checkpoint."""
+    """torch.save to a temp file then rename: a kill never leaves a half-written checkpoint.
+
+    A failed save removes the temp file; a full disk raises ``OSError(ENOSPC)`` saying
+    "no space left on device: <path>" (torch's own error names a C++ source file).
+    """
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:  # a Python file: write errors keep their errno
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device: {path}") from exc
+        raise
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -127,6 +140,7 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, self.dist)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        self.batch_augment: BatchAugment | None = None  # set by build_loader
 
     # -- building -------------------------------------------------------------------
     def build_data(self):
@@ -165,8 +179,22 @@ class Trainer:
         return Ensemble(config)
 
     def build_loader(self, split, method: Method) -> DataLoader:
+        """The training loader; sets ``self.batch_augment`` when whole uint8 batches are
+        augmented on the device (in-memory datasets) instead of per sample in the loader."""
         from .data import build_sampler
+        from .data.batched import UInt8Batches, batched_augment_for, collate_uint8
 
+        run = self.cfg.run
+        pre = method.model.config.preprocess
+        self.batch_augment = (
+            batched_augment_for(split.train, pre, self.cfg.data.augment, run.channels_last)
+            if run.batched_augment
+            else None
+        )
+        dataset, collate = split.train, None
+        if self.batch_augment is not None:
+            self.batch_augment.to(self.device)
+            dataset, collate = UInt8Batches(split.train.images, split.train.labels), collate_uint8
         sampler = build_sampler(
             method.sampler,
             split.train_labels,
@@ -176,13 +204,23 @@ class Trainer:
         )
         per_rank_batch = max(1, self.cfg.optim.batch_size // self.dist.world_size)
         return DataLoader(
-            split.train,
+            dataset,
             batch_size=per_rank_batch,
             sampler=sampler,
+            collate_fn=collate,
             drop_last=True,
             num_workers=self.cfg.data.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+        )
+
+    def build_optimizer(self, method: Method) -> torch.optim.Optimizer:
+        """SGD over the method's trainable parameters (lr scaled with the batch if asked)."""
+        o = self.cfg.optim
+        lr = o.lr * (o.batch_size / 256 if o.scale_lr_with_batch else 1.0)
+        params = [p for p in method.parameters() if p.requires_grad]
+        return torch.optim.SGD(
+            params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
         )
 
     # -- running --------------------------------------------------------------------
@@ -197,6 +235,8 @@ class Trainer:
         )
         method.prepare({"trainer": self, "split": split})
         method.to(self.device)
+        if cfg.run.channels_last:
+            method.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.run.sync_bn and self.device.type == "cuda":
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         loader = self.build_loader(split, method)
@@ -205,15 +245,7 @@ class Trainer:
             if not cfg.run.max_steps_per_epoch
             else min(len(loader), cfg.run.max_steps_per_epoch)
         )
-        lr = cfg.optim.lr * (cfg.optim.batch_size / 256 if cfg.optim.scale_lr_with_batch else 1.0)
-        params = [p for p in method.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=cfg.optim.momentum,
-            nesterov=cfg.optim.nesterov,
-            weight_decay=cfg.optim.weight_decay,
-        )
+        optimizer = self.build_optimizer(method)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
         use_amp = cfg.run.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -265,7 +297,6 @@ class Trainer:
                     self.device,
                 )["accuracy"]
             if self.dist.is_main:
-                self._log({"epoch": epoch, **logs}, writer, epoch)
                 atomic_save(
                     {
                         "method": method.state_dict(),
@@ -277,6 +308,8 @@ class Trainer:
                     },
                     ckpt_path,
                 )
+                # logged once saved: an epoch a resume repeats was never logged (no duplicates)
+                self._log({"epoch": epoch, **logs}, writer, epoch)
             barrier(self.dist)
         self._average_buffers(method)
         self._record_ddp(method, loader)
@@ -286,6 +319,37 @@ class Trainer:
         if self._owns_process_group:  # a nested run (CBD teachers) leaves the group to its caller
             cleanup(self.dist)
         return self.run_dir
+
+    def device_batch(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch on the training device, augmented there when the batched path is on,
+        in the model's memory format."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.batch_augment is not None:
+            return self.batch_augment(images), labels
+        if self.cfg.run.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels
+
+    def train_step(
+        self, ddp, method, optimizer, scaler, use_amp, images, labels, where: str = ""
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimisation step (forward, non-finite check, backward, clip, step, EMA hooks)."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+            loss, parts = ddp(images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at {where}: {parts}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        method.after_step()
+        return loss, parts
 
     def _train_epoch(
         self, ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
@@ -303,23 +367,11 @@ class Trainer:
         for step, (images, labels) in enumerate(loader):
             if step >= steps:
                 break
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
-                loss, parts = ddp(images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at epoch {epoch} step {step}: {parts}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if self.cfg.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(method.parameters(), self.cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            images, labels = self.device_batch(images, labels)
+            loss, parts = self.train_step(
+                ddp, method, optimizer, scaler, use_amp, images, labels, f"epoch {epoch} step {step}"
+            )
             scheduler.step()
-            method.after_step()
             seen += images.shape[0]
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -405,7 +457,10 @@ class Trainer:
             plots_dir=self.run_dir / "plots",
         )
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        model.cpu().save_pretrained(self.run_dir / "model")
+        # published weights are plain contiguous tensors whatever layout trained them
+        model.cpu().to(memory_format=torch.contiguous_format).save_pretrained(
+            self.run_dir / "model"
+        )
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> Path:

@@ -41,6 +41,11 @@ _AA_POLICIES = {
 SMALL_IMAGE_MAX = 64
 
 
+def cutout_size(height: int, width: int) -> int:
+    """Cutout's square side: 16 px at 32 px input, scaled with the input size."""
+    return max(1, round(16 * min(height, width) / 32))
+
+
 class Cutout:
     """Zero one ``size`` x ``size`` square (clipped at the border) of a (C, H, W) tensor."""
 
@@ -155,7 +160,8 @@ class TrainTransform:
         return "TrainTransform(" + ", ".join(map(str, steps)) + ")"
 
 
-def _parse(name: str) -> tuple[str, list[str]]:
+def parse_augmentation(name: str) -> tuple[str, list[str]]:
+    """``'randaugment:2:9'`` -> ``('randaugment', ['2', '9'])``; unknown names are errors."""
     base, *args = str(name).strip().split(":")
     base = base.strip().lower()
     if base not in AUGMENTATIONS:
@@ -176,7 +182,7 @@ def build_transforms(
     """
     if isinstance(augment, str):
         augment = [a for a in augment.split(",") if a.strip()]
-    parsed = [_parse(a) for a in augment]  # validate names even for eval
+    parsed = [parse_augmentation(a) for a in augment]  # validate names even for eval
     if not train or not parsed:
         return Preprocess(preprocess)
 
@@ -229,6 +235,6 @@ def build_transforms(
 
     tensor: list[Callable] = []
     if "cutout" in opts:
-        tensor.append(Cutout(max(1, round(16 * min(h, w) / 32))))
+        tensor.append(Cutout(cutout_size(h, w)))
 
     return TrainTransform(pil, Preprocess(finish_cfg), tensor, [a for a, _ in parsed])

@@ -34,9 +34,12 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = _ShortcutA(planes) if needs_shortcut else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # In-place ReLU/add on BatchNorm outputs is safe for autograd (BN's backward needs
+        # its input, not its output) and saves two allocations per block (as torchvision).
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
