@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import pickle
+import tarfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +62,9 @@ SPLIT_FILES: dict[str, tuple[str, str | None, str]] = {
     "places_lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
     "inat2018": ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt"),
 }
+#: How results on the JPEG re-encoding of CIFAR-10 are labelled (it differs from the arrays
+#: the papers used: compare with their tables only under this name).
+CIFAR10_JPEG_VARIANT = "CIFAR-10 (JPEG copy)"
 DEFAULT_N_MAX = {"fashion_mnist_lt": 1000, "cifar10_lt": 5000, "cifar100_lt": 500}
 DEFAULT_RHO = 100.0
 #: ImageFolder-LT: a train folder whose smallest class has >= this fraction of the largest
@@ -215,9 +220,11 @@ def _lt_from_arrays(
     train_transform: Callable,
     eval_transform: Callable,
     source: str,
+    variant: str | None = None,
 ) -> LTSplit:
+    """Shared path of the in-memory datasets (Fashion-MNIST, CIFAR); ``variant`` labels a
+    copy of the data that is not the official one (recorded in ``info["variant"]``)."""
     cfg = DATASETS[name].preprocess_config()
-    """Shared path of the in-memory datasets (Fashion-MNIST, CIFAR)."""
     num_classes = len(base_names)
     order = check_class_order(class_order, num_classes)
     counts = lt_counts(n_max, num_classes, rho)
@@ -251,6 +258,8 @@ def _lt_from_arrays(
         val_per_class=v,
         source=source,
     )
+    if variant:
+        info["variant"] = variant
     return LTSplit(
         train,
         val,
@@ -341,7 +350,8 @@ def _unpickle(path: Path) -> dict:
         raise FileNotFoundError(
             f"CIFAR file {path} not found: root must hold the official python-version archive "
             "extracted (cifar-10-batches-py/ or cifar-100-python/ from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html)"
+            "https://www.cs.toronto.edu/~kriz/cifar.html) or, for CIFAR-10, JPEG class folders "
+            "train/<class>/*.jpg and test/<class>/*.jpg (a directory or a .tar.gz of it)"
         )
     # The CIFAR "python version" is a set of pickled dicts. Unpickling is acceptable here
     # because these are the user's own local dataset files, downloaded by them from the
@@ -355,9 +365,106 @@ def _cifar_arrays(d: dict, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data), np.asarray(d[label_key], dtype=np.int64)
 
 
+def _jpeg_members(root: Path) -> Iterator[tuple[str, str, str, bytes]]:
+    """``(split, class, file name, bytes)`` of every ``<split>/<class>/*.jpg`` under ``root``:
+    a directory, or a ``.tar`` / ``.tar.gz`` holding that tree (optionally under one folder)."""
+    if root.is_dir():
+        for split in ("train", "test"):
+            for path in (root / split).glob("*/*"):
+                if path.suffix.lower() in (".jpg", ".jpeg"):
+                    yield split, path.parent.name, path.name, path.read_bytes()
+        return
+    with tarfile.open(root, "r:*") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            jpeg = Path(parts[-1]).suffix.lower() in (".jpg", ".jpeg")
+            if member.isfile() and jpeg and len(parts) >= 3 and parts[-3] in ("train", "test"):
+                data = tar.extractfile(member)
+                if data is not None:
+                    yield parts[-3], parts[-2], parts[-1], data.read()
+
+
+def _decode_tree(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    found: dict[str, list[tuple[int, str, bytes]]] = {"train": [], "test": []}
+    index = {c: i for i, c in enumerate(classes)}
+    for split, cls, fname, data in _jpeg_members(path):
+        if cls not in index:
+            raise ValueError(
+                f"{path}: unknown class folder {split}/{cls}; expected {list(classes)}"
+            )
+        found[split].append((index[cls], fname, data))
+    out = {}
+    for split, items in found.items():
+        if not items:
+            raise FileNotFoundError(f"{path}: no {split}/<class>/*.jpg images")
+        items.sort(key=lambda t: (t[0], t[1]))  # file order is not stable across copies
+        # libjpeg-turbo through torchvision: the same pixels as PIL, ~3x faster per image
+        chw = [
+            decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            for _, _, d in items
+        ]
+        out[f"{split}_images"] = torch.stack(chw).permute(0, 2, 3, 1).contiguous().numpy()
+        out[f"{split}_labels"] = np.array([y for y, _, _ in items], dtype=np.int64)
+    return out
+
+
+def _dataset_cache_dir() -> Path:
+    return Path(os.environ.get("LTZOO_CACHE") or Path.home() / ".cache" / "ltzoo") / "datasets"
+
+
+@lru_cache(maxsize=2)
+def _read_jpeg_tree_cached(
+    path: str, mtime: float, size: int, classes: tuple[str, ...]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    key = hashlib.sha256(repr((path, mtime, size, classes)).encode()).hexdigest()[:16]
+    cache = _dataset_cache_dir() / f"jpeg-tree-{key}.npz"
+    try:
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError):  # no cache yet, or an unreadable one: decode again
+        arrays = _decode_tree(Path(path), classes)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
+            os.replace(tmp, cache)
+        except OSError as exc:  # a read-only home: keep going without the disk cache
+            warnings.warn(f"could not cache decoded images in {cache}: {exc}", stacklevel=3)
+    for a in arrays.values():
+        a.flags.writeable = False
+    return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "test")}
+
+
+def read_jpeg_tree(
+    path: str | Path, classes: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decode a JPEG class-folder tree (``train/<class>/*.jpg``, ``test/<class>/*.jpg``; a
+    directory or a tar of it) into ``{"train": (images, labels), "test": ...}``: uint8
+    ``(N, H, W, 3)`` RGB arrays, label = index of the folder name in ``classes``, images sorted
+    by (label, file name). Decoded once: cached in memory and on disk (``$LTZOO_CACHE`` or
+    ``~/.cache/ltzoo``, under ``datasets/``) per (path, modification time, size)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _read_jpeg_tree_cached(str(p), st.st_mtime, st.st_size, tuple(classes))
+
+
+def is_jpeg_tree(root: Path) -> bool:
+    """Whether ``root`` is a JPEG class-folder tree: ``train/`` and ``test/`` folders, or a tar."""
+    if root.is_dir():
+        return (root / "train").is_dir() and (root / "test").is_dir()
+    return root.is_file() and tarfile.is_tarfile(root)
+
+
 def _cifar(name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -> LTSplit:
     r = Path(root or _default_root())
-    if name == "cifar10_lt":
+    variant = None
+    if name == "cifar10_lt" and is_jpeg_tree(r):
+        tree = read_jpeg_tree(r, DATASETS[name].class_names())
+        (tr_x, tr_y), (te_x, te_y) = tree["train"], tree["test"]
+        d, variant = r, CIFAR10_JPEG_VARIANT
+    elif name == "cifar10_lt":
         sub = "cifar-10-batches-py"
         d = r if (r / "data_batch_1").is_file() else r / sub
         parts = [_cifar_arrays(_unpickle(d / f"data_batch_{i}"), b"labels") for i in range(1, 6)]
@@ -384,6 +491,7 @@ def _cifar(name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -
         train_transform=ttf,
         eval_transform=etf,
         source=str(d),
+        variant=variant,
     )
 
 
@@ -632,6 +740,11 @@ def build_lt_dataset(
       ``./data``): the exponential profile :func:`lt_counts` with ``rho`` (default 100) and
       ``n_max`` (defaults 1000 / 5000 / 500); which images is seeded by ``seed``; val is
       ``val_per_class`` unused training images per class; test is the official test set.
+      ``cifar10_lt`` also reads JPEG class folders (``root/train/<class>/*.jpg``,
+      ``root/test/<class>/*.jpg``, or ``root`` a tar of them): see :func:`read_jpeg_tree`;
+      its results are labelled ``info["variant"] = "CIFAR-10 (JPEG copy)"``. With
+      ``n_max=5000`` the head class uses all its 5,000 images, so there is no unused image
+      left for a balanced val split (warning; no temperature fit) unless ``n_max`` is lower.
     * ``imagenet_lt`` / ``places_lt`` / ``inat2018``: split files of ``path label`` lines
       under ``root`` (or the given paths); counts come from the train split, rho/n_max unused.
     * ``imagefolder_lt``: ``root/train/<class>/*`` (+ optional ``root/val``, ``root/test``);
