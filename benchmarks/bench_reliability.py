@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reliability_cpu.json"
 API_KEY = "bench-key"
 NUM_CLASSES = 10
-LIMITS = ["--max-payload-mb", "20", "--timeout", "10", "--read-timeout", "2"]
+LIMITS = ["--max-payload-mb", "20", "--timeout", "10", "--read-timeout", "1"]
 STOP_LIMIT_S = 8.0  # "within a few seconds"
 
 
@@ -94,6 +95,7 @@ def rss_mib(pids: list[int]) -> float:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -233,6 +235,7 @@ def _form(files: list[tuple[str, tuple]], data: dict[str, str] | None = None) ->
     return {"files": files, "data": data or {}}
 
 
+@functools.cache
 def hostile_http_cases() -> dict[str, tuple[dict[str, Any], int]]:
     """name -> (httpx request kwargs, expected status)."""
     img = b64(GOOD)
@@ -313,7 +316,7 @@ def hostile_http_cases() -> dict[str, tuple[dict[str, Any], int]]:
 
 
 def _raw_socket(port: int, payload: bytes, wait: float) -> tuple[int | None, float]:
-    """Send ``payload`` then wait; -> (HTTP status or None if closed silently, seconds)."""
+    """Send ``payload``, read until the server closes; -> (HTTP status or None, seconds)."""
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
         with contextlib.suppress(OSError):
@@ -336,14 +339,18 @@ def hostile_socket_cases(port: int) -> dict[str, Callable[[], dict[str, Any]]]:
         status, secs = _raw_socket(
             port, (head + "Content-Length: 100000\r\n\r\n").encode() + b"0" * 10, 15
         )
-        return {"status": status, "seconds": round(secs, 2), "ok": status == 408 and secs < 5}
+        return {
+            "status": status,
+            "seconds_to_close": round(secs, 2),
+            "ok": status == 408 and secs < 3,
+        }
 
     def huge_header() -> dict[str, Any]:  # 32 MiB header
         payload = (head + "X-Pad: ").encode() + b"a" * (32 * 1024 * 1024) + b"\r\n\r\n"
         status, secs = _raw_socket(port, payload, 15)
         return {
             "status": status,
-            "seconds": round(secs, 2),
+            "seconds_to_close": round(secs, 2),
             "ok": status in (400, 431, None) and secs < 5,
         }
 
@@ -543,6 +550,7 @@ def run(quick: bool) -> dict[str, Any]:
         model = make_model(tmp / "model")
         backends = ["torch"] if quick else ["torch", "onnxruntime"]
         for backend in backends:
+            started = time.monotonic()
             server = Server(model, backend, tmp / f"{backend}.log")
             try:
                 server.wait_ready()
@@ -561,8 +569,11 @@ def run(quick: bool) -> dict[str, Any]:
                 )
             finally:
                 server.kill_all()
+            results.setdefault("seconds", {})[backend] = round(time.monotonic() - started, 1)
+        started = time.monotonic()
         roles = ["http"] if quick else ["SIGINT", "main", "http", "worker", "manager"]
         results["signals"] += crash_checks(model, tmp, roles)
+        results["seconds"]["crash_checks"] = round(time.monotonic() - started, 1)
     load_after = os.getloadavg()
     results["load_avg_after"] = load_after
     if max(load_before[0], load_after[0]) > 1.5:

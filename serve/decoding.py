@@ -177,9 +177,11 @@ async def read_payload(
     try:
         body = await asyncio.wait_for(_read_limited(request.stream(), max_bytes), read_timeout)
     except TimeoutError:
-        raise request_error(
+        exc = request_error(
             408, "read_timeout", f"request body not received within {read_timeout:g} s"
-        ) from None
+        )
+        exc.headers = {"Connection": "close"}  # drop the connection, not only the request
+        raise exc from None
     if not body:
         raise request_error(
             400, "empty_body", "request body is empty; send JSON or a multipart image upload"

@@ -1,0 +1,13 @@
+"""Exceptions that mean "the user's setup cannot do this", not "the code is wrong"."""
+
+from __future__ import annotations
+
+
+class UnavailableError(RuntimeError):
+    """Something a command needs is missing here: a runtime (TensorRT), a device, a service.
+
+    ``ltzoo`` reports it as one line (what is missing and how to get it), not a traceback.
+    """
+
+
+__all__ = ["UnavailableError"]
