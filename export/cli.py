@@ -24,7 +24,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "model", metavar="MODEL", help="registry name, Hub repo id[@rev] or local model directory"
+        "model",
+        metavar="MODEL",
+        help="run directory, model directory, registry name or Hub repo id[@rev]",
     )
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
     p.add_argument(
@@ -126,8 +128,7 @@ def _check(model: Any, onnx_path: Path, precision: str) -> bool:
 def _cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from zoo.hub_io import load
-    from zoo.registry import is_registered
+    from zoo.resolve import load_model, resolve_model
 
     from .onnx import export_onnx, quantize_int8
 
@@ -135,9 +136,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("choose one of --fp16 and --int8")
     if args.int8 and args.format == "tensorrt":
         raise ValueError("--int8 is for --format onnx (TensorRT INT8 needs its own calibrator)")
-    if args.random_weights and not is_registered(args.model):
+    ref = resolve_model(args.model, args.revision)
+    if args.random_weights and ref.kind != "registry":
         raise ValueError("--random-weights needs a registry name")
-    model = load(args.model, revision=args.revision, pretrained=not args.random_weights)
+    if args.format == "tensorrt":  # before loading and the ONNX export, not after
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()
+    model = load_model(ref, pretrained=not args.random_weights)
     out = args.out or _default_out(model, args)
     source = model.config.extra.get("source") or {
         "repo_id": args.model,

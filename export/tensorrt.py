@@ -1,7 +1,8 @@
 """Build a TensorRT engine from a fused ltzoo ONNX export (GPU only).
 
 Needs the ``tensorrt`` Python package and a CUDA GPU (``pip install ltzoo[gpu]``);
-otherwise :func:`build_engine` raises a ``RuntimeError`` saying so.
+otherwise :func:`require_tensorrt` (called first by :func:`build_engine`) raises a
+:class:`zoo.errors.UnavailableError` saying so.
 
 TensorRT's ONNX parser turns initializers into weights, so the optional
 ``log_prior_shift`` input of the ONNX file would be frozen to its default. The engine
@@ -13,20 +14,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zoo.errors import UnavailableError
+
 INSTALL_HINT = (
     "install the GPU extras with `pip install ltzoo[gpu]` (tensorrt>=10, onnxruntime-gpu)"
 )
 
 
-def _require_tensorrt():  # -> module
+def require_tensorrt():  # -> module
+    """The ``tensorrt`` module; :class:`UnavailableError` without it or without a CUDA GPU."""
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise RuntimeError(f"TensorRT is not installed: {INSTALL_HINT}") from exc
+        raise UnavailableError(f"TensorRT is not installed: {INSTALL_HINT}") from exc
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UnavailableError(
             f"TensorRT needs a CUDA GPU and none is available ({INSTALL_HINT} on a GPU machine)"
         )
     return trt
@@ -42,7 +46,7 @@ def build_engine(
     workspace_gib: float = 4.0,
 ) -> Path:
     """Parse ``onnx_path``, build a serialized engine with a dynamic-batch profile, write it."""
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     import onnx
 
     if not 1 <= min_batch <= opt_batch <= max_batch:
@@ -90,4 +94,4 @@ def build_engine(
     return engine_path
 
 
-__all__ = ["INSTALL_HINT", "build_engine"]
+__all__ = ["INSTALL_HINT", "build_engine", "require_tensorrt"]

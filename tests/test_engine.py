@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,3 +162,129 @@ def test_torchrun_two_process_gloo(tmp_path):
     # one checkpoint, written by rank 0 only (no temp files left by a second writer)
     assert sorted(p.name for p in run_dir.glob("checkpoint*")) == ["checkpoint.pt"]
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+# --- issue 18.7 / 19.8: everything the run would reject, rejected at load (and by --dry-run) ---
+@pytest.mark.parametrize(
+    "recipe, override, message",
+    [
+        ("fmnistlt_ce", "data.name=bogus", "unknown data.name 'bogus'"),
+        ("fmnistlt_ce", "run.device=tpu", "run.device must be auto, cpu, cuda or cuda:N"),
+        ("fmnistlt_ncl", "method_params.num_hard=50", "method_params.num_hard must be in [1, 10]"),
+        ("fmnistlt_ce", "optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+        ("fmnistlt_ce", "optim.momentum=2", "optim.momentum must be in [0, 1)"),
+        ("fmnistlt_ce", "optim.gamma=-1", "optim.gamma must be > 0 and finite"),
+        ("fmnistlt_ce", "optim.gamma=0", "optim.gamma must be > 0 and finite"),
+        ("fmnistlt_ce", "optim.lr=inf", "optim.lr must be > 0 and finite"),
+        ("fmnistlt_ce", "optim.lr=nan", "optim.lr must be > 0 and finite"),
+        ("fmnistlt_ce", "run.eval_batch_size=0", "run.eval_batch_size must be >= 1"),
+        ("fmnistlt_ce", "optim.batch_size=100000", "larger than the training set ("),
+        ("fmnistlt_ce", "run.max_steps_per_epoch=-1", "run.max_steps_per_epoch must be >= 0"),
+    ],
+)
+def test_dry_run_rejects_what_the_run_would(recipe, override, message, capsys):
+    from zoo.cli import main
+
+    assert main(["train", recipe, override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_rejected_at_load():
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        load_recipe("fmnistlt_ce", ["run.device=cuda"])
+
+
+def test_overriding_only_epochs_scales_the_schedule(capsys):
+    from zoo.cli import main
+
+    base = load_recipe("fmnistlt_ce").optim
+    assert base.milestones and base.warmup_epochs  # the recipe has both
+    notes: list[str] = []
+    cfg = load_recipe("fmnistlt_ce", ["optim.epochs=1"], notes)
+    assert (cfg.optim.milestones, cfg.optim.warmup_epochs) == ([], 0.0)
+    assert notes and f"optim.epochs {base.epochs} -> 1" in notes[0]
+    cfg = load_recipe("fmnistlt_ce", [f"optim.epochs={2 * base.epochs}"])
+    doubled = ([2 * m for m in base.milestones], 2 * base.warmup_epochs)
+    assert (cfg.optim.milestones, cfg.optim.warmup_epochs) == doubled
+    cfg = load_recipe("fmnistlt_ce", [f"optim.epochs={2 * base.epochs}", "optim.milestones=[1]"])
+    assert (cfg.optim.milestones, cfg.optim.warmup_epochs) == ([1], doubled[1])  # explicit: kept
+    assert main(["train", "fmnistlt_ce", "optim.epochs=1", "--dry-run"]) == 0
+    assert f"scaled optim.milestones {base.milestones} -> []" in capsys.readouterr().out
+
+
+# --- issue 18.2: --resume continues with the run's own settings --------------------------------
+def _recorded_run(tmp_path: Path, overrides: list[str]) -> Path:
+    """A run directory as an interrupted `ltzoo train` leaves it (run.json + a checkpoint)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_recipe("fmnistlt_ce", overrides)
+    (run / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "data": {}}))
+    (run / "checkpoint.pt").write_bytes(b"")
+    return run
+
+
+def test_resume_takes_the_settings_of_run_json(tmp_path, capsys):
+    from zoo.cli import main
+
+    run = _recorded_run(tmp_path, ["optim.epochs=3", "optim.lr=0.05"])
+    opts = ["--out", str(run), "--resume", "--dry-run"]
+    assert main(["train", "fmnistlt_ce", *opts]) == 0
+    out = capsys.readouterr().out
+    optim = json.loads(out[out.index("{") :])["optim"]
+    recorded = json.loads((run / "run.json").read_text())["config"]["optim"]
+    assert (optim["epochs"], optim["lr"]) == (3, 0.05) and optim == recorded
+    assert main(["train", "fmnistlt_ce", "optim.epochs=3", *opts]) == 0  # same command + --resume
+    capsys.readouterr()
+    assert main(["train", "fmnistlt_ce", "optim.lr=0.1", *opts]) == 2
+    assert "would change them: optim.lr 0.05 -> 0.1" in capsys.readouterr().err
+    assert main(["train", "fmnistlt_ncl", *opts]) == 2
+    assert "is a run of recipe 'fmnistlt_ce'" in capsys.readouterr().err
+    (run / "checkpoint.pt").unlink()
+    assert main(["train", "fmnistlt_ce", *opts]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+class _Crash(Exception):
+    pass
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_resume_after_a_crash_logs_every_epoch_once(tmp_path, monkeypatch):
+    import training.engine as engine
+    from zoo.cli import main
+
+    run, real_save, saves = tmp_path / "run", engine.atomic_save, []
+
+    def crash_at_second_save(obj, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise _Crash  # killed after epoch 1 trained, before its checkpoint
+        real_save(obj, path)
+
+    monkeypatch.setattr(engine, "atomic_save", crash_at_second_save)
+    with pytest.raises(_Crash):
+        main(["train", "fmnistlt_ce", *TINY, "optim.epochs=2", "--out", str(run)])
+    recorded = (run / "run.json").read_text()
+    monkeypatch.setattr(engine, "atomic_save", real_save)
+    assert main(["train", "fmnistlt_ce", "--out", str(run), "--resume"]) == 0
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [0, 1]  # 2 epochs (run.json), no repeat
+    assert (run / "run.json").read_text() == recorded
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_disk_full_during_checkpoint_save(tmp_path, monkeypatch):
+    import training.engine as engine
+
+    def full_disk(obj, fh):
+        fh.write(b"partial checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.torch, "save", full_disk)
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(OSError, match=re.escape(f"no space left on device: {target}")):
+        engine.atomic_save({"epoch": 0}, target)
+    assert list(tmp_path.iterdir()) == []  # the .tmp file is gone

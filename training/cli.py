@@ -7,32 +7,51 @@ import json
 from pathlib import Path
 
 
+def _train_config(args: argparse.Namespace):  # -> tuple[RunConfig, Path]
+    """The run's configuration and directory: the recipe's, or with ``--resume`` the run's own
+    (``run.json``; overrides that would change it are rejected). Every error surfaces here."""
+    from .config import ConfigError, load_recipe, load_run_config
+    from .engine import CHECKPOINT
+
+    notes: list[str] = []
+    cfg = load_recipe(args.recipe, args.overrides, notes)
+    run_dir = Path(args.out) if args.out else cfg.run_dir()
+    if not args.resume:
+        for note in notes:
+            print(note)
+        return cfg, run_dir
+    if not (run_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(
+            f"no checkpoint to resume from in {run_dir} (no epoch finished there); "
+            "run without --resume to start a new run"
+        )
+    resumed = load_run_config(run_dir, args.overrides)
+    if resumed.recipe != cfg.recipe:
+        raise ConfigError(f"{run_dir} is a run of recipe {resumed.recipe!r}, not {cfg.recipe!r}")
+    print(f"resuming {run_dir} with the settings in {run_dir / 'run.json'}")
+    return resumed, run_dir
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_recipe
     from .engine import train
 
-    cfg = load_recipe(args.recipe, args.overrides)  # every error surfaces here, before training
+    cfg, run_dir = _train_config(args)
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    run_dir = train(cfg, args.out, resume=args.resume)
+    run_dir = train(cfg, run_dir, resume=args.resume)
     print(
         f"run directory: {run_dir}\n  model: {run_dir / 'model'}\n  results: {run_dir / 'results.json'}"
     )
     return 0
 
 
-def _model_and_split(args: argparse.Namespace):
-    import zoo
+def _model_and_split(args: argparse.Namespace, ref):  # ref: zoo.resolve.ModelRef
+    from zoo.resolve import load_model
 
     from .data import build_lt_dataset, build_transforms
 
-    model_path = Path(args.model)
-    model = zoo.load(
-        str(model_path / "model")
-        if (model_path / "model" / "config.json").is_file()
-        else args.model
-    )
+    model = load_model(ref)
     info = model.config.extra.get("data", {})
     split = build_lt_dataset(
         args.data or info.get("name", model.config.dataset),
@@ -47,10 +66,30 @@ def _model_and_split(args: argparse.Namespace):
     return model, split
 
 
+def _print_shifted(report: dict) -> None:
+    """The shifted-prior report as a table (top-1 in %)."""
+    print(
+        f"{'test prior':10} {'imbalance':>9} {'n':>6} {'balanced':>9} {'EM est.':>8} "
+        f"{'true prior':>10} {'EM L1 err':>9}"
+    )
+    for r in report["rows"]:
+        print(
+            f"{r['direction']:10} {r['imbalance']:>9} {r['n']:>6} {r['balanced']['top1']:>9.2f} "
+            f"{r['em_estimate']['top1']:>8.2f} {r['true_prior']['top1']:>10.2f} "
+            f"{r['em_l1_error']:>9.3f}"
+        )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from zoo.resolve import resolve_model
+
     from .evaluate import calibrate_and_evaluate
 
-    model, split = _model_and_split(args)
+    model, split = _model_and_split(args, resolve_model(args.model))
     temperature = model.config.temperature
     results = calibrate_and_evaluate(model, split, plots_dir=args.plots)
     results["calibration"]["stored_temperature"] = temperature
@@ -61,20 +100,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)
+    elif args.shifted:
+        _print_shifted(results["shifted"])
     acc = results["accuracy"]
     print(
-        f"top-1 {acc['top1']:.2f}  many {acc['many']}  medium {acc['medium']}  few {acc['few']}  "
+        f"top-1 {acc['top1']:.2f}  many {_pct(acc['many'])}  medium {_pct(acc['medium'])}  "
+        f"few {_pct(acc['few'])}  "
         f"ECE {results['calibration']['ece_before']:.2f}% -> {results['calibration']['ece_after']:.2f}% (T={results['calibration']['temperature']:.3f})"
     )
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from zoo.resolve import resolve_model
+
     from .evaluate import calibrate_and_evaluate
 
-    model, split = _model_and_split(args)
+    ref = resolve_model(args.model)
+    if not (args.out or ref.kind in ("run", "directory")):
+        raise ValueError(
+            f"{args.model} is not a local model: pass --out DIR for the calibrated copy"
+        )
+    out = Path(args.out or ref.target)  # a run directory's model/, which eval and load read
+    model, split = _model_and_split(args, ref)
     results = calibrate_and_evaluate(model, split)
-    out = Path(args.out or args.model)
     model.save_pretrained(out)
     c = results["calibration"]
     print(
@@ -89,13 +138,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a recipe (single process or under torchrun)",
         description="Train a recipe from training/recipes (or a .toml path). "
-        "Override any key with key=value, e.g. optim.epochs=5 data.rho=50.",
+        "Override any key with key=value, e.g. optim.epochs=5 data.rho=50. Overriding only "
+        "optim.epochs scales the recipe's optim.milestones and optim.warmup_epochs by the same "
+        "ratio (printed; override them too to choose). Every value is checked before training "
+        "(also with --dry-run).",
     )
     p.add_argument("recipe", help="recipe name (e.g. fmnistlt_ncl) or path to a .toml file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05")
     p.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the run directory's last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue from the run directory's last checkpoint with the settings recorded in "
+        "its run.json; overrides that would change them are rejected (start a new --out to "
+        "change settings); an error if there is no checkpoint",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="validate and print the config, train nothing"
@@ -132,6 +188,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             )
         else:
             p.add_argument(
-                "--out", default=None, help="where to save the calibrated model (default: in place)"
+                "--out",
+                default=None,
+                help="where to save the calibrated model (default: in place; for a run "
+                "directory its model/, which eval and zoo.load read)",
             )
         p.set_defaults(func=func)

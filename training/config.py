@@ -90,11 +90,11 @@ class OptimConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+            raise ConfigError(f"optim.lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.gamma) and self.gamma > 0):
-            raise ConfigError(f"optim.gamma must be a finite number > 0, got {self.gamma}")
+            raise ConfigError(f"optim.gamma must be > 0 and finite, got {self.gamma}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ConfigError(
                 f"optim.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}"

@@ -6,12 +6,42 @@
 ['ncl-resnet32-fmnistlt', 'ncl-resnet32-cifar100lt-r100']
 """
 
-from .config import EnsembleConfig, PreprocessConfig, shot_group
-from .ensemble import Ensemble, Prediction
-from .hub_io import ModelNotAvailableError, download, load, push_to_hub
-from .registry import get_entry, list_models
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below are imported on first use: `import zoo` loads no torch
+    from .config import EnsembleConfig, PreprocessConfig, shot_group
+    from .ensemble import Ensemble, Prediction
+    from .hub_io import ModelNotAvailableError, download, load, push_to_hub
+    from .registry import get_entry, list_models
 
 __version__ = "0.1.0"
+
+#: public name -> submodule defining it (imported lazily, so `ltzoo --help` stays fast)
+_LAZY = {
+    "EnsembleConfig": "config",
+    "PreprocessConfig": "config",
+    "shot_group": "config",
+    "Ensemble": "ensemble",
+    "Prediction": "ensemble",
+    "ModelNotAvailableError": "hub_io",
+    "download": "hub_io",
+    "load": "hub_io",
+    "push_to_hub": "hub_io",
+    "get_entry": "registry",
+    "list_models": "registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Ensemble",

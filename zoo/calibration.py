@@ -174,6 +174,11 @@ def expert_disagreement(expert_logits: torch.Tensor, temperature: float = 1.0) -
     return (total / (k * (k - 1))).clamp_min(0.0)  # >= 0 up to rounding
 
 
+#: fewest images ``prior="estimate"`` accepts: EM on a handful of predictions collapses
+#: onto the classes predicted (one image always gives p = 1 for its top class)
+MIN_ESTIMATE_BATCH = 32
+
+
 def estimate_prior_em(
     probs: torch.Tensor,
     train_prior: torch.Tensor | None = None,
@@ -210,6 +215,7 @@ def log_prior_of_counts(counts: Sequence[int]) -> torch.Tensor:
 
 
 __all__ = [
+    "MIN_ESTIMATE_BATCH",
     "calibrated_probs",
     "calibrated_shift",
     "calibration_metrics",

@@ -69,7 +69,7 @@ def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
     cal = metrics.get("calibration", {})
     yaml_lines, table = [], []
     for key in ("top1", "many", "medium", "few"):
-        if key in acc:
+        if acc.get(key) is not None:  # None: no class of that group in the data
             yaml_lines.append(
                 f"    - type: accuracy\n      name: {key} accuracy\n      value: {acc[key]:.2f}"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .registry import list_models
 
     rows = list_models(args.filter)
+    if not rows:
+        print(f"ltzoo list: no registered model matches {args.filter!r}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -38,9 +42,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .registry import get_entry, is_registered
+    from .registry import get_entry
+    from .resolve import load_model, resolve_model
 
-    if is_registered(args.model) and not args.cost:
+    ref = resolve_model(args.model, args.revision)
+    registered = ref.kind == "registry"
+    if registered and not (args.cost or args.pretrained):
         entry = get_entry(args.model)
         row = {k: v for k, v in vars(entry).items()}
         row.update(
@@ -48,13 +55,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         )
         print(json.dumps(row, indent=2, default=str))
         return 0
-    from .hub_io import load
-
-    model = load(
-        args.model,
-        revision=args.revision,
-        pretrained=not is_registered(args.model) or args.pretrained,
-    )
+    # --pretrained: the published weights' config; --cost alone: the registered architecture
+    model = load_model(ref, pretrained=not registered or args.pretrained)
     info = model.config.to_dict()
     info["parameters"] = sum(p.numel() for p in model.parameters())
     if args.cost:
@@ -66,9 +68,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub_io import load, push_to_hub
+    from .hub_io import push_to_hub
+    from .resolve import load_model
 
-    model = load(args.model)
+    model = load_model(args.model)
     oid = push_to_hub(
         model,
         args.repo_id,
@@ -94,10 +97,9 @@ def _cmd_push_zoo(args: argparse.Namespace) -> int:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     from .hub_io import download
-    from .registry import get_entry, is_registered
+    from .resolve import resolve_model
 
-    repo = get_entry(args.model).resolved_hub_id() if is_registered(args.model) else args.model
-    print(download(repo, args.revision))
+    print(download(*resolve_model(args.model, args.revision).hub_repo()))
     return 0
 
 
@@ -171,13 +173,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something this setup cannot do (a bad value, a
+    missing file or weights, a full disk, an unreachable Hub, a missing runtime), not a bug."""
+    from .errors import UnavailableError
+
+    types: list[type[BaseException]] = [ValueError, KeyError, OSError, UnavailableError]
+    # only an imported module can have raised its exception: look them up, import nothing
+    for module, name in (
+        ("zoo.hub_io", "ModelNotAvailableError"),
+        ("httpx", "TransportError"),  # huggingface_hub's HTTP client (connection refused, ...)
+        ("httpx2", "TransportError"),
+    ):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error on one line, without Python's decoration."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    elif not isinstance(exc, OSError | ValueError | KeyError | RuntimeError):  # a transport error
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        text = f"cannot reach the Hub at {endpoint} ({exc}); check the network or HF_ENDPOINT"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ltzoo`` console script."""
+    """Entry point of the ``ltzoo`` console script.
+
+    User errors (see :func:`_user_error_types`) end in one line on stderr and exit code 2;
+    anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"ltzoo {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
+        print(f"ltzoo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -13,11 +13,10 @@ from torch import nn
 
 from . import calibration as cal
 from .config import EnsembleConfig
+from .files import CONFIG_NAME as CONFIG_NAME  # re-exported: zoo.ensemble.CONFIG_NAME
+from .files import WEIGHTS_NAME as WEIGHTS_NAME
 from .models import Expert, as_experts, build_experts
 from .preprocess import Preprocess
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -114,12 +113,19 @@ class Ensemble(nn.Module):
     ) -> Prediction:
         """Calibrated top-k predictions for PIL image(s) or a preprocessed tensor batch.
 
-        ``prior`` is "balanced" (default), "train", "estimate" (EM on this batch,
-        Saerens et al. 2002) or a vector of class weights.
+        ``prior`` is "balanced" (default), "train", "estimate" (EM on this batch, Saerens
+        et al. 2002; at least ``MIN_ESTIMATE_BATCH`` images) or a vector of class weights.
         """
         if not 1 <= top_k <= self.config.num_classes:
             raise ValueError(f"top_k must be in [1, {self.config.num_classes}], got {top_k}")
         x = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        if isinstance(prior, str) and prior == "estimate" and len(x) < cal.MIN_ESTIMATE_BATCH:
+            raise ValueError(
+                f'prior="estimate" needs a batch of at least {cal.MIN_ESTIMATE_BATCH} images '
+                f"(got {len(x)}): EM on so few collapses onto the predicted classes. Estimate "
+                "the prior offline on a batch (zoo.calibration.estimate_prior_em) and pass it "
+                "as a list of class weights"
+            )
         device = next(self.parameters()).device
         expert_logits = self.expert_logits(x.to(device)).float().cpu()
         logits = expert_logits.mean(0)
