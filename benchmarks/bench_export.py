@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
+from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
 from export.onnx import SESSION_SETTINGS, export_onnx, make_session, quantize_int8, read_metadata  # noqa: E402
 from training.data import read_idx  # noqa: E402
 from zoo.datasets_meta import IMAGENET_PREPROCESS  # noqa: E402
@@ -312,12 +313,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_cpu.json")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-resnext", action="store_true")
+    add_allow_busy(ap)
     args = ap.parse_args()
+    guard = LoadGuard.start(args.allow_busy)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches = [1, 8, 32]
     started = time.time()
-    load_start = os.getloadavg()
     report: dict = {
         "host": {
             "cpu": platform.processor() or platform.machine(),
@@ -386,7 +388,7 @@ def main() -> int:
     report["achieved"] = got
     report["met"] = {k: (v is not None and v >= TARGETS[k]) for k, v in got.items()}
     report["wall_s"] = round(time.time() - started, 1)
-    report["host"]["loadavg_1m_start_end"] = [round(load_start[0], 2), round(os.getloadavg()[0], 2)]
+    report["machine"] = guard.finish()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"achieved": got, "met": report["met"]}, indent=2))

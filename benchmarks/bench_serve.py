@@ -42,9 +42,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import zoo
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import zoo  # noqa: E402
+from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
 
 
 # -- load generator -----------------------------------------------------------------------
@@ -293,7 +295,7 @@ def bench_model(
         print(f"== {name} / {backend_name}", flush=True)
         t0 = time.perf_counter()
         if backend_name == "torch":
-            backend = TorchBackend(model_dir, "cpu", args.threads)
+            backend = TorchBackend(model_dir, args.device, args.threads)
             source = str(model_dir)
         else:
             onnx_path = export_cached(model)
@@ -318,6 +320,8 @@ def bench_model(
                 str(args.max_batch_size if batching else 1),
                 "--batch-timeout",
                 str(args.batch_timeout if batching else 0),
+                "--device",
+                args.device if backend_name == "torch" else "cpu",
             ]
             if args.threads:
                 extra += ["--threads", str(args.threads)]
@@ -406,6 +410,9 @@ def main() -> None:
         "--bare-time", type=float, default=3.0, help="seconds per bare-backend measurement"
     )
     p.add_argument("--backends", default="torch,onnxruntime")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda: the torch backend's device (ORT stays on CPU)"
+    )
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout", type=float, default=0.005)
     p.add_argument(
@@ -418,7 +425,9 @@ def main() -> None:
         "--resnext", action="store_true", help="also 3 x ResNeXt-50 (224 px) with a few requests"
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_cpu.json"))
+    add_allow_busy(p)
     args = p.parse_args()
+    guard = LoadGuard.start(args.allow_busy)
     args.backends = [b for b in args.backends.split(",") if b]
     conc = [int(c) for c in args.concurrency.split(",")]
     nb_conc = [int(c) for c in args.nobatch_concurrency.split(",")]
@@ -432,7 +441,6 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "loadavg_at_start": os.getloadavg(),
         },
         "settings": {
             "requests_per_level": args.requests,
@@ -441,6 +449,7 @@ def main() -> None:
             "max_batch_size": args.max_batch_size,
             "batch_timeout_s": args.batch_timeout,
             "threads": args.threads,
+            "device": args.device,
             "payload": "JSON base64 28x28 grayscale PNG, top_k=5",
             "client": "asyncio keep-alive HTTP/1.1, one connection per concurrent stream",
         },
@@ -488,7 +497,7 @@ def main() -> None:
             text = mode_logs.read_text()
             if "Traceback" in text:
                 print(f"!! traceback in {mode_logs.name}:\n{text[-2000:]}", flush=True)
-    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    results["machine"].update(guard.finish())
     results["total_wall_s"] = round(time.perf_counter() - t_start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
