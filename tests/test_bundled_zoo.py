@@ -4,8 +4,7 @@ and published in one go with `ltzoo push-zoo` (issue 20.3, 20.4)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -95,23 +94,14 @@ def test_push_zoo_round_trips_through_the_local_hub(tiny_bundle, hub_server, mon
     assert _same(model, zoo.load(f"zoo-org/{NAME}@v1.0"))
 
 
-def test_bundle_script_writes_a_pinned_manifest(tmp_path):
+def test_bundle_script_writes_a_pinned_manifest(tmp_path, capsys):
     torch.manual_seed(1)
     zoo.Ensemble(get_entry(NAME).build_config()).save_pretrained(tmp_path / "m")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bundle_weights.py",
-            "--root",
-            str(tmp_path / "b"),
-            str(tmp_path / "m"),
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    script = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "benchmarks/bundle_weights.py")
     )
-    assert out.returncode == 0, out.stderr
+    assert script["main"](["--root", str(tmp_path / "b"), str(tmp_path / "m")]) == 0
+    assert f"{NAME}: " in capsys.readouterr().out
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     files = manifest["models"][NAME]["files"]
     assert set(files) == {WEIGHTS_NAME, "config.json"} and len(files[WEIGHTS_NAME]["sha256"]) == 64

@@ -174,8 +174,12 @@ class EnsembleConfig:
 
     def __post_init__(self) -> None:
         self._check_architecture()
+        self.num_classes = _int("num_classes", self.num_classes, 2, MAX_CLASSES)
+        self._check_size()  # before default class names are generated
         self._check_classes()
         self._check_calibration_and_text()
+
+    def _check_size(self) -> None:
         if self.estimated_parameters() > MAX_PARAMETERS:
             raise ValueError(
                 f"this config describes about {self.estimated_parameters():.3g} parameters "
@@ -214,7 +218,6 @@ class EnsembleConfig:
             self.neck_dim = _int("neck_dim", self.neck_dim, 1, MAX_NECK_DIM)
 
     def _check_classes(self) -> None:
-        self.num_classes = _int("num_classes", self.num_classes, 2, MAX_CLASSES)
         names = _sequence("class_names", self.class_names, MAX_CLASSES)
         if not names:
             names = [f"class_{i}" for i in range(self.num_classes)]
