@@ -72,7 +72,7 @@ ERROR_SCHEMA: dict[str, Any] = {
 
 def predict_request_body(num_classes: int, max_images: int) -> dict[str, Any]:
     """OpenAPI ``requestBody`` of /predict, from the constants :class:`RequestDecoder` checks."""
-    b64_image = {"type": "string", "format": "byte", "description": "base64 image"}
+    b64_image = {"type": "string", "format": "byte", "minLength": 1, "description": "base64 image"}
     top_k = {"type": "integer", "minimum": 1, "maximum": num_classes, "default": DEFAULT_TOP_K}
     prior = {
         "oneOf": [

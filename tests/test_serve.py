@@ -302,6 +302,23 @@ BAD_INPUTS = {
         {"data": {"top_k": "three"}, "files": [("file", ("a.png", GOOD, "image/png"))]},
         422,
     ),
+    "top_k_5000_digits": (
+        {
+            "content": b'{"image": "' + b64(GOOD).encode() + b'", "top_k": 1' + b"0" * 5000 + b"}",
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+    ),
+    "prior_400_digit_int": ({"json": {"image": b64(GOOD), "prior": [10**400] + [1] * 9}}, 422),
+    "multipart_top_k_unicode_digit": (
+        {"data": {"top_k": "\u0663"}, "files": [("file", ("a.png", GOOD, "image/png"))]},
+        422,
+    ),
+    "request_pixels_over_budget": (
+        {"json": {"images": [b64(fake_bomb_png(1000, 800))] * 3}},  # 2.4 MP > 2 x 1 MP
+        413,
+    ),
+    "extreme_aspect_ratio": ({"json": {"image": b64(fake_bomb_png(101, 1))}}, 400),
     "multipart_malformed": (
         {
             "content": b"--b\r\nContent-Disposition: form-data\r\n\r\nx",
@@ -584,3 +601,31 @@ def test_tensorrt_host_reweighting_matches_graph_prior(ort):
     p_trt, d_trt = trt.predict(x, shifts)
     np.testing.assert_allclose(p_trt, p_ref, atol=1e-5)
     np.testing.assert_allclose(d_trt, d_ref, rtol=1e-6)
+
+
+# -- OpenAPI document vs the real server (schemathesis, bounded) ------------------------------
+#: conformance checks; positive_data_acceptance / negative_data_rejection are left out on
+#: purpose: a schema-valid base64 string is rarely an image (400), and too many files is a
+#: 413, not one of the statuses that check expects
+SCHEMATHESIS_CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,"
+    "response_schema_conformance,response_headers_conformance"
+)
+
+
+@pytest.mark.parametrize("which", ["torch", "ort"])
+def test_openapi_matches_server_schemathesis(servers, which, tmp_path):
+    import shutil
+
+    pytest.importorskip("schemathesis")
+    if which not in servers:
+        pytest.skip("export.onnx is not available")
+    exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    cmd = [exe, "run", f"{servers[which].url}/openapi.json", "-n", "15", "--seed", "1"]
+    cmd += ["--checks", SCHEMATHESIS_CHECKS, "--request-timeout", "20", "--no-color"]
+    cmd += ["--generation-database", "none"]
+    if which == "ort":  # auth on: the documented X-API-Key
+        cmd += ["-H", f"X-API-Key: {API_KEY}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-4000:]
