@@ -197,12 +197,8 @@ def teacher_run_config(cfg, index: int, spec: TeacherSpec, epochs: int = 0):
     augment = [a for a in cfg.data.augment if a.split(":")[0].strip().lower() != JITTER]
     t.data.augment = [*augment, JITTER] if spec.jitter else augment
     if epochs and epochs != cfg.optim.epochs:
-        ratio = epochs / cfg.optim.epochs
         t.optim.epochs = epochs
-        t.optim.milestones = sorted(
-            {m for m in (round(m * ratio) for m in cfg.optim.milestones) if 0 < m < epochs}
-        )
-        t.optim.warmup_epochs = min(cfg.optim.warmup_epochs * ratio, max(0.0, epochs - 1.0))
+        t.optim.rescale(cfg.optim.epochs)
     t.validate()
     return t
 
