@@ -14,8 +14,8 @@ import torch
 from huggingface_hub import HfApi, constants
 
 import zoo
+from zoo import IntegrityError  # exported by the package
 from zoo.ensemble import WEIGHTS_NAME
-from zoo.hub_io import IntegrityError
 from zoo.hub_server import HubServer
 
 REPO = "test-org/integrity"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names below are imported on first use: `import zoo` loads no torch
     from .config import EnsembleConfig, PreprocessConfig, shot_group
     from .ensemble import Ensemble, Prediction
-    from .hub_io import ModelNotAvailableError, download, load, push_to_hub
+    from .hub_io import IntegrityError, ModelNotAvailableError, download, load, push_to_hub
     from .registry import get_entry, list_models
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ _LAZY = {
     "shot_group": "config",
     "Ensemble": "ensemble",
     "Prediction": "ensemble",
+    "IntegrityError": "hub_io",
     "ModelNotAvailableError": "hub_io",
     "download": "hub_io",
     "load": "hub_io",
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Ensemble",
     "EnsembleConfig",
+    "IntegrityError",
     "ModelNotAvailableError",
     "Prediction",
     "PreprocessConfig",

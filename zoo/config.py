@@ -45,9 +45,10 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
     """``value`` as an int if it is an integer (not a bool or a string) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {_show(value)}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {_show(value)}")
-    return int(value)
+    number = int(value)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {_show(number)}")
+    return number
 
 
 def _float(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
