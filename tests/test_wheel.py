@@ -1,0 +1,80 @@
+"""A wheel installed outside the repository carries its package data: model cards can be
+written (zoo/data/card_template.md), recipes found and bundled weights loaded offline by
+name, without the source tree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from zoo.bundle import add_to_bundle
+from zoo.ensemble import Ensemble
+from zoo.registry import get_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+#: what the wheel is built from (copied, so that the build leaves nothing in the shared tree)
+SOURCES = ("pyproject.toml", "README.md", "zoo", "training", "export", "serve")
+NAME = "ce-resnet32-fmnistlt"
+
+CHILD = """
+import sys
+from pathlib import Path
+import zoo
+assert Path(zoo.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), zoo.__file__
+model = zoo.Ensemble(zoo.EnsembleConfig(num_experts=1, layout="single", dataset="fashion_mnist_lt"))
+model.save_pretrained(sys.argv[2], card=True)
+loaded = zoo.load(sys.argv[3])  # offline, empty cache: the copy bundled in the wheel
+assert loaded.config.extra["source"]["bundled"] == sys.argv[3], loaded.config.extra
+"""
+
+
+def _pip(*args: str, cwd: Path) -> None:
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+    cmd = [sys.executable, "-m", "pip", *args, "--no-deps", "--no-index", "--quiet"]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_installed_wheel_writes_cards_and_loads_bundled_weights(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    Ensemble(get_entry(NAME).build_config()).save_pretrained(tmp_path / "model")
+    add_to_bundle(tmp_path / "model", src / "zoo" / "weights")
+    _pip("wheel", "--no-build-isolation", "-w", str(tmp_path / "dist"), ".", cwd=src)
+    [wheel] = (tmp_path / "dist").glob("ltzoo-*.whl")
+    members = zipfile.ZipFile(wheel).namelist()
+    assert "zoo/data/card_template.md" in members and "zoo/data/measured.json" in members
+    assert any(m.startswith("training/recipes/") and m.endswith(".toml") for m in members)
+    assert f"zoo/weights/{NAME}/model.safetensors" in members
+
+    site = tmp_path / "site"
+    _pip("install", "--target", str(site), str(wheel), cwd=tmp_path)
+    # run outside the repo, with PYTHONPATH shadowing the editable install
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")
+    env.pop("LTZOO_BUNDLE_DIR", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(site), str(outside / "model"), NAME],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    card = (outside / "model" / "README.md").read_text()
+    assert card.startswith("---\n") and "zalando-datasets/fashion_mnist" in card
