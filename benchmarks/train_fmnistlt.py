@@ -42,12 +42,15 @@ def run_one(recipe: str, seed: int, overrides: list[str], tag: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
+    """Mean / spread over seeds. A shot group with no class (CIFAR-10-LT rho 100 has no
+    few-shot class: its tail keeps 50 images) is ``None`` in every run and stays ``None``."""
     out: dict = {"seeds": len(runs)}
     for k in KEYS:
         vals = [r["accuracy"][k] for r in runs]
+        known = [v for v in vals if v is not None]
         out[k] = {
-            "mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "mean": statistics.fmean(known) if known else None,
+            "std": statistics.stdev(known) if len(known) > 1 else 0.0,
             "runs": vals,
         }
     for k in ("ece_before", "ece_after", "temperature"):
@@ -62,26 +65,28 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def collect() -> None:
-    """Rebuild the summary from every finished run under runs/bench (all seeds found)."""
-    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+def collect(
+    root: Path = Path("runs/bench"), results: Path = RESULTS, overrides: dict | None = None
+) -> dict:
+    """Rebuild the summary from every finished run ``root/<tag>-s<seed>/`` (all seeds found),
+    write it to ``results`` and return it; ``overrides`` (tag -> text) else the old file's."""
+    old = json.loads(results.read_text()) if results.is_file() else {}
     runs: dict[str, list[tuple[int, dict]]] = {}
-    for path in sorted(Path("runs/bench").glob("*-s*/results.json")):
+    for path in sorted(root.glob("*-s*/results.json")):
         tag, _, seed = path.parent.name.rpartition("-s")
         runs.setdefault(tag, []).append((int(seed), json.loads(path.read_text())))
     summary = {}
     for tag, found in sorted(runs.items()):
-        config = json.loads(
-            (Path("runs/bench") / f"{tag}-s{found[0][0]}" / "run.json").read_text()
-        )["config"]
+        config = json.loads((root / f"{tag}-s{found[0][0]}" / "run.json").read_text())["config"]
         summary[tag] = {
             "recipe": config["recipe"],
-            "overrides": old.get(tag, {}).get("overrides", ""),
+            "overrides": (overrides or {}).get(tag, old.get(tag, {}).get("overrides", "")),
             "seed_list": [s for s, _ in sorted(found, key=lambda x: x[0])],
             **summarise([r for _, r in sorted(found, key=lambda x: x[0])]),
         }
-    RESULTS.write_text(json.dumps(summary, indent=2))
+    results.write_text(json.dumps(summary, indent=2))
     print({tag: summary[tag]["seeds"] for tag in summary}, file=sys.stderr)
+    return summary
 
 
 def main() -> None:

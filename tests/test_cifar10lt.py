@@ -1,0 +1,225 @@
+"""CIFAR-10-LT from JPEG class folders, the CIFAR-10-LT recipes, the prepared GPU check.
+
+The shared JPEG copy of CIFAR-10 is found through ``LTZOO_CIFAR10_JPEG`` (scripts/test.sh
+extracts ``../shared/data/cifar10-jpeg.tar.gz`` into a temporary directory and sets it), else
+read straight from that tar; tests that need it skip when neither exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_engine import TINY
+
+from training.config import load_recipe
+from training.data import build_lt_dataset, lt_counts
+from training.data import datasets as ds
+from training.data.datasets import CIFAR10_JPEG_VARIANT, read_jpeg_tree
+from training.engine import train
+from zoo.datasets_meta import CIFAR10_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+PAPER_R100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+RECIPES = [f"cifar10lt_r100_{m}" for m in ("ce", "bs", "ncl", "ecl", "cbd")] + ["cifar10lt_r50_ncl"]
+
+
+def _shared_cifar() -> str:
+    path = os.environ.get("LTZOO_CIFAR10_JPEG") or (str(SHARED_TAR) if SHARED_TAR.is_file() else "")
+    if not path:
+        pytest.skip(
+            "CIFAR-10 JPEG copy not found: set LTZOO_CIFAR10_JPEG to ../shared/data/"
+            "cifar10-jpeg.tar.gz extracted (scripts/test.sh does)"
+        )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Decoded-array cache in a per-session directory (never the user's ~/.cache)."""
+    monkeypatch.setenv("LTZOO_CACHE", str(tmp_path_factory.getbasetemp() / "ltzoo-cache"))
+
+
+def _fake_tree(root: Path, train_per_class: int = 12, test_per_class: int = 3) -> Path:
+    """A CIFAR-10-shaped JPEG tree (32x32 RGB, the 10 class folders) with random pixels."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for cls in CIFAR10_CLASSES:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                px = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(px).save(root / split / cls / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def test_paper_profile_rounding():
+    assert lt_counts(5000, 10, 100) == PAPER_R100
+    assert lt_counts(5000, 10, 50) == [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
+
+
+def test_jpeg_dir_and_tar_decode_identically_to_pil(tmp_path):
+    tree = _fake_tree(tmp_path / "tree")
+    tar_path = tmp_path / "copy.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(tree, arcname="cifar10")  # one top-level folder, as many tarballs have
+    a = read_jpeg_tree(tree, CIFAR10_CLASSES)
+    b = read_jpeg_tree(tar_path, CIFAR10_CLASSES)
+    for split, n in (("train", 120), ("test", 30)):
+        assert a[split][0].shape == (n, 32, 32, 3) and a[split][0].dtype == np.uint8
+        assert np.array_equal(a[split][0], b[split][0])
+        assert np.array_equal(a[split][1], b[split][1])
+    # sorted by (label, file name); pixels are PIL's decoding of the file
+    assert a["train"][1].tolist() == np.repeat(np.arange(10), 12).tolist()
+    with Image.open(tree / "train" / "bird" / "0005.jpg") as im:
+        assert np.array_equal(a["train"][0][2 * 12 + 5], np.asarray(im.convert("RGB")))
+
+
+def test_decoded_arrays_come_from_the_disk_cache_the_second_time(tmp_path, monkeypatch):
+    tree = _fake_tree(tmp_path / "tree", 2, 1)
+    read_jpeg_tree(tree, CIFAR10_CLASSES)
+    assert list((Path(os.environ["LTZOO_CACHE"]) / "datasets").glob("jpeg-tree-*.npz"))
+    ds._read_jpeg_tree_cached.cache_clear()
+
+    def no_decode(*a):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(ds, "_decode_tree", no_decode)
+    assert read_jpeg_tree(tree, CIFAR10_CLASSES)["test"][0].shape == (10, 32, 32, 3)
+
+
+def test_unknown_class_folder_is_a_clear_error(tmp_path):
+    tree = _fake_tree(tmp_path / "tree", 1, 1)
+    (tree / "train" / "dragon").mkdir()
+    Image.new("RGB", (32, 32)).save(tree / "train" / "dragon" / "0.jpg")
+    with pytest.raises(ValueError, match="unknown class folder train/dragon"):
+        read_jpeg_tree(tree, CIFAR10_CLASSES)
+
+
+def test_lt_split_from_jpeg_tree_seeded_balanced_val_full_test(tmp_path):
+    tree = _fake_tree(tmp_path / "tree")
+    split = build_lt_dataset("cifar10_lt", root=str(tree), rho=5, n_max=10, val_per_class=2)
+    assert split.class_counts == lt_counts(10, 10, 5)
+    assert np.bincount(split.val.labels).tolist() == [2] * 10
+    assert len(split.test) == 30 and np.bincount(split.test.labels).tolist() == [3] * 10
+    assert not set(split.train.indices) & set(split.val.indices)
+    assert split.info["variant"] == CIFAR10_JPEG_VARIANT
+    again = build_lt_dataset("cifar10_lt", root=str(tree), rho=5, n_max=10, val_per_class=2)
+    other = build_lt_dataset("cifar10_lt", root=str(tree), rho=5, n_max=10, seed=1)
+    assert again.train.indices == split.train.indices != other.train.indices
+
+
+def test_shared_jpeg_copy_gives_the_papers_profile():
+    root = _shared_cifar()
+    with pytest.warns(UserWarning, match="0 per class instead of 20"):
+        split = build_lt_dataset("cifar10_lt", root=root, rho=100)  # head keeps all 5,000
+    assert split.class_counts == PAPER_R100
+    assert np.bincount(split.train_labels).tolist() == PAPER_R100
+    assert split.val is None and np.bincount(split.test.labels).tolist() == [1000] * 10
+    assert split.info["variant"] == CIFAR10_JPEG_VARIANT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r50 = build_lt_dataset("cifar10_lt", root=root, rho=50, n_max=4980, val_per_class=20)
+    assert r50.class_counts[0] == 4980 and np.bincount(r50.val.labels).tolist() == [20] * 10
+    assert not set(r50.train.indices) & set(r50.val.indices)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_cifar10lt_recipes_validate(recipe):
+    cfg = load_recipe(recipe)
+    assert cfg.data.name == "cifar10_lt" and cfg.data.n_max == 5000
+    assert cfg.data.rho == (50 if "_r50_" in recipe else 100)
+
+
+def test_registry_labels_paper_and_jpeg_copy_numbers():
+    from zoo.registry import get_entry
+
+    assert get_entry("ncl-resnet32-cifar10lt-r100").paper == {"top1": 84.7}
+    assert get_entry("ncl-resnet32-cifar10lt-r50").paper == {"top1": 86.8}
+    for m in ("ce", "bs", "ncl", "ecl", "cbd"):
+        entry = get_entry(f"{m}-resnet32-cifar10lt-r100")
+        assert entry.recipe == f"cifar10lt_r100_{m}" and CIFAR10_JPEG_VARIANT in entry.notes
+
+
+def test_summary_keeps_an_empty_shot_group_as_none():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_fmnistlt import summarise
+
+    run = {
+        "accuracy": {"top1": 70.0, "many": 80.0, "medium": 60.0, "few": None},
+        "calibration": {"ece_before": 3.0, "ece_after": 2.0, "temperature": 1.0},
+        "experts": [70.0],
+    }
+    out = summarise([run, run])
+    assert out["few"]["mean"] is None and out["top1"]["mean"] == 70.0
+
+
+@pytest.mark.slow
+def test_smoke_train_a_few_batches_on_the_shared_copy(tmp_path):
+    root = _shared_cifar()
+    for recipe in ("cifar10lt_r100_ce", "cifar10lt_r100_ncl"):
+        cfg = load_recipe(
+            recipe,
+            [*TINY, "optim.epochs=1", "data.workers=0", f"data.root={root}", "run.device=cpu"],
+        )
+        run = train(cfg, tmp_path / recipe)
+        results = json.loads((run / "results.json").read_text())
+        assert 0 <= results["accuracy"]["top1"] <= 100
+        data = json.loads((run / "run.json").read_text())["data"]
+        assert data["counts"] == PAPER_R100 and data["variant"] == CIFAR10_JPEG_VARIANT
+
+
+@pytest.mark.gpu
+def test_cuda_amp_training_step_and_device_agnostic_eval(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import zoo
+
+    tree = _fake_tree(tmp_path / "tree", 20, 4)
+    over = [*TINY, "optim.epochs=2", f"data.root={tree}", "data.n_max=16", "data.rho=4"]
+    cfg = load_recipe("cifar10lt_r100_ncl", [*over, "run.device=cuda", "run.amp=true"])
+    run = train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    model = zoo.load(str(run / "model"), pretrained=True)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        cpu = model.cpu().eval()(x)
+        gpu = model.cuda().eval()(x.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_device_check_plan_passes_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "device_check.sh"),
+            "--plan",
+            "--work",
+            str(tmp_path / "w"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "device_check.json").read_text())
+    assert report["plan_total_s"] < 8 * 60
+    status = {k: v["status"] for k, v in report["parts"].items()}
+    assert status.pop("setup") in ("ok", "partial")  # partial: no CIFAR-10 copy here
+    assert status == dict.fromkeys(("train", "infer_eager", "infer_compile", "serve"), "ok")
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) <= 8 and "device_check.log" in files and "infer.json" in files
+    assert "time plan on the GPU machine" in out.stdout
