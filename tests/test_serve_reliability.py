@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -230,3 +231,35 @@ def test_bench_reliability_quick(tmp_path):
     for s in r["signals"]:
         assert s["orphans"] == 0 and s["port_free"] and s["ok"], s
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+# -- 19.1 the --timeout deadline holds while a request waits (body, decoding, queue) ----------
+def _predict_endpoint(server):
+    return next(r.endpoint for r in server.app.routes if getattr(r, "path", None) == "/predict")
+
+
+def _predict_with_deadline(body: bytes, stall: bool, timeout: float) -> tuple[int, float, dict]:
+    import queue
+    import time
+
+    from serve.api import build_server
+    from serve.backends import BackendSpec
+
+    server = build_server(BackendSpec("torch", "unused"), CONFIG, timeout=timeout)
+    server.litapi_request_queues["/predict"] = queue.Queue()  # no worker ever takes it
+    server.app.response_queue_id = 0
+    start = time.monotonic()
+    with pytest.raises(HTTPException) as info:
+        asyncio.run(_predict_endpoint(server)(_request(body, stall=stall)))
+    return info.value.status_code, time.monotonic() - start, server.response_buffer
+
+
+def test_timeout_while_queued_is_504_on_time_and_forgets_the_request():
+    body = json.dumps({"image": base64.b64encode(png("L", (28, 28))).decode()})
+    status, seconds, buffer = _predict_with_deadline(body.encode(), stall=False, timeout=0.5)
+    assert status == 504 and seconds < 2.0 and not buffer
+
+
+def test_timeout_covers_reading_the_body():
+    status, seconds, _ = _predict_with_deadline(b'{"ima', stall=True, timeout=0.5)
+    assert status == 504 and seconds < 2.0
