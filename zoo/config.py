@@ -31,7 +31,8 @@ MAX_INPUT_SIDE = 4096
 MAX_NECK_DIM = 65_536
 MAX_CLASS_COUNT = 10**12
 MAX_TEXT_CHARS = 100_000
-TEMPERATURE_RANGE = (1e-3, 1e3)
+#: tests give random networks a high temperature (1e4) to keep probabilities unsaturated
+TEMPERATURE_RANGE = (1e-3, 1e6)
 COSINE_SCALE_RANGE = (1e-3, 1e4)
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 #: Largest model a config may describe (4 GB of fp32), estimated before building.
