@@ -144,11 +144,11 @@ def test_predict_prior_modes_and_topk():
     x = torch.randn(3, 1, 28, 28)
     bal = model.predict(x, top_k=3)
     train = model.predict(x, top_k=3, prior="train")
-    est = model.predict(x, top_k=3, prior="estimate")
+    est = model.predict(torch.randn(32, 1, 28, 28), top_k=3, prior="estimate")
     assert bal.top_indices.shape == (3, 3) and len(bal.labels[0]) == 3
     assert torch.allclose(bal.probs.sum(1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(bal.probs, train.probs)
-    assert est.probs.shape == (3, 10)
+    assert est.probs.shape == (32, 10)
     assert (bal.disagreement >= 0).all()
     with pytest.raises(ValueError, match="top_k"):
         model.predict(x, top_k=11)

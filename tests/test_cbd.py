@@ -213,7 +213,7 @@ def test_teacher_config_instance_sampling_cosine_no_neck():
     assert (teacher_sampler.kind, student_sampler.kind) == ("instance", "class_balanced")
     # teacher epochs other than the student's rescale the schedule
     t = teacher_run_config(cfg, 0, TeacherSpec(0, False), epochs=20)
-    assert (t.optim.epochs, t.optim.milestones, t.optim.warmup_epochs) == (20, [16, 18], 6.0)
+    assert (t.optim.epochs, t.optim.milestones, t.optim.warmup_epochs) == (20, [16, 18], 2.5)
 
 
 def _fake_trainer(tmp_path, cfg):

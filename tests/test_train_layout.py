@@ -116,7 +116,7 @@ def test_batched_augmentation_matches_the_per_sample_transforms(cutout):
     aug = BatchAugment(FMNIST_PRE, crop_flip=True, cutout=size)
     torch.manual_seed(3)
     draws = aug.draw(12, 28, 28, torch.device("cpu"))
-    out = aug.apply(images, draws)
+    out = aug.augment(images, draws)
     assert out.shape == (12, 1, 28, 28) and out.dtype == torch.float32
     for i in range(12):
         top, left = draws["offsets"][i].tolist()

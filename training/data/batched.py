@@ -37,7 +37,7 @@ PAD = 4
 class BatchAugment(nn.Module):
     """uint8 batch (B, H, W) or (B, H, W, C) -> augmented, normalised float (B, C, H, W).
 
-    The random draws (:meth:`draw`) are separate from their application (:meth:`apply`) so
+    The random draws (:meth:`draw`) are separate from their application (:meth:`augment`) so
     a test can check the application against the per-sample transforms pixel for pixel.
     """
 
@@ -74,7 +74,7 @@ class BatchAugment(nn.Module):
             )
         return draws
 
-    def apply(self, images: torch.Tensor, draws: dict[str, Any]) -> torch.Tensor:
+    def augment(self, images: torch.Tensor, draws: dict[str, Any]) -> torch.Tensor:
         """Augment ``images`` (uint8, channels last in memory as decoded) with ``draws``."""
         x = images if images.ndim == 4 else images[..., None]
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W), a view until .float()
@@ -89,7 +89,7 @@ class BatchAugment(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[1], images.shape[2]
-        return self.apply(images, self.draw(images.shape[0], h, w, images.device))
+        return self.augment(images, self.draw(images.shape[0], h, w, images.device))
 
 
 def _shifted_crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -137,8 +137,8 @@ class UInt8Batches(Dataset):
         return self.images[idx], self.labels[idx]
 
 
-def collate_uint8(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch :meth:`UInt8Batches.__getitems__` already built."""
+def collate_uint8(batch: Any) -> Any:
+    """The ``(images, labels)`` batch :meth:`UInt8Batches.__getitems__` already built."""
     return batch
 
 
