@@ -89,7 +89,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/predict (docs: /docs, auth: {'on' if api_key else 'off'})",
         flush=True,
     )
-    return run_supervised(
+    run_supervised(  # exits the process
         server,
         host=args.host,
         port=args.port,

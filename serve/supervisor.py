@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from multiprocessing import util as mp_util
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger("ltzoo.serve")
 
@@ -130,10 +130,12 @@ def kill_children(wait: float) -> None:
                 child.join(1.0)
 
 
-def run_supervised(server: Any, *, grace: float = 3.0, **run_kwargs: Any) -> int:
-    """``server.run(**run_kwargs)`` under a :class:`Supervisor`; returns the exit status.
+def run_supervised(server: Any, *, grace: float = 3.0, **run_kwargs: Any) -> NoReturn:
+    """``server.run(**run_kwargs)`` under a :class:`Supervisor`, then exit the process.
 
-    0 after a requested shutdown (signal), 1 when one of the server's processes died.
+    Exit status 0 after a requested shutdown (signal), 1 when one of the server's processes
+    died. The process ends with ``os._exit`` once every child is gone: after a crash,
+    interpreter finalisation can block on proxies of the dead queue manager.
     """
     supervisor = Supervisor(grace)
     # LitServe's monitor watches only inference workers and shuts down from its own thread;
@@ -157,5 +159,7 @@ def run_supervised(server: Any, *, grace: float = 3.0, **run_kwargs: Any) -> int
     finally:
         kill_children(grace)
     if supervisor.reason:
-        print(f"ltzoo serve: stopped ({supervisor.reason})", file=sys.stderr, flush=True)
-    return 1 if supervisor.crashed else 0
+        print(f"ltzoo serve: stopped ({supervisor.reason})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if supervisor.crashed else 0)
