@@ -49,8 +49,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 #: timing parts run alone afterwards, on a quiet GPU. Their sum must stay under 8 minutes.
 GPU_CAPS = {"setup": 15, "train": 255, "infer_eager": 35, "infer_compile": 55, "serve": 70}
 GPU_TESTS_CAP = 150  # inside the train part's window
-#: --plan on a 2-core CPU: upper bounds only (it takes ~90 s on an idle machine)
-PLAN_CAPS = {"setup": 60, "train": 150, "infer_eager": 60, "infer_compile": 60, "serve": 90}
+#: --plan on a 2-core CPU: generous upper bounds only (a shared, loaded 2-core machine took
+#: 3-4 minutes; the GPU plan above is what must fit in 8 minutes)
+PLAN_CAPS = {"setup": 90, "train": 240, "infer_eager": 120, "infer_compile": 120, "serve": 150}
 FINISH_S = 10  # packing weights, writing JSON
 PLAN_LIMIT_S = 8 * 60
 #: CIFAR-10-LT epochs planned for the GPU run (paper: 200 for CE / BS, 400 for NCL); the

@@ -212,7 +212,7 @@ def test_device_check_plan_passes_on_cpu(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "device_check.json").read_text())
