@@ -34,7 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
-from export.onnx import SESSION_SETTINGS, export_onnx, make_session, quantize_int8, read_metadata  # noqa: E402
+from export.onnx import (  # noqa: E402
+    SESSION_SETTINGS,
+    export_onnx,
+    fastest_int8,
+    make_session,
+    read_metadata,
+)
 from training.data import read_idx  # noqa: E402
 from zoo.datasets_meta import IMAGENET_PREPROCESS  # noqa: E402
 
@@ -44,7 +50,10 @@ TARGETS = {
     "fused_vs_eager_resnet32_b32": 1.6,
     "fused_vs_eager_resnext50_b8": 1.6,
     "fused_vs_separate": 1.2,
-    "int8_vs_fused_b32": 1.8,
+    "int8_vs_fused_b1": 1.2,
+    "int8_vs_fused_b8": 1.2,
+    "int8_vs_fused_b32": 1.5,
+    "int8_top1_change_pts": -0.5,
 }
 
 
@@ -183,7 +192,11 @@ def bench_model(
     fused_path = export_onnx(model, tmp / f"{name}.onnx")
     export_s = time.time() - t
     t = time.time()
-    int8_path = quantize_int8(fused_path, tmp / f"{name}.int8.onnx", calib) if len(calib) else None
+    # ResNet-32: what `ltzoo export --int8` does (measure every INT8 form, keep the fastest
+    # correct one); ResNeXt-50 has no INT8 target and would take minutes per form
+    int8_path, selection = None, None
+    if len(calib) and name == "r32":
+        int8_path, selection = fastest_int8(fused_path, tmp / f"{name}.int8.onnx", calib)
     quant_s = time.time() - t
     expert_paths = per_expert_graphs(fused_path, tmp)
     fused = make_session(fused_path, threads=threads)
@@ -202,6 +215,7 @@ def bench_model(
         "gmacs_per_image": round(macs / 1e9, 4),
         "export_s": round(export_s, 1),
         "int8_quantize_s": round(quant_s, 1),
+        "int8_selection": selection,
         "onnx_mb": round(fused_path.stat().st_size / 1e6, 1),
         "int8_mb": round(int8_path.stat().st_size / 1e6, 1) if int8_path else None,
         "batches": {},
@@ -379,12 +393,18 @@ def main() -> int:
         "fused_vs_separate": min(
             row["fused_vs_separate"] for m in r.values() for row in m["batches"].values()
         ),
-        "int8_vs_fused_b32": r["3x_resnet32_fmnistlt"]["batches"]["32"].get("int8_vs_fused"),
+        **{
+            f"int8_vs_fused_b{b}": r["3x_resnet32_fmnistlt"]["batches"][str(b)].get("int8_vs_fused")
+            for b in (1, 8, 32)
+        },
     }
     if "3x_resnext50_imagenetlt" in r:
         got["fused_vs_eager_resnext50_b8"] = r["3x_resnext50_imagenetlt"]["batches"]["8"][
             "fused_vs_eager"
         ]
+    acc = r["3x_resnet32_fmnistlt"].get("int8_accuracy")
+    if acc and args.model:  # the accuracy bar is about a trained model
+        got["int8_top1_change_pts"] = acc["top1_change_pts"]
     report["achieved"] = got
     report["met"] = {k: (v is not None and v >= TARGETS[k]) for k, v in got.items()}
     report["wall_s"] = round(time.time() - started, 1)

@@ -80,6 +80,7 @@ def collect(
         config = json.loads((root / f"{tag}-s{found[0][0]}" / "run.json").read_text())["config"]
         summary[tag] = {
             "recipe": config["recipe"],
+            "epochs": config["optim"]["epochs"],
             "overrides": (overrides or {}).get(tag, old.get(tag, {}).get("overrides", "")),
             "seed_list": [s for s, _ in sorted(found, key=lambda x: x[0])],
             **summarise([r for _, r in sorted(found, key=lambda x: x[0])]),
@@ -113,7 +114,13 @@ def main() -> None:
         runs = [run_one(recipe, s, [o for o in overrides.split(",") if o], tag) for s in args.seeds]
         # re-read just before writing: several copies of this script may run side by side
         summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-        summary[tag] = {"recipe": recipe, "overrides": overrides, **summarise(runs)}
+        epochs = load_recipe(recipe, [o for o in overrides.split(",") if o]).optim.epochs
+        summary[tag] = {
+            "recipe": recipe,
+            "epochs": epochs,
+            "overrides": overrides,
+            **summarise(runs),
+        }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(summary, indent=2))
         print(tag, {k: round(summary[tag][k]["mean"], 2) for k in KEYS}, file=sys.stderr)

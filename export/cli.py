@@ -37,7 +37,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--fp16", action="store_true", help="float16 experts (inputs/outputs stay float32)"
     )
     p.add_argument(
-        "--int8", action="store_true", help="static INT8 (QDQ) quantization with calibration images"
+        "--int8",
+        action="store_true",
+        help="static INT8 quantization with calibration images; measures every form of "
+        "export.onnx.INT8_FORMS on this machine and keeps the fastest that agrees with fp32",
+    )
+    p.add_argument(
+        "--int8-form",
+        default=None,
+        metavar="FORM",
+        help="with --int8: use this form without measuring (e.g. qdq-u8s8-channel)",
     )
     p.add_argument(
         "--calib-data",
@@ -125,15 +134,27 @@ def _check(model: Any, onnx_path: Path, precision: str) -> bool:
     return ok
 
 
+def _int8_table(report: dict) -> str:
+    """The forms :func:`export.onnx.fastest_int8` measured, one line each."""
+    lines = ["INT8 form                  speed-up vs fp32 (batch: x)   top-1 agreement"]
+    for name, row in report["forms"].items():
+        speed = "  ".join(f"b{b}: {v:.2f}x" for b, v in row["speedup_vs_fp32"].items())
+        mark = "  <- chosen" if name == report["chosen"] else ""
+        lines.append(f"{name:26s} {speed:30s} {row['top1_agreement']:.1%}{mark}")
+    return "\n".join(lines)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
     from zoo.resolve import load_model, resolve_model
 
-    from .onnx import export_onnx, quantize_int8
+    from .onnx import INT8_FORMS, export_onnx, fastest_int8, quantize_int8
 
     if args.fp16 and args.int8:
         raise ValueError("choose one of --fp16 and --int8")
+    if args.int8_form is not None and (not args.int8 or args.int8_form not in INT8_FORMS):
+        raise ValueError(f"--int8-form needs --int8 and one of {sorted(INT8_FORMS)}")
     if args.int8 and args.format == "tensorrt":
         raise ValueError("--int8 is for --format onnx (TensorRT INT8 needs its own calibrator)")
     ref = resolve_model(args.model, args.revision)
@@ -171,7 +192,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 expert_outputs=args.expert_outputs,
                 source=source,
             )
-            quantize_int8(fp32, out, calib)
+            if args.int8_form:
+                quantize_int8(fp32, out, calib, form=args.int8_form)
+            else:
+                _, report = fastest_int8(fp32, out, calib)
+                print(_int8_table(report))
         precision = "int8"
     else:
         export_onnx(

@@ -50,10 +50,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -477,21 +479,55 @@ def _descendants(graph: Any, roots: Iterable[str]) -> set[str]:
     return seen
 
 
+@dataclass(frozen=True)
+class Int8Form:
+    """How :func:`quantize_int8` quantizes: graph format, weight granularity, integer types.
+
+    ``qdq``: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into QLinearConv
+    etc. at session creation; ``qoperator``: QLinear* operators written into the file.
+    ``u8s8`` (uint8 activations, int8 weights) is onnxruntime's fast x86 path with
+    VNNI; without VNNI its VPMADDUBSW kernel can saturate, which ``reduce_range`` (7-bit
+    weights) avoids; ``u8u8`` is the other x86 kernel.
+    """
+
+    quant_format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = True
+    weights: Literal["s8", "u8"] = "s8"
+    reduce_range: bool = False
+
+
+#: the forms ``ltzoo export --int8`` measures on the machine it runs on (fastest correct wins)
+INT8_FORMS: dict[str, Int8Form] = {
+    "qdq-u8s8-channel": Int8Form(),
+    "qdq-u8s8-tensor": Int8Form(per_channel=False),
+    "qoperator-u8s8-channel": Int8Form(quant_format="qoperator"),
+    "qdq-u8u8-channel": Int8Form(weights="u8"),
+    "qdq-u8s8-channel-reduced": Int8Form(reduce_range=True),
+}
+
+
 def quantize_int8(
     onnx_path: str | Path,
     out_path: str | Path,
     calib_images: torch.Tensor | np.ndarray,
     *,
-    per_channel: bool = True,
+    form: Int8Form | str = "qdq-u8s8-channel",
 ) -> Path:
-    """Static INT8 quantization (QDQ, per-channel weights) calibrated on ``calib_images``.
+    """Static INT8 quantization in ``form`` (an :data:`INT8_FORMS` name or an
+    :class:`Int8Form`) calibrated on ``calib_images``.
 
     ``calib_images`` are preprocessed ``(N, C, H, W)`` images (a few hundred suffice).
     The model is pre-processed with ``quant_pre_process`` (shape inference + ORT graph
     optimisation, which folds BatchNorm) first; the calibration tail (mean, prior shift,
     temperature, softmax, disagreement) stays float32. Metadata is carried over with
-    ``precision="int8"``.
+    ``precision="int8"`` and the form used. :func:`fastest_int8` picks the form by measuring.
     """
+    if isinstance(form, str):
+        if form not in INT8_FORMS:
+            raise ValueError(f"unknown INT8 form {form!r}; choose from {sorted(INT8_FORMS)}")
+        form_name, form = form, INT8_FORMS[form]
+    else:
+        form_name = next((k for k, v in INT8_FORMS.items() if v == form), "custom")
     import tempfile
 
     import onnx
@@ -544,10 +580,11 @@ def quantize_int8(
             str(pre),
             str(out_path),
             _ImageReader(images),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
+            quant_format=QuantFormat.QDQ if form.quant_format == "qdq" else QuantFormat.QOperator,
+            per_channel=form.per_channel,
+            reduce_range=form.reduce_range,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8 if form.weights == "s8" else QuantType.QUInt8,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=exclude,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
@@ -559,6 +596,7 @@ def quantize_int8(
         {
             "precision": "int8",
             "int8_calibration_images": len(images),
+            "int8_form": form_name,
             "int8_excluded_nodes": exclude,
         },
     )
@@ -571,14 +609,87 @@ def quantize_int8(
     return out_path
 
 
+def _median_ms(session: Any, x: np.ndarray, min_time: float) -> float:
+    session.run(["probs"], {"pixel_values": x})  # warm-up (kernel selection, allocations)
+    times: list[float] = []
+    while sum(times) < min_time or len(times) < 5:
+        t0 = time.perf_counter()
+        session.run(["probs"], {"pixel_values": x})
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def fastest_int8(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    calib_images: torch.Tensor | np.ndarray,
+    *,
+    forms: Sequence[str] = tuple(INT8_FORMS),
+    batches: Sequence[int] = (1, 8, 32),
+    min_agreement: float = 0.99,
+    min_time: float = 0.3,
+) -> tuple[Path, dict[str, Any]]:
+    """Quantize ``onnx_path`` in every form of ``forms``, time each on this machine against
+    the fp32 graph, and keep the fastest (geometric mean over ``batches``) whose top-1 agrees
+    with fp32 on ``min_agreement`` of the calibration images. INT8 speed depends on the CPU
+    (VNNI or not, AVX2 vs AVX-512), so the choice is measured, not assumed.
+
+    Returns the written path and a report (per form: ms per batch, agreement, speed-up
+    vs fp32) that is also stored in the file's metadata as ``int8_selection``.
+    """
+    import tempfile
+
+    import onnx
+
+    images = np.asarray(
+        calib_images.detach().cpu().numpy()
+        if isinstance(calib_images, torch.Tensor)
+        else calib_images,
+        dtype=np.float32,
+    )
+    inputs = {b: images[np.arange(b) % len(images)] for b in batches}
+    fp32 = make_session(onnx_path)
+    fp32_ms = {b: _median_ms(fp32, x, min_time) for b, x in inputs.items()}
+    fp32_top1 = fp32.run(["probs"], {"pixel_values": images})[0].argmax(1)
+    report: dict[str, Any] = {"fp32_ms": fp32_ms, "forms": {}}
+    best: tuple[float, str] | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in forms:
+            path = quantize_int8(onnx_path, Path(tmp) / f"{name}.onnx", images, form=name)
+            sess = make_session(path)
+            ms = {b: _median_ms(sess, x, min_time) for b, x in inputs.items()}
+            agree = float(
+                (sess.run(["probs"], {"pixel_values": images})[0].argmax(1) == fp32_top1).mean()
+            )
+            speedup = {b: round(fp32_ms[b] / ms[b], 2) for b in batches}
+            report["forms"][name] = {"ms": ms, "top1_agreement": agree, "speedup_vs_fp32": speedup}
+            score = float(np.exp(np.mean(np.log(list(ms.values())))))
+            if agree >= min_agreement and (best is None or score < best[0]):
+                best = (score, name)
+        if best is None:
+            raise RuntimeError(
+                f"no INT8 form agrees with fp32 on {min_agreement:.0%} of the calibration images: "
+                f"{ {k: v['top1_agreement'] for k, v in report['forms'].items()} }"
+            )
+        report["chosen"] = best[1]
+        proto = onnx.load(str(Path(tmp) / f"{best[1]}.onnx"))
+    _set_metadata(proto, {"int8_selection": report})
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out_path))
+    return Path(out_path), report
+
+
 __all__ = [
     "INPUT_NAMES",
+    "INT8_FORMS",
     "OUTPUT_NAMES",
     "SESSION_SETTINGS",
     "FusedEnsemble",
+    "Int8Form",
     "check_parity",
     "convert_fp16",
     "export_onnx",
+    "fastest_int8",
     "make_session",
     "quantize_int8",
     "read_metadata",

@@ -24,6 +24,7 @@ from export.onnx import (
     check_parity,
     convert_fp16,
     export_onnx,
+    fastest_int8,
     make_session,
     quantize_int8,
     read_metadata,
@@ -216,6 +217,26 @@ def test_int8_runs_and_agrees_with_fp32(exported, tmp_path):
     agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
     assert agreement >= 0.9, agreement
     np.testing.assert_allclose(int8.sum(1), 1.0, atol=1e-5)
+
+
+def test_int8_keeps_the_fastest_form_that_agrees(exported, tmp_path):
+    model, path = exported("independent")
+    calib = _fmnist("train", 64, model)
+    forms = ("qdq-u8s8-channel", "qoperator-u8s8-channel")
+    out, report = fastest_int8(
+        path, tmp_path / "best.onnx", calib, forms=forms, batches=(1, 8), min_time=0.05
+    )
+    assert set(report["forms"]) == set(forms)
+    agreeing = {k: v for k, v in report["forms"].items() if v["top1_agreement"] >= 0.99}
+    geo = {k: np.exp(np.mean(np.log(list(v["ms"].values())))) for k, v in agreeing.items()}
+    assert report["chosen"] == min(geo, key=geo.get)
+    meta = read_metadata(out)
+    assert (
+        meta["int8_form"] == report["chosen"]
+        and meta["int8_selection"]["chosen"] == report["chosen"]
+    )
+    with pytest.raises(ValueError, match="unknown INT8 form"):
+        quantize_int8(path, tmp_path / "x.onnx", calib, form="int4")
 
 
 def test_fp16_loads_and_keeps_float32_io(exported, tmp_path):
