@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sized
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 DEMO_MODEL = "ncl-resnet32-fmnistlt"
 DEMO_ORG = "ltzoo-demo"
@@ -66,7 +66,7 @@ def run_demo(
 
     hub = HubServer(workdir / "hub").start()
     os.environ["HF_ENDPOINT"] = hub.url
-    total = 8
+    total = 9
     try:
         import torch
 
@@ -144,10 +144,37 @@ def run_demo(
 
         _step(8, total, "serve with LitServe (ONNX Runtime backend) and classify over HTTP")
         _serve_and_classify(onnx_path, num_images)
+
+        _step(9, total, "the same test images with the NCL model that ships with ltzoo")
+        _compare_with_shipped(model, split.test, eval_subset or 10000)
         print("\ndemo finished: every step passed.")
         return 0
     finally:
         hub.stop()
+
+
+def _compare_with_shipped(model: Any, test: Any, limit: int) -> None:
+    """Top-1 of the demo's short training vs the bundled, fully trained NCL model."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from zoo.bundle import is_bundled, load_bundled
+
+    if not is_bundled(DEMO_MODEL):
+        print(f"  {DEMO_MODEL} is not bundled in this installation: skipped")
+        return
+    shipped = load_bundled(DEMO_MODEL)
+    n = min(limit, len(test))
+    loader = DataLoader(Subset(test, range(0, len(test), max(1, len(test) // n))[:n]), 500)
+    correct = {"demo": 0, "shipped": 0}
+    with torch.inference_mode():
+        for x, y in loader:
+            for key, m in (("demo", model.eval()), ("shipped", shipped)):
+                correct[key] += int((m(x).argmax(1) == y).sum())
+    print(
+        f"  top-1 on {n} test images: this demo's short training {100 * correct['demo'] / n:.2f}%, "
+        f"shipped {DEMO_MODEL} (recipe {shipped.config.recipe}) {100 * correct['shipped'] / n:.2f}%"
+    )
 
 
 def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
