@@ -137,7 +137,9 @@ def test_batched_path_only_where_it_reproduces_the_augmentations():
     images = torch.zeros(8, 28, 28, dtype=torch.uint8)
     ds = ArrayImageDataset(images, [0] * 8, build_transforms(FMNIST_PRE, ["crop_flip"]))
     assert batched_augment_for(ds, FMNIST_PRE, ["crop_flip"]) is not None
-    assert batched_augment_for(ds, FMNIST_PRE, ["crop_flip", "cutout"]).cutout == cutout_size(28, 28)
+    assert batched_augment_for(ds, FMNIST_PRE, ["crop_flip", "cutout"]).cutout == cutout_size(
+        28, 28
+    )
     assert batched_augment_for(ds, FMNIST_PRE, ["crop_flip", "autoaugment"]) is None
     cifar = PreprocessConfig(input_size=(32, 32), channels=3, mean=(0.5,) * 3, std=(0.2,) * 3)
     assert batched_augment_for(ds, cifar, ["crop_flip"]) is None  # wrong size and mode

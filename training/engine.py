@@ -369,7 +369,14 @@ class Trainer:
                 break
             images, labels = self.device_batch(images, labels)
             loss, parts = self.train_step(
-                ddp, method, optimizer, scaler, use_amp, images, labels, f"epoch {epoch} step {step}"
+                ddp,
+                method,
+                optimizer,
+                scaler,
+                use_amp,
+                images,
+                labels,
+                f"epoch {epoch} step {step}",
             )
             scheduler.step()
             seen += images.shape[0]
