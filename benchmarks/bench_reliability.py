@@ -426,7 +426,11 @@ async def _fire(
 ) -> list[httpx.Response | str]:
     """POST every body at most ``concurrency`` at a time; a failed request gives its error name."""
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # idle connections expire on the client (2 s) before uvicorn closes them (5 s): with
+    # equal times, a request sent on a connection the server is closing gets a ReadError
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(
         base_url=server.url, timeout=30.0, limits=limits, headers=server.headers
     ) as c:
