@@ -667,8 +667,9 @@ def fastest_int8(
             if agree >= min_agreement and (best is None or score < best[0]):
                 best = (score, name)
         if best is None:
-            raise RuntimeError(
-                f"no INT8 form agrees with fp32 on {min_agreement:.0%} of the calibration images: "
+            raise ValueError(
+                "no INT8 form agrees with fp32 on "
+                f"{min_agreement:.0%} of the calibration images (choose one with --int8-form): "
                 f"{ {k: v['top1_agreement'] for k, v in report['forms'].items()} }"
             )
         report["chosen"] = best[1]

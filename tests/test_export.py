@@ -224,10 +224,16 @@ def test_int8_keeps_the_fastest_form_that_agrees(exported, tmp_path):
     calib = _fmnist("train", 64, model)
     forms = ("qdq-u8s8-channel", "qoperator-u8s8-channel")
     out, report = fastest_int8(
-        path, tmp_path / "best.onnx", calib, forms=forms, batches=(1, 8), min_time=0.05
+        path,
+        tmp_path / "best.onnx",
+        calib,
+        forms=forms,
+        batches=(1, 8),
+        min_time=0.05,
+        min_agreement=0.9,  # random weights: near-tied logits flip more often than a trained model's
     )
     assert set(report["forms"]) == set(forms)
-    agreeing = {k: v for k, v in report["forms"].items() if v["top1_agreement"] >= 0.99}
+    agreeing = {k: v for k, v in report["forms"].items() if v["top1_agreement"] >= 0.9}
     geo = {k: np.exp(np.mean(np.log(list(v["ms"].values())))) for k, v in agreeing.items()}
     assert report["chosen"] == min(geo, key=geo.get)
     meta = read_metadata(out)
@@ -237,6 +243,8 @@ def test_int8_keeps_the_fastest_form_that_agrees(exported, tmp_path):
     )
     with pytest.raises(ValueError, match="unknown INT8 form"):
         quantize_int8(path, tmp_path / "x.onnx", calib, form="int4")
+    with pytest.raises(ValueError, match="--int8-form"):
+        fastest_int8(path, tmp_path / "y.onnx", calib, forms=forms[:1], min_agreement=1.01)
 
 
 def test_fp16_loads_and_keeps_float32_io(exported, tmp_path):
