@@ -152,6 +152,9 @@ def test_predict_prior_modes_and_topk():
     assert (bal.disagreement >= 0).all()
     with pytest.raises(ValueError, match="top_k"):
         model.predict(x, top_k=11)
+    for bad in (2.5, "3", True):
+        with pytest.raises(ValueError, match="top_k must be an integer"):
+            model.predict(x, top_k=bad)
 
 
 def test_prior_adjustment_is_bayes_correct_with_a_temperature():

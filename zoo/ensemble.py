@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -116,6 +117,8 @@ class Ensemble(nn.Module):
         ``prior`` is "balanced" (default), "train", "estimate" (EM on this batch, Saerens
         et al. 2002; at least ``MIN_ESTIMATE_BATCH`` images) or a vector of class weights.
         """
+        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
+            raise ValueError(f"top_k must be an integer, got {top_k!r}")
         if not 1 <= top_k <= self.config.num_classes:
             raise ValueError(f"top_k must be in [1, {self.config.num_classes}], got {top_k}")
         x = images if isinstance(images, torch.Tensor) else self.preprocess(images)
