@@ -20,8 +20,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert run_demo(tmp_path, epochs=1, max_steps=2, eval_subset=100, num_images=3) == 0
     out = capsys.readouterr().out
     for marker in (
-        "[1/8]",
-        "[5/8] push",
+        "[1/9]",
+        "[5/9] push",
         "outputs identical to the trained model: True",
         "max |p_onnx - p_torch|",
         "server stopped cleanly",
@@ -31,3 +31,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "model.onnx").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert out.count("  true ") == 3  # three images classified over HTTP
+    from zoo.bundle import is_bundled
+
+    if is_bundled("ncl-resnet32-fmnistlt"):  # the shipped model classifies the same test images
+        assert "shipped ncl-resnet32-fmnistlt" in out
