@@ -143,11 +143,13 @@ def test_run_directory_works_for_push_info_and_export(run_dir, hub_server, tmp_p
 # --- 18.6: one-line user errors ---------------------------------------------------------------
 def test_user_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", _dead_endpoint())
-    assert main(["export", "ncl-resnet32-fmnistlt", "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "cannot load 'ltzoo/ncl-resnet32-fmnistlt'" in _one_line_error(capsys, "export")
-    assert main(["info", "ncl-resnet32-fmnistlt", "--pretrained"]) == 2
+    # a registered model with no bundled weights (the Fashion-MNIST-LT ones ship in the package)
+    name = "ncl-resnet32-cifar100lt-r100"
+    assert main(["export", name, "--out", str(tmp_path / "x.onnx")]) == 2
+    assert f"cannot load 'ltzoo/{name}'" in _one_line_error(capsys, "export")
+    assert main(["info", name, "--pretrained"]) == 2
     _one_line_error(capsys, "info")
-    assert main(["download", "ncl-resnet32-fmnistlt"]) == 2
+    assert main(["download", name]) == 2
     assert "unreachable" in _one_line_error(capsys, "download")
     assert main(["push", str(run_dir), "org/repo"]) == 2
     assert "cannot reach the Hub" in _one_line_error(capsys, "push")
