@@ -146,7 +146,8 @@ class Server:
         main = self.proc.pid
         cmdline = Path(f"/proc/{main}/cmdline").read_bytes()
         kids = _proc_children().get(main, [])
-        forks = sorted(p for p in kids if _cmdline(p) == cmdline)
+        # by start time, not PID: PIDs wrap around (pid_max is often 32768)
+        forks = sorted((p for p in kids if _cmdline(p) == cmdline), key=_start_time)
         spawned = [p for p in kids if b"spawn_main" in _cmdline(p)]
         return {"main": main, "manager": forks[0], "http": forks[-1], "worker": spawned[0]}
 
@@ -160,6 +161,15 @@ class Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         self._log_file.close()
+
+
+def _start_time(pid: int) -> int:
+    """Clock ticks after boot at which ``pid`` started (field 22 of /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _cmdline(pid: int) -> bytes:
