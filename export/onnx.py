@@ -460,6 +460,13 @@ class _ImageReader:
         self.pos = 0
 
 
+def _as_images(calib_images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Calibration images as a float32 numpy array."""
+    if isinstance(calib_images, torch.Tensor):
+        calib_images = calib_images.detach().cpu().numpy()
+    return np.asarray(calib_images, dtype=np.float32)
+
+
 def _descendants(graph: Any, roots: Iterable[str]) -> set[str]:
     """Names of ``roots`` and every node downstream of them."""
     by_name = {n.name: n for n in graph.node}
@@ -546,12 +553,7 @@ def quantize_int8(
         raise ValueError(
             f"quantize_int8 needs an fp32 export, {onnx_path} is {meta.get('precision')}"
         )
-    images = (
-        calib_images.detach().cpu().numpy()
-        if isinstance(calib_images, torch.Tensor)
-        else np.asarray(calib_images)
-    )
-    images = images.astype(np.float32)
+    images = _as_images(calib_images)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(
             f"calib_images must be a non-empty (N, C, H, W) batch, got shape {images.shape}"
@@ -641,12 +643,7 @@ def fastest_int8(
 
     import onnx
 
-    images = np.asarray(
-        calib_images.detach().cpu().numpy()
-        if isinstance(calib_images, torch.Tensor)
-        else calib_images,
-        dtype=np.float32,
-    )
+    images = _as_images(calib_images)
     inputs = {b: images[np.arange(b) % len(images)] for b in batches}
     fp32 = make_session(onnx_path)
     fp32_ms = {b: _median_ms(fp32, x, min_time) for b, x in inputs.items()}

@@ -28,7 +28,7 @@ from zoo import Ensemble
 from zoo.registry import get_entry
 
 from .config import RunConfig
-from .data.batched import BatchAugment
+from .data.batched import BatchAugment, UInt8Batches, batched_augment_for, collate_uint8
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .methods import METHODS, Method
 
@@ -182,7 +182,6 @@ class Trainer:
         """The training loader; sets ``self.batch_augment`` when whole uint8 batches are
         augmented on the device (in-memory datasets) instead of per sample in the loader."""
         from .data import build_sampler
-        from .data.batched import UInt8Batches, batched_augment_for, collate_uint8
 
         run = self.cfg.run
         pre = method.model.config.preprocess
