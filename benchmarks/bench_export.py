@@ -32,17 +32,17 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import zoo  # noqa: E402
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
-from export.onnx import (  # noqa: E402
+from ltzoo import zoo  # noqa: E402
+from ltzoo.export.onnx import (  # noqa: E402
     SESSION_SETTINGS,
     export_onnx,
     fastest_int8,
     make_session,
     read_metadata,
 )
-from training.data import read_idx  # noqa: E402
-from zoo.datasets_meta import IMAGENET_PREPROCESS  # noqa: E402
+from ltzoo.training.data import read_idx  # noqa: E402
+from ltzoo.zoo.datasets_meta import IMAGENET_PREPROCESS  # noqa: E402
 
 FMNIST = Path(os.environ.get("LTZOO_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 TARGETS = {
@@ -89,7 +89,7 @@ def macs_per_image(model: zoo.Ensemble) -> float:
 
 
 def eager_fn(model: zoo.Ensemble, x: torch.Tensor) -> Callable[[], object]:
-    from zoo.calibration import expert_disagreement
+    from ltzoo.zoo.calibration import expert_disagreement
 
     def run() -> object:
         with torch.inference_mode():

@@ -120,7 +120,7 @@ class Server:
         self.log = log
         self._log_file = log.open("wb")
         env = {**os.environ, "LTZOO_API_KEY": API_KEY, "LTZOO_CACHE": str(log.parent / "cache")}
-        cmd = [sys.executable, "-m", "zoo.cli", "serve", str(model), "--backend", backend]
+        cmd = [sys.executable, "-m", "ltzoo", "serve", str(model), "--backend", backend]
         cmd += ["--port", str(self.port), "--threads", "1", *LIMITS, *(extra or [])]
         self.proc = subprocess.Popen(
             cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -530,7 +530,7 @@ def run_load(server: Server, n: int, concurrency: int) -> dict[str, Any]:
 def make_model(directory: Path) -> Path:
     import torch
 
-    import zoo
+    from ltzoo import zoo
 
     torch.manual_seed(0)
     counts = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]

@@ -45,8 +45,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import zoo  # noqa: E402
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
+from ltzoo import zoo  # noqa: E402
 
 
 # -- load generator -----------------------------------------------------------------------
@@ -151,7 +151,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "zoo.cli",
+            "ltzoo",
             "serve",
             model,
             "--backend",
@@ -232,8 +232,8 @@ def bare_backend(
 
 
 def breakdown(backend: Any, cfg: zoo.EnsembleConfig, payload: dict, min_time: float) -> dict:
-    from serve.api import EnsembleAPI
-    from serve.decoding import RequestDecoder
+    from ltzoo.serve.api import EnsembleAPI
+    from ltzoo.serve.decoding import RequestDecoder
 
     decoder = RequestDecoder(cfg, 25_000_000, 64)
     decode_s, _ = _rate(lambda: decoder.decode({"kind": "json", "data": payload}), min_time)
@@ -279,7 +279,7 @@ def bench_model(
     concurrency: list[int],
     modes: list[str],
 ) -> dict:
-    from serve.backends import OnnxRuntimeBackend, TorchBackend, export_cached
+    from ltzoo.serve.backends import OnnxRuntimeBackend, TorchBackend, export_cached
 
     cfg = model.config
     model_dir = workdir / name

@@ -45,15 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
-from training.config import load_recipe  # noqa: E402
-from training.data import ArrayImageDataset, build_transforms, lt_counts  # noqa: E402
-from training.engine import Trainer  # noqa: E402
-from training.methods import METHODS  # noqa: E402
-from training.methods.ncl import NCLLoss  # noqa: E402
-from zoo import Ensemble  # noqa: E402
-from zoo.config import PreprocessConfig  # noqa: E402
-from zoo.models.resnet_cifar import resnet32_stages  # noqa: E402
-from zoo.registry import get_entry  # noqa: E402
+from ltzoo.training.config import load_recipe  # noqa: E402
+from ltzoo.training.data import ArrayImageDataset, build_transforms, lt_counts  # noqa: E402
+from ltzoo.training.engine import Trainer  # noqa: E402
+from ltzoo.training.methods import METHODS  # noqa: E402
+from ltzoo.training.methods.ncl import NCLLoss  # noqa: E402
+from ltzoo.zoo import Ensemble  # noqa: E402
+from ltzoo.zoo.config import PreprocessConfig  # noqa: E402
+from ltzoo.zoo.models.resnet_cifar import resnet32_stages  # noqa: E402
+from ltzoo.zoo.registry import get_entry  # noqa: E402
 
 BATCH = 64
 SHAPES = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zoo.bundle import add_to_bundle, bundle_root
+from ltzoo.zoo.bundle import add_to_bundle, bundle_root
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,7 +210,7 @@ class TrainSpec:
         return work / self.group / f"{self.tag}-s{self.seed}"
 
     def command(self, work: Path) -> list[str]:
-        cmd = _py("-m", "zoo.cli", "train", self.recipe, f"run.seed={self.seed}", *self.overrides)
+        cmd = _py("-m", "ltzoo", "train", self.recipe, f"run.seed={self.seed}", *self.overrides)
         return [*cmd, "--out", str(self.run_dir(work))]
 
 
@@ -246,7 +246,7 @@ def train_specs(args: argparse.Namespace) -> list[TrainSpec]:
             specs.append(TrainSpec("fmnistlt", tag, RECIPES[tag], seed, over))
     if not args.plan:
         return specs
-    from training.config import load_recipe
+    from ltzoo.training.config import load_recipe
 
     for s in specs:  # every run of the GPU plan, as a config (CUDA + schedule swapped for CPU)
         load_recipe(s.recipe, [f"run.seed={s.seed}", *s.overrides])
@@ -262,7 +262,7 @@ def _epochs_done(run_dir: Path) -> tuple[int, float | None]:
 
 
 def _checkpoint_epoch(run_dir: Path) -> int | None:
-    from training.engine import CHECKPOINT, _load_checkpoint
+    from ltzoo.training.engine import CHECKPOINT, _load_checkpoint
 
     path = run_dir / CHECKPOINT
     return int(_load_checkpoint(path)["epoch"]) + 1 if path.is_file() else None
@@ -286,8 +286,8 @@ def finalize_run(run_dir: Path) -> None:
     """Resume ``run_dir`` (its run.json settings) with ``epochs`` cut to those its checkpoint
     holds: the engine trains no further step, evaluates, calibrates and saves the model; the
     rewritten run.json records the epochs actually trained."""
-    from training.config import load_run_config
-    from training.engine import train
+    from ltzoo.training.config import load_run_config
+    from ltzoo.training.engine import train
 
     cfg = load_run_config(run_dir)
     cfg.optim.epochs = _checkpoint_epoch(run_dir) or cfg.optim.epochs
@@ -399,7 +399,7 @@ def infer_worker(jsonl: Path, mode_set: str, plan: bool) -> None:
     """Measure and append one JSON row per (model, mode, batch) to ``jsonl`` as it goes."""
     import torch
 
-    import zoo
+    from ltzoo import zoo
 
     cuda = torch.cuda.is_available() and not plan
     device = torch.device("cuda" if cuda else "cpu")
@@ -638,8 +638,8 @@ class Check:
     def setup(self) -> dict[str, Any]:
         self.report["machine"] = machine_info()
         if self.args.cifar:
-            from training.data.datasets import read_jpeg_tree
-            from zoo.datasets_meta import CIFAR10_CLASSES
+            from ltzoo.training.data.datasets import read_jpeg_tree
+            from ltzoo.zoo.datasets_meta import CIFAR10_CLASSES
 
             t0 = time.monotonic()
             read_jpeg_tree(self.args.cifar, CIFAR10_CLASSES)  # decodes and caches once for all runs

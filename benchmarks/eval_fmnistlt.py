@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-import zoo
-from training.data import build_lt_dataset, build_transforms
-from training.evaluate import calibrate_and_evaluate
-from training.shifted import shifted_prior_report
-from zoo.cost import cost_report
+from ltzoo import zoo
+from ltzoo.cost import cost_report
+from ltzoo.training.data import build_lt_dataset, build_transforms
+from ltzoo.training.evaluate import calibrate_and_evaluate
+from ltzoo.training.shifted import shifted_prior_report
 
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMG = Path(__file__).parents[1] / "docs" / "img"
@@ -28,7 +28,7 @@ DOCS_IMG = Path(__file__).parents[1] / "docs" / "img"
 def int8_accuracy(model: zoo.Ensemble, split, workdir: Path) -> dict[str, float]:
     """Top-1 on the full test set of the fused fp32 graph vs its INT8 (QDQ) quantization,
     calibrated on the balanced validation split."""
-    from export.onnx import export_onnx, make_session, quantize_int8
+    from ltzoo.export.onnx import export_onnx, make_session, quantize_int8
 
     fp32 = export_onnx(model, workdir / "fp32.onnx")
     calib = torch.stack([split.val[i][0] for i in range(len(split.val))])

@@ -110,10 +110,10 @@ def _cbd_lines(fm: dict[str, Any]) -> list[str]:
 
 
 def _paper_table() -> list[str]:
-    from zoo.registry import list_models
+    from ltzoo.zoo.registry import list_models
 
     lines = ["| model | method | dataset | paper top-1 (%) | source |", "|---|---|---|---|---|"]
-    from zoo.registry import get_entry
+    from ltzoo.zoo.registry import get_entry
 
     for row in list_models():
         if row["paper"]:
@@ -355,8 +355,8 @@ def write_measured() -> None:
 
 
 def write_cards() -> None:
-    import zoo
-    from zoo.cards import render_card
+    from ltzoo import zoo
+    from ltzoo.zoo.cards import render_card
 
     for tag, name in REGISTRY_NAMES.items():
         model_dir = ROOT / "runs" / "bench" / f"{tag}-s0" / "model"
@@ -364,7 +364,7 @@ def write_cards() -> None:
             continue
         cfg = zoo.EnsembleConfig.load(model_dir / "config.json")
         if tag.startswith("ecl"):
-            from training.methods.ecl import ECL
+            from ltzoo.training.methods.ecl import ECL
 
             cfg.extra.setdefault("card_notes", ECL.card_notes)
         (CARDS / f"{name}.md").write_text(

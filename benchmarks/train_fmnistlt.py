@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import load_recipe
-from training.engine import train
+from ltzoo.training.config import load_recipe
+from ltzoo.training.engine import train
 
 RESULTS = Path(__file__).parent / "results" / "fmnistlt.json"
 RECIPES = {

@@ -2,7 +2,7 @@
 
 Submodules are imported on use so ``import export`` stays light::
 
-    from export.onnx import export_onnx, check_parity, quantize_int8, read_metadata
+    from ltzoo.export.onnx import export_onnx, check_parity, quantize_int8, read_metadata
 """
 
 __all__ = ["onnx", "tensorrt"]

@@ -97,7 +97,7 @@ def load_calibration_images(spec: str, model: Any, n: int, seed: int = 0):  # ->
                 images.append(model.preprocess(im))
         return torch.cat(images)
     try:
-        from training.data import build_lt_dataset
+        from ltzoo.training.data import build_lt_dataset
     except ImportError as exc:
         raise ValueError(
             f"--calib-data {spec!r} is not a directory and the dataset loader (training.data) "
@@ -147,7 +147,7 @@ def _int8_table(report: dict) -> str:
 def _cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from zoo.resolve import load_model, resolve_model
+    from ltzoo.zoo.resolve import load_model, resolve_model
 
     from .onnx import INT8_FORMS, export_onnx, fastest_int8, quantize_int8
 
@@ -215,6 +215,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     sys.exit(main(["export", *sys.argv[1:]]))

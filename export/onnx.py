@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.calibration import PriorSpec
-from zoo.ensemble import Ensemble
+from ltzoo.zoo.calibration import PriorSpec
+from ltzoo.zoo.ensemble import Ensemble
 
 INPUT_NAMES = ("pixel_values", "log_prior_shift")
 OUTPUT_NAMES = ("probs", "disagreement", "expert_probs")
@@ -143,9 +143,9 @@ def _ltzoo_version() -> str:
 
         return version("ltzoo")
     except Exception:  # not installed (e.g. a source checkout on sys.path)
-        import zoo
+        from ltzoo import __version__
 
-        return getattr(zoo, "__version__", "unknown")
+        return __version__
 
 
 def _set_metadata(proto: Any, entries: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zoo.errors import UnavailableError
+from ltzoo.zoo.errors import UnavailableError
 
 INSTALL_HINT = (
     "install the GPU extras with `pip install ltzoo[gpu]` (tensorrt>=10, onnxruntime-gpu)"

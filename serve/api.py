@@ -63,7 +63,7 @@ from litserve.utils import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zoo.config import EnsembleConfig
+from ltzoo.zoo.config import EnsembleConfig
 
 from .backends import BackendSpec
 from .decoding import (

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from zoo.config import EnsembleConfig
+from ltzoo.zoo.config import EnsembleConfig
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -57,8 +57,8 @@ class TorchBackend:
     def __init__(self, model: Any, device: str = "cpu", threads: int | None = None) -> None:
         import torch
 
-        from zoo import Ensemble
-        from zoo.hub_io import load
+        from ltzoo.zoo import Ensemble
+        from ltzoo.zoo.hub_io import load
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -75,7 +75,7 @@ class TorchBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from zoo.calibration import expert_disagreement
+        from ltzoo.zoo.calibration import expert_disagreement
 
         _check_inputs(batch, log_prior_shift, self.config.num_classes)
         with torch.inference_mode():
@@ -141,7 +141,7 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         providers: list[Any] | None = None,
     ) -> None:
-        from export.onnx import make_session, read_metadata
+        from ltzoo.export.onnx import make_session, read_metadata
 
         self.path = Path(onnx_path)
         meta = read_metadata(self.path)
@@ -318,7 +318,7 @@ def export_cached(model: Any) -> Path:
     """Export ``model`` (a zoo.Ensemble) to a fused ONNX file in the cache, keyed by content."""
     import json
 
-    from export.onnx import export_onnx
+    from ltzoo.export.onnx import export_onnx
 
     digest = hashlib.sha256(
         json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
@@ -381,7 +381,7 @@ def prepare(
                 "the torch backend needs a model directory or name, not an .onnx file; "
                 "use --backend onnxruntime"
             )
-        from export.onnx import read_metadata
+        from ltzoo.export.onnx import read_metadata
 
         meta = read_metadata(model_or_onnx)
         if "ltzoo_config" not in meta:
@@ -391,7 +391,7 @@ def prepare(
         config = EnsembleConfig.from_dict(meta["ltzoo_config"])
         config.extra.setdefault("source", meta.get("source") or {})
         return BackendSpec(backend, str(Path(model_or_onnx).resolve()), device, threads), config
-    from zoo.hub_io import load
+    from ltzoo.zoo.hub_io import load
 
     model = load(model_or_onnx)
     source = str(Path(model_or_onnx).resolve()) if Path(model_or_onnx).is_dir() else model_or_onnx

@@ -50,7 +50,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from zoo.resolve import resolve_model
+    from ltzoo.zoo.resolve import resolve_model
 
     from .api import build_server, uvicorn_limits
     from .backends import prepare

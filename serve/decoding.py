@@ -33,9 +33,9 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 
-from zoo import calibration as cal
-from zoo.config import EnsembleConfig
-from zoo.preprocess import Preprocess
+from ltzoo.zoo import calibration as cal
+from ltzoo.zoo.config import EnsembleConfig
+from ltzoo.zoo.preprocess import Preprocess
 
 #: image formats the server agrees to decode (everything else is "not an image")
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")

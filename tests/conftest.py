@@ -2,7 +2,7 @@
 
 huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_CACHE when it is imported, so the
 Hub environment is set here, before anything imports huggingface_hub or zoo: every test
-session talks to a local Hub server (zoo.hub_server) and uses a fresh, empty cache.
+session talks to a local Hub server (ltzoo.hub_server) and uses a fresh, empty cache.
 """
 
 import atexit
@@ -35,8 +35,7 @@ import pytest  # noqa: E402
 def hub_server(tmp_path_factory):
     """URL of a local Hub server (the HF_ENDPOINT of this session) on a temporary store."""
     from huggingface_hub import constants
-
-    from zoo.hub_server import HubServer
+    from ltzoo.hub_server import HubServer
 
     assert constants.ENDPOINT == HUB_URL, "huggingface_hub was imported before tests/conftest.py"
     with HubServer(tmp_path_factory.mktemp("hub-store"), port=HUB_PORT) as server:

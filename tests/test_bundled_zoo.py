@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, constants
+from ltzoo.hub_server import free_port
 
-import zoo
-from zoo import bundle
-from zoo.cli import main as cli_main
-from zoo.ensemble import WEIGHTS_NAME
-from zoo.hub_io import IntegrityError
-from zoo.hub_server import free_port
-from zoo.registry import get_entry, list_models
+from ltzoo import zoo
+from ltzoo.cli import main as cli_main
+from ltzoo.zoo import bundle
+from ltzoo.zoo.ensemble import WEIGHTS_NAME
+from ltzoo.zoo.hub_io import IntegrityError
+from ltzoo.zoo.registry import get_entry, list_models
 
 NAME = "ce-resnet32-fmnistlt"
 FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist")
@@ -108,7 +108,7 @@ def test_bundle_script_writes_a_pinned_manifest(tmp_path, capsys):
 
 
 def _fmnist_test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from training.data import read_idx
+    from ltzoo.training.data import read_idx
 
     images = read_idx(FMNIST_TEST / "t10k-images-idx3-ubyte.gz")[:n]
     labels = read_idx(FMNIST_TEST / "t10k-labels-idx1-ubyte.gz")[:n]

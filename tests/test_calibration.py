@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import zoo
-from zoo import calibration as cal
+from ltzoo import zoo
+from ltzoo.zoo import calibration as cal
 
 
 def _synthetic(n=20000, c=10, temperature=2.5, seed=0):

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from training.config import ConfigError, load_recipe
-from training.data import build_sampler
-from training.methods import METHODS
-from training.methods.cbd import (
+from ltzoo.training.config import ConfigError, load_recipe
+from ltzoo.training.data import build_sampler
+from ltzoo.training.methods import METHODS
+from ltzoo.training.methods.cbd import (
     CBD,
     CBDParams,
     TeacherSpec,
@@ -23,9 +23,9 @@ from training.methods.cbd import (
     teacher_feature,
     teacher_run_config,
 )
-from zoo import Ensemble
-from zoo.cards import render_card
-from zoo.registry import get_entry
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.cards import render_card
+from ltzoo.zoo.registry import get_entry
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COUNTS = [50, 30, 20, 10, 8, 6, 5, 4, 3, 2]
@@ -224,7 +224,7 @@ def _fake_trainer(tmp_path, cfg):
 
 def test_prepare_resumes_stage_by_stage(tmp_path, monkeypatch):
     """t0 finished (loaded, not retrained); t1 interrupted (train(..., resume=True)); card filled."""
-    import training.engine as engine
+    import ltzoo.training.engine as engine
 
     cfg = load_recipe("fmnistlt_cbd")
     params = CBDParams.from_dict(cfg.method_params)
@@ -311,7 +311,7 @@ def test_two_stage_smoke(tmp_path):
     """Both stages through the engine. Evaluation runs on 500 test images: a full 10k-image
     pass takes minutes on a busy CPU and the flow has five of them (2 teachers, the teacher
     ensemble (2 passes), the student)."""
-    from training.engine import train
+    from ltzoo.training.engine import train
 
     cfg = load_recipe(
         "fmnistlt_cbd",

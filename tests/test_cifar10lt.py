@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 from test_engine import TINY
 
-from training.config import load_recipe
-from training.data import build_lt_dataset, lt_counts
-from training.data import datasets as ds
-from training.data.datasets import CIFAR10_JPEG_VARIANT, read_jpeg_tree
-from training.engine import train
-from zoo.datasets_meta import CIFAR10_CLASSES
+from ltzoo.training.config import load_recipe
+from ltzoo.training.data import build_lt_dataset, lt_counts
+from ltzoo.training.data import datasets as ds
+from ltzoo.training.data.datasets import CIFAR10_JPEG_VARIANT, read_jpeg_tree
+from ltzoo.training.engine import train
+from ltzoo.zoo.datasets_meta import CIFAR10_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -141,7 +141,7 @@ def test_cifar10lt_recipes_validate(recipe):
 
 
 def test_registry_labels_paper_and_jpeg_copy_numbers():
-    from zoo.registry import get_entry
+    from ltzoo.zoo.registry import get_entry
 
     assert get_entry("ncl-resnet32-cifar10lt-r100").paper == {"top1": 84.7}
     assert get_entry("ncl-resnet32-cifar10lt-r50").paper == {"top1": 86.8}
@@ -182,7 +182,7 @@ def test_smoke_train_a_few_batches_on_the_shared_copy(tmp_path):
 def test_cuda_amp_training_step_and_device_agnostic_eval(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    import zoo
+    from ltzoo import zoo
 
     tree = _fake_tree(tmp_path / "tree", 20, 4)
     over = [*TINY, "optim.epochs=2", f"data.root={tree}", "data.n_max=16", "data.rho=4"]

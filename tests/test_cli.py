@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import zoo
-from zoo.cli import main
-from zoo.resolve import resolve_model
+from ltzoo import zoo
+from ltzoo.cli import main
+from ltzoo.zoo.resolve import resolve_model
 
 
 def _small_model(num_classes: int = 10, **extra) -> zoo.Ensemble:
@@ -72,9 +72,9 @@ def _dead_endpoint() -> str:
 # --- 18.11: help and list without torch ----------------------------------------------------
 def test_help_and_list_do_not_import_torch():
     code = (
-        "import sys, zoo.cli\n"
-        "try:\n    zoo.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "assert zoo.cli.main(['list', 'ncl']) == 0\n"
+        "import sys, ltzoo.cli\n"
+        "try:\n    ltzoo.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert ltzoo.cli.main(['list', 'ncl']) == 0\n"
         "print('TORCH', 'torch' in sys.modules)\n"
     )
     out = subprocess.run(

@@ -9,9 +9,9 @@ import tracemalloc
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 
-import zoo
-from zoo.config import EnsembleConfig
-from zoo.ensemble import CONFIG_NAME, WEIGHTS_NAME
+from ltzoo import zoo
+from ltzoo.zoo.config import EnsembleConfig
+from ltzoo.zoo.ensemble import CONFIG_NAME, WEIGHTS_NAME
 
 BAD_FIELDS = [
     ({"num_classes": "10"}, "num_classes must be an integer"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (
+from ltzoo.training.data import (
     AUGMENTATIONS,
     LTSplit,
     build_lt_dataset,
@@ -21,9 +21,9 @@ from training.data import (
     lt_counts,
     read_idx,
 )
-from zoo.config import PreprocessConfig
-from zoo.datasets_meta import CIFAR10_CLASSES, DATASETS, FASHION_MNIST_CLASSES
-from zoo.preprocess import Preprocess
+from ltzoo.zoo.config import PreprocessConfig
+from ltzoo.zoo.datasets_meta import CIFAR10_CLASSES, DATASETS, FASHION_MNIST_CLASSES
+from ltzoo.zoo.preprocess import Preprocess
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(

@@ -11,7 +11,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_demo_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
-    from zoo.demo import run_demo
+    from ltzoo.demo import run_demo
 
     # the demo sets HF_HOME / HF_ENDPOINT / LTZOO_HUB_ORG for itself; keep them out of other tests
     for var in ("HF_HOME", "HF_ENDPOINT", "LTZOO_HUB_ORG"):
@@ -31,7 +31,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "model.onnx").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert out.count("  true ") == 3  # three images classified over HTTP
-    from zoo.bundle import is_bundled
+    from ltzoo.zoo.bundle import is_bundled
 
     if is_bundled("ncl-resnet32-fmnistlt"):  # the shipped model classifies the same test images
         assert "shipped ncl-resnet32-fmnistlt" in out

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.methods import METHODS
-from training.methods.ecl import (
+from ltzoo.training.methods import METHODS
+from ltzoo.training.methods.ecl import (
     ECL,
     REWEIGHT_RULE,
     ECLParams,
@@ -18,9 +18,9 @@ from training.methods.ecl import (
     peer_teachers,
     true_class_gap,
 )
-from training.methods.ncl import NCLLoss
-from zoo import Ensemble
-from zoo.registry import get_entry
+from ltzoo.training.methods.ncl import NCLLoss
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.registry import get_entry
 
 COUNTS = [100, 60, 36, 22, 13, 8, 5, 3, 2, 1]
 LOG_N = torch.tensor(COUNTS, dtype=torch.float32).log()
@@ -57,7 +57,7 @@ def _feats(m: ECL, b: int = 6) -> list[torch.Tensor]:
 
 def test_registered_and_rule_documented():
     assert METHODS["ecl"] is ECL and ECL.logit_prior == "uniform"
-    import training.methods.ecl as ecl_module
+    import ltzoo.training.methods.ecl as ecl_module
 
     assert "RECONSTRUCTION" in ecl_module.__doc__
     assert "gap_c" in REWEIGHT_RULE and "w_min" in REWEIGHT_RULE
@@ -278,7 +278,7 @@ def test_distillation_classifier_gets_gradient_only_from_distillation():
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_ablation_overrides_switch_parts(name):
-    from training.config import load_recipe
+    from ltzoo.training.config import load_recipe
 
     cfg = load_recipe("fmnistlt_ecl", ABLATIONS[name])
     m = _method(**cfg.method_params)
@@ -291,7 +291,7 @@ def test_ablation_overrides_switch_parts(name):
 
 
 def test_recipes_load():
-    from training.config import load_recipe
+    from ltzoo.training.config import load_recipe
 
     for r in ("fmnistlt_ecl", "cifar100lt_r100_ecl", "imagenetlt_resnext50_ecl"):
         cfg = load_recipe(r)
@@ -306,8 +306,8 @@ def test_recipes_load():
     not Path("/usr/share/datasets/fashion-mnist").exists(), reason="Fashion-MNIST not available"
 )
 def test_two_step_smoke_train(tmp_path):
-    from training.config import load_recipe
-    from training.engine import train
+    from ltzoo.training.config import load_recipe
+    from ltzoo.training.engine import train
 
     cfg = load_recipe(
         "fmnistlt_ecl",

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.config import ConfigError, load_recipe
-from training.engine import lr_lambda
+from ltzoo.training.config import ConfigError, load_recipe
+from ltzoo.training.engine import lr_lambda
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
@@ -60,14 +60,14 @@ def test_unknown_recipe_lists_available():
 
 
 def test_cli_rejects_bad_key_with_exit_code_2(capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     assert main(["train", "fmnistlt_ce", "optim.nope=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
 
 
 def test_every_recipe_loads():
-    from training.config import RECIPES_DIR
+    from ltzoo.training.config import RECIPES_DIR
 
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
     assert len(names) >= 10
@@ -89,7 +89,7 @@ def _train_cmd(run_dir: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "zoo.cli",
+        "ltzoo",
         "train",
         "fmnistlt_ce",
         *TINY,
@@ -141,7 +141,7 @@ def test_torchrun_two_process_gloo(tmp_path):
         "--standalone",
         "--nproc-per-node=2",
         "-m",
-        "zoo.cli",
+        "ltzoo",
         "train",
         "fmnistlt_ce",
         *TINY,
@@ -183,7 +183,7 @@ def test_torchrun_two_process_gloo(tmp_path):
     ],
 )
 def test_dry_run_rejects_what_the_run_would(recipe, override, message, capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     assert main(["train", recipe, override, "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -197,7 +197,7 @@ def test_cuda_device_without_cuda_is_rejected_at_load():
 
 
 def test_overriding_only_epochs_scales_the_schedule(capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     base = load_recipe("fmnistlt_ce").optim
     assert base.milestones and base.warmup_epochs  # the recipe has both
@@ -226,7 +226,7 @@ def _recorded_run(tmp_path: Path, overrides: list[str]) -> Path:
 
 
 def test_resume_takes_the_settings_of_run_json(tmp_path, capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     run = _recorded_run(tmp_path, ["optim.epochs=3", "optim.lr=0.05"])
     opts = ["--out", str(run), "--resume", "--dry-run"]
@@ -253,8 +253,8 @@ class _Crash(Exception):
 @needs_fmnist
 @pytest.mark.slow
 def test_resume_after_a_crash_logs_every_epoch_once(tmp_path, monkeypatch):
-    import training.engine as engine
-    from zoo.cli import main
+    import ltzoo.training.engine as engine
+    from ltzoo.cli import main
 
     run, real_save, saves = tmp_path / "run", engine.atomic_save, []
 
@@ -277,7 +277,7 @@ def test_resume_after_a_crash_logs_every_epoch_once(tmp_path, monkeypatch):
 
 
 def test_disk_full_during_checkpoint_save(tmp_path, monkeypatch):
-    import training.engine as engine
+    import ltzoo.training.engine as engine
 
     def full_disk(obj, fh):
         fh.write(b"partial checkpoint")

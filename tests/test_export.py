@@ -18,8 +18,8 @@ pytest.importorskip("onnxscript")
 
 import onnx
 
-import zoo
-from export.onnx import (
+from ltzoo import zoo
+from ltzoo.export.onnx import (
     FusedEnsemble,
     check_parity,
     convert_fp16,
@@ -29,8 +29,8 @@ from export.onnx import (
     quantize_int8,
     read_metadata,
 )
-from training.data import read_idx
-from zoo.calibration import expert_disagreement
+from ltzoo.training.data import read_idx
+from ltzoo.zoo.calibration import expert_disagreement
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COUNTS = [500, 300, 180, 110, 66, 40, 24, 14, 8, 5]
@@ -272,7 +272,7 @@ def test_fp16_loads_and_keeps_float32_io(exported, tmp_path):
 
 
 def test_cli_registers_export_and_rejects_bad_flags(tmp_path, capsys):
-    from zoo.cli import build_parser, main
+    from ltzoo.cli import build_parser, main
 
     args = build_parser().parse_args(
         ["export", "m", "--format", "onnx", "--int8", "--calib-size", "8"]
@@ -283,7 +283,7 @@ def test_cli_registers_export_and_rejects_bad_flags(tmp_path, capsys):
 
 
 def test_tensorrt_missing_gives_clear_error(tmp_path):
-    from export.tensorrt import build_engine
+    from ltzoo.export.tensorrt import build_engine
 
     try:
         import tensorrt  # noqa: F401
@@ -302,7 +302,7 @@ def test_tensorrt_engine(exported, tmp_path):
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from export.tensorrt import build_engine
+    from ltzoo.export.tensorrt import build_engine
 
     _, path = exported("independent")
     engine = build_engine(path, tmp_path / "m.engine", fp16=True, max_batch=8)

@@ -1,4 +1,4 @@
-"""Hub round trips through the real huggingface_hub client against zoo.hub_server.
+"""Hub round trips through the real huggingface_hub client against ltzoo.hub_server.
 
 Every test talks to the local server started by the ``hub_server`` fixture (its URL is
 HF_ENDPOINT, set in conftest.py before huggingface_hub is imported).
@@ -16,14 +16,14 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from ltzoo.hub_server import NAME_PATTERN, HubServer
 from safetensors.torch import save_file
 
-import zoo
-from zoo import hub_io
-from zoo.cli import main as cli_main
-from zoo.config import PreprocessConfig
-from zoo.ensemble import WEIGHTS_NAME
-from zoo.hub_server import NAME_PATTERN, HubServer
+from ltzoo import zoo
+from ltzoo.cli import main as cli_main
+from ltzoo.zoo import hub_io
+from ltzoo.zoo.config import PreprocessConfig
+from ltzoo.zoo.ensemble import WEIGHTS_NAME
 
 X28 = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 

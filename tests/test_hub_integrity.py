@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, constants
+from ltzoo.hub_server import HubServer
 
-import zoo
-from zoo import IntegrityError  # exported by the package
-from zoo.ensemble import WEIGHTS_NAME
-from zoo.hub_server import HubServer
+from ltzoo import zoo
+from ltzoo.zoo import IntegrityError  # exported by the package
+from ltzoo.zoo.ensemble import WEIGHTS_NAME
 
 REPO = "test-org/integrity"
 

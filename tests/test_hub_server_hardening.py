@@ -15,13 +15,13 @@ import pytest
 import torch
 from huggingface_hub import HfApi, RepoCard
 from huggingface_hub.errors import HfHubHTTPError
+from ltzoo.hub_server import HubServer
 
-import zoo
-from zoo.cards import render_card
-from zoo.cli import main as cli_main
-from zoo.ensemble import WEIGHTS_NAME
-from zoo.hub_server import HubServer
-from zoo.registry import get_entry
+from ltzoo import zoo
+from ltzoo.cli import main as cli_main
+from ltzoo.zoo.cards import render_card
+from ltzoo.zoo.ensemble import WEIGHTS_NAME
+from ltzoo.zoo.registry import get_entry
 
 
 @pytest.fixture

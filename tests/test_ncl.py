@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.methods.ncl import NCLLoss, hard_category_mask, mutual_kl
+from ltzoo.training.methods.ncl import NCLLoss, hard_category_mask, mutual_kl
 
 COUNTS = [50, 20, 10, 5, 2]
 
@@ -87,8 +87,8 @@ def test_no_nan_when_probabilities_underflow():
 
 
 def test_ncl_method_trains_all_experts_one_step():
-    import zoo
-    from training.methods import NCL
+    from ltzoo import zoo
+    from ltzoo.training.methods import NCL
 
     cfg = zoo.EnsembleConfig(num_classes=5, class_counts=COUNTS, num_experts=2)
     model = zoo.Ensemble(cfg)

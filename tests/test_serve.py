@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import zoo
+from ltzoo import zoo
 
 TIMEOUT = httpx.Timeout(20.0, connect=5.0)
 API_KEY = "s3cret-key"
@@ -39,7 +39,7 @@ COUNTS = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
 LIMITS = ["--max-payload-mb", "1", "--max-pixels", "1000000", "--max-images", "8"]
 
 try:
-    from export.onnx import export_onnx  # noqa: F401
+    from ltzoo.export.onnx import export_onnx  # noqa: F401
 
     HAVE_ONNX_EXPORT = True
 except ImportError:  # pragma: no cover - export lands in another issue
@@ -62,7 +62,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "zoo.cli",
+            "ltzoo",
             "serve",
             *args,
             "--port",
@@ -566,7 +566,7 @@ def test_backend_parity_torch_vs_onnxruntime(client, ort):
 
 
 def test_cli_errors_cleanly(model_dir, tmp_path, capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     assert main(["serve", str(tmp_path / "missing.onnx"), "--backend", "onnxruntime"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -579,7 +579,7 @@ def test_cli_errors_cleanly(model_dir, tmp_path, capsys):
 
 def test_tensorrt_host_reweighting_matches_graph_prior(ort):
     """TensorRTBackend's exact host-side prior re-weighting, checked on the CPU provider."""
-    from serve.backends import OnnxRuntimeBackend, TensorRTBackend
+    from ltzoo.serve.backends import OnnxRuntimeBackend, TensorRTBackend
 
     onnx_file = next((ort.cache / "onnx").glob("*.onnx"))  # exported by the ORT server
     ref = OnnxRuntimeBackend(onnx_file, "cpu", threads=1)

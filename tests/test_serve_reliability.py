@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.requests import Request
 
-import zoo
-from serve.decoding import PIL_PIXEL_CEILING, RequestDecoder, read_payload
+from ltzoo import zoo
+from ltzoo.serve.decoding import PIL_PIXEL_CEILING, RequestDecoder, read_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -125,8 +125,8 @@ def test_slow_body_gets_408_after_read_timeout():
 
 # -- 19.9 OpenAPI document, 18.10 offline docs, 18.11 revision -------------------------------
 def _server(api_key: str | None):
-    from serve.api import build_server
-    from serve.backends import BackendSpec
+    from ltzoo.serve.api import build_server
+    from ltzoo.serve.backends import BackendSpec
 
     return build_server(BackendSpec("torch", "unused"), CONFIG, api_key=api_key, max_images=8)
 
@@ -167,8 +167,8 @@ def test_docs_and_redoc_are_served_without_a_cdn():
 
 
 def test_revision_is_null_for_every_backend_when_unknown():
-    from serve.api import EnsembleAPI
-    from serve.backends import BackendSpec
+    from ltzoo.serve.api import EnsembleAPI
+    from ltzoo.serve.backends import BackendSpec
 
     cfg = zoo.EnsembleConfig.from_dict(CONFIG.to_dict())
     cfg.extra["source"] = {"revision": ""}  # what an exported .onnx records for a local model
@@ -177,7 +177,7 @@ def test_revision_is_null_for_every_backend_when_unknown():
 
 # -- 19.10 API key, 18.11 CLI errors --------------------------------------------------------
 def test_api_key_flag_warns_env_var_does_not(monkeypatch, capsys):
-    from serve.cli import _api_key
+    from ltzoo.serve.cli import _api_key
 
     monkeypatch.setenv("LTZOO_API_KEY", "from-env")
     assert _api_key(argparse.Namespace(api_key=None)) == "from-env"
@@ -187,7 +187,7 @@ def test_api_key_flag_warns_env_var_does_not(monkeypatch, capsys):
 
 
 def test_max_pixels_above_pil_ceiling_is_a_usage_error(capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["serve", "m", "--max-pixels", str(PIL_PIXEL_CEILING + 1)])
@@ -195,8 +195,8 @@ def test_max_pixels_above_pil_ceiling_is_a_usage_error(capsys):
 
 
 def test_device_cuda_without_gpu_is_one_line(tmp_path, capsys):
-    from serve.backends import cuda_available
-    from zoo.cli import main
+    from ltzoo.cli import main
+    from ltzoo.serve.backends import cuda_available
 
     if cuda_available():
         pytest.skip("a GPU is visible")
@@ -245,8 +245,8 @@ def _predict_with_deadline(body: bytes, stall: bool, timeout: float) -> tuple[in
     import queue
     import time
 
-    from serve.api import build_server
-    from serve.backends import BackendSpec
+    from ltzoo.serve.api import build_server
+    from ltzoo.serve.backends import BackendSpec
 
     server = build_server(BackendSpec("torch", "unused"), CONFIG, timeout=timeout)
     server.litapi_request_queues["/predict"] = queue.Queue()  # no worker ever takes it

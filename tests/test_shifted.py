@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import zoo
-from training.shifted import resample, shifted_prior
-from zoo.cost import cost_report
+from ltzoo import zoo
+from ltzoo.cost import cost_report
+from ltzoo.training.shifted import resample, shifted_prior
 
 
 def test_shifted_prior_ratio_and_direction():
@@ -27,7 +27,7 @@ def test_resample_follows_prior_and_is_seeded():
 
 def test_true_and_estimated_prior_beat_balanced_on_shifted_synthetic_set():
     """A classifier calibrated for the uniform prior, evaluated on a forward-LT set."""
-    from zoo import calibration as cal
+    from ltzoo.zoo import calibration as cal
 
     g = torch.Generator().manual_seed(0)
     c, n = 10, 20000

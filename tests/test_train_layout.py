@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import load_recipe
-from training.data import ArrayImageDataset, build_transforms
-from training.data.batched import BatchAugment, UInt8Batches, batched_augment_for
-from training.data.transforms import cutout_size
-from training.methods import METHODS
-from zoo import Ensemble
-from zoo.config import PreprocessConfig
-from zoo.registry import get_entry
+from ltzoo.training.config import load_recipe
+from ltzoo.training.data import ArrayImageDataset, build_transforms
+from ltzoo.training.data.batched import BatchAugment, UInt8Batches, batched_augment_for
+from ltzoo.training.data.transforms import cutout_size
+from ltzoo.training.methods import METHODS
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.config import PreprocessConfig
+from ltzoo.zoo.registry import get_entry
 
 COUNTS = [100, 60, 36, 22, 13, 8, 5, 3, 2, 1]
 FMNIST_PRE = PreprocessConfig()

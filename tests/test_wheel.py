@@ -1,6 +1,6 @@
 """A wheel installed outside the repository carries its package data: model cards can be
 written (zoo/data/card_template.md), recipes found and bundled weights loaded offline by
-name, without the source tree."""
+name, without the source tree. Everything installs under the one ``ltzoo`` namespace."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from zoo.bundle import add_to_bundle
-from zoo.ensemble import Ensemble
-from zoo.registry import get_entry
+from ltzoo.zoo.bundle import add_to_bundle
+from ltzoo.zoo.ensemble import Ensemble
+from ltzoo.zoo.registry import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what the wheel is built from (copied, so that the build leaves nothing in the shared tree)
-SOURCES = ("pyproject.toml", "README.md", "zoo", "training", "export", "serve")
+SOURCES = ("pyproject.toml", "README.md", "ltzoo", "zoo", "training", "export", "serve")
 NAME = "ce-resnet32-fmnistlt"
 
 CHILD = """
 import sys
 from pathlib import Path
-import zoo
+from ltzoo import zoo
 assert Path(zoo.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), zoo.__file__
 model = zoo.Ensemble(zoo.EnsembleConfig(num_experts=1, layout="single", dataset="fashion_mnist_lt"))
 model.save_pretrained(sys.argv[2], card=True)
@@ -47,7 +47,9 @@ def test_installed_wheel_writes_cards_and_loads_bundled_weights(tmp_path):
     src.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(  # ltzoo/{zoo,training,export,serve} stay links, as in the repo
+                ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+            )
         else:
             shutil.copy2(ROOT / name, src / name)
     Ensemble(get_entry(NAME).build_config()).save_pretrained(tmp_path / "model")
@@ -55,9 +57,13 @@ def test_installed_wheel_writes_cards_and_loads_bundled_weights(tmp_path):
     _pip("wheel", "--no-build-isolation", "-w", str(tmp_path / "dist"), ".", cwd=src)
     [wheel] = (tmp_path / "dist").glob("ltzoo-*.whl")
     members = zipfile.ZipFile(wheel).namelist()
-    assert "zoo/data/card_template.md" in members and "zoo/data/measured.json" in members
-    assert any(m.startswith("training/recipes/") and m.endswith(".toml") for m in members)
-    assert f"zoo/weights/{NAME}/model.safetensors" in members
+    top_level = {m.split("/")[0] for m in members if not m.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"ltzoo"}, top_level  # no generic `training`, `export`, `serve`, `zoo`
+    assert "ltzoo/zoo/data/card_template.md" in members
+    assert "ltzoo/zoo/data/measured.json" in members
+    assert any(m.startswith("ltzoo/training/recipes/") and m.endswith(".toml") for m in members)
+    assert f"ltzoo/zoo/weights/{NAME}/model.safetensors" in members
+    assert "ltzoo/py.typed" in members
 
     site = tmp_path / "site"
     _pip("install", "--target", str(site), str(wheel), cwd=tmp_path)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import zoo
-from zoo.models import BACKBONES, CosineClassifier, backbone_stages
-from zoo.registry import get_entry, list_models
+from ltzoo import zoo
+from ltzoo.zoo.models import BACKBONES, CosineClassifier, backbone_stages
+from ltzoo.zoo.registry import get_entry, list_models
 
 
 def test_resnet32_is_the_cifar_resnet():
@@ -110,7 +110,7 @@ def test_predict_accepts_any_pil_mode_and_size(mode):
 
 
 def test_exif_rotation_is_applied():
-    from zoo.preprocess import to_model_mode
+    from ltzoo.zoo.preprocess import to_model_mode
 
     img = Image.new("L", (40, 20), 0)
     exif = img.getexif()
@@ -121,7 +121,7 @@ def test_exif_rotation_is_applied():
 
 
 def test_transparent_pixels_become_white():
-    from zoo.preprocess import to_model_mode
+    from ltzoo.zoo.preprocess import to_model_mode
 
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert np.asarray(to_model_mode(rgba, 1)).min() == 255
@@ -178,7 +178,7 @@ def test_unknown_name_suggests_close_match():
 
 
 def test_model_card_has_hub_metadata_and_provenance():
-    from zoo.cards import render_card
+    from ltzoo.zoo.cards import render_card
 
     cfg = get_entry("ecl-resnet32-fmnistlt").build_config()
     cfg.metrics = {
@@ -192,7 +192,7 @@ def test_model_card_has_hub_metadata_and_provenance():
 
 
 def test_cli_list_and_info(capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     assert main(["list", "ncl", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -202,7 +202,7 @@ def test_cli_list_and_info(capsys):
 
 
 def test_cli_help_lists_every_subcommand(capsys):
-    from zoo.cli import main
+    from ltzoo.cli import main
 
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -47,7 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _model_and_split(args: argparse.Namespace, ref):  # ref: zoo.resolve.ModelRef
-    from zoo.resolve import load_model
+    from ltzoo.zoo.resolve import load_model
 
     from .data import build_lt_dataset, build_transforms
 
@@ -85,7 +85,7 @@ def _pct(value: float | None) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from zoo.resolve import resolve_model
+    from ltzoo.zoo.resolve import resolve_model
 
     from .evaluate import calibrate_and_evaluate
 
@@ -112,7 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from zoo.resolve import resolve_model
+    from ltzoo.zoo.resolve import resolve_model
 
     from .evaluate import calibrate_and_evaluate
 

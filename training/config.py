@@ -57,7 +57,7 @@ class DataConfig:
     @property
     def num_classes(self) -> int | None:
         """Classes of the dataset, when known without reading it (not for imagefolder_lt)."""
-        from zoo.datasets_meta import DATASETS
+        from ltzoo.zoo.datasets_meta import DATASETS
 
         return DATASETS[self.name].num_classes if self.name in DATASETS else None
 
@@ -187,7 +187,7 @@ class RunConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from zoo.registry import get_entry
+        from ltzoo.zoo.registry import get_entry
 
         from .methods import METHODS
 

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from zoo import Ensemble
-from zoo.registry import get_entry
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.registry import get_entry
 
 from .config import RunConfig
 from .data.batched import BatchAugment, UInt8Batches, batched_augment_for, collate_uint8

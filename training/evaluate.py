@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from zoo import Ensemble
-from zoo import calibration as cal
-from zoo.config import shot_group
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo import calibration as cal
+from ltzoo.zoo.config import shot_group
 
 GROUPS = ("many", "medium", "few")
 

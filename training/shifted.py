@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from zoo import Ensemble
-from zoo import calibration as cal
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo import calibration as cal
 
 from .evaluate import accuracy_report, collect_logits
 

@@ -1,6 +1,6 @@
-"""ltzoo: a model zoo for long-tailed recognition with multi-expert ensembles.
+"""ltzoo.zoo: the model zoo for long-tailed recognition with multi-expert ensembles.
 
->>> import zoo
+>>> from ltzoo import zoo
 >>> model = zoo.load("ecl-resnext50-imagenetlt", pretrained=False)
 >>> [row["name"] for row in zoo.list_models("ncl")][:2]
 ['ncl-resnet32-fmnistlt', 'ncl-resnet32-cifar100lt-r100']
@@ -11,13 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the names below are imported on first use: `import zoo` loads no torch
+if TYPE_CHECKING:  # the names below are imported on first use: importing zoo loads no torch
     from .config import EnsembleConfig, PreprocessConfig, shot_group
     from .ensemble import Ensemble, Prediction
     from .hub_io import IntegrityError, ModelNotAvailableError, download, load, push_to_hub
     from .registry import get_entry, list_models
-
-__version__ = "0.1.0"
 
 #: public name -> submodule defining it (imported lazily, so `ltzoo --help` stays fast)
 _LAZY = {

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from zoo.config import PreprocessConfig
+from ltzoo.zoo.config import PreprocessConfig
 
 from .transforms import SMALL_IMAGE_MAX, cutout_size, parse_augmentation
 

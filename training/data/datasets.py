@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from zoo.config import PreprocessConfig
-from zoo.datasets_meta import CIFAR_PREPROCESS, DATASETS, IMAGENET_PREPROCESS
-from zoo.preprocess import Preprocess, to_model_mode
+from ltzoo.zoo.config import PreprocessConfig
+from ltzoo.zoo.datasets_meta import CIFAR_PREPROCESS, DATASETS, IMAGENET_PREPROCESS
+from ltzoo.zoo.preprocess import Preprocess, to_model_mode
 
 from .profile import check_class_order, inverse_order, lt_counts, select_lt
 

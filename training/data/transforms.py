@@ -28,8 +28,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from zoo.config import PreprocessConfig
-from zoo.preprocess import Preprocess, to_model_mode
+from ltzoo.zoo.config import PreprocessConfig
+from ltzoo.zoo.preprocess import Preprocess, to_model_mode
 
 AUGMENTATIONS = ("crop_flip", "autoaugment", "randaugment", "cutout", "simclr_jitter")
 _AA_POLICIES = {

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from zoo import Ensemble
+from ltzoo.zoo import Ensemble
 
 
 @dataclass

@@ -53,8 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zoo import Ensemble
-from zoo.ensemble import WEIGHTS_NAME
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.ensemble import WEIGHTS_NAME
 
 from .base import Method, MethodParams
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo import Ensemble
-from zoo.models import as_experts
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.models import as_experts
 
 from .base import MethodParams
 

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo import Ensemble
-from zoo.models import build_head
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.models import build_head
 
 from .base import Method, balanced_logits, sum_tensors
 from .contrastive import MoCoParams, optional_moco

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo import Ensemble
+from ltzoo.zoo import Ensemble
 
 from .base import Method, balanced_logits, sum_tensors
 from .contrastive import MoCoParams, optional_moco

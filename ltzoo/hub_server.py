@@ -2,7 +2,7 @@
 
 Point the *unmodified* ``huggingface_hub`` client at it with ``HF_ENDPOINT``::
 
-    python -m zoo.hub_server --root /srv/ltzoo-hub --port 8080
+    python -m ltzoo.hub_server --root /srv/ltzoo-hub --port 8080
     export HF_ENDPOINT=http://127.0.0.1:8080
     ltzoo push runs/ncl my-org/ncl-resnet32-fmnistlt
     ltzoo download my-org/ncl-resnet32-fmnistlt
@@ -66,7 +66,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .hashing import git_blob_sha1
+from .zoo.hashing import git_blob_sha1
 
 #: One part of a repo id: the charset of ``zoo.hub_io._REPO_ID`` (kept in sync by a test).
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -1208,11 +1208,11 @@ class HubServer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m zoo.hub_server --root DIR [--host H] [--port N]``: serve until Ctrl-C."""
+    """``python -m ltzoo.hub_server --root DIR [--host H] [--port N]``: serve until Ctrl-C."""
     import uvicorn
 
     parser = argparse.ArgumentParser(
-        prog="python -m zoo.hub_server",
+        prog="python -m ltzoo.hub_server",
         description="Serve a local Hugging Face Hub-compatible model store (point HF_ENDPOINT at it).",
     )
     parser.add_argument(

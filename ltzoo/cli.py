@@ -18,7 +18,7 @@ _SUBCOMMAND_PACKAGES = ("training", "export", "serve")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .registry import list_models
+    from .zoo.registry import list_models
 
     rows = list_models(args.filter)
     if not rows:
@@ -42,8 +42,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .registry import get_entry
-    from .resolve import load_model, resolve_model
+    from .zoo.registry import get_entry
+    from .zoo.resolve import load_model, resolve_model
 
     ref = resolve_model(args.model, args.revision)
     registered = ref.kind == "registry"
@@ -68,8 +68,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub_io import push_to_hub
-    from .resolve import load_model
+    from .zoo.hub_io import push_to_hub
+    from .zoo.resolve import load_model
 
     model = load_model(args.model)
     oid = push_to_hub(
@@ -86,7 +86,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_push_zoo(args: argparse.Namespace) -> int:
-    from .bundle import push_zoo
+    from .zoo.bundle import push_zoo
 
     for name, repo, oid in push_zoo(
         args.org, revision=args.revision, tag=args.tag, private=args.private
@@ -96,8 +96,8 @@ def _cmd_push_zoo(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .hub_io import download
-    from .resolve import resolve_model
+    from .zoo.hub_io import download
+    from .zoo.resolve import resolve_model
 
     print(download(*resolve_model(args.model, args.revision).hub_repo()))
     return 0
@@ -169,19 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     for package in _SUBCOMMAND_PACKAGES:
-        importlib.import_module(f"{package}.cli").add_parsers(sub)
+        importlib.import_module(f".{package}.cli", __package__).add_parsers(sub)
     return parser
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user asked for something this setup cannot do (a bad value, a
     missing file or weights, a full disk, an unreachable Hub, a missing runtime), not a bug."""
-    from .errors import UnavailableError
+    from .zoo.errors import UnavailableError
 
     types: list[type[BaseException]] = [ValueError, KeyError, OSError, UnavailableError]
     # only an imported module can have raised its exception: look them up, import nothing
     for module, name in (
-        ("zoo.hub_io", "ModelNotAvailableError"),
+        ("ltzoo.zoo.hub_io", "ModelNotAvailableError"),
         ("httpx", "TransportError"),  # huggingface_hub's HTTP client (connection refused, ...)
         ("httpx2", "TransportError"),
     ):

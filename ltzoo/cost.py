@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .ensemble import Ensemble
+from .zoo.ensemble import Ensemble
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -35,7 +35,7 @@ def _ort_runner(sub: Ensemble, tmp: str):
     """``x -> probs`` through the fused ONNX graph on ONNX Runtime (CPU), exported once;
     None without the export extra."""
     try:
-        from export.onnx import export_onnx, make_session
+        from ltzoo.export.onnx import export_onnx, make_session
     except ImportError:
         return None
     session = make_session(export_onnx(sub, f"{tmp}/experts{sub.num_experts}.onnx"))

@@ -62,7 +62,7 @@ def run_demo(
     os.environ["HF_HOME"] = str(workdir / "hf_home")
     os.environ["LTZOO_HUB_ORG"] = DEMO_ORG
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from zoo.hub_server import HubServer
+    from ltzoo.hub_server import HubServer
 
     hub = HubServer(workdir / "hub").start()
     os.environ["HF_ENDPOINT"] = hub.url
@@ -70,10 +70,10 @@ def run_demo(
     try:
         import torch
 
-        import zoo
-        from training.config import load_recipe
-        from training.data import build_lt_dataset
-        from training.engine import train
+        from ltzoo import zoo
+        from ltzoo.training.config import load_recipe
+        from ltzoo.training.data import build_lt_dataset
+        from ltzoo.training.engine import train
 
         _step(1, total, "Fashion-MNIST-LT (rho=100) from /usr/share/datasets/fashion-mnist")
         split = build_lt_dataset("fashion_mnist_lt")
@@ -129,7 +129,7 @@ def run_demo(
         _step(
             7, total, "export ONE fused ONNX graph (experts + mean + prior + temperature + softmax)"
         )
-        from export.onnx import check_parity, export_onnx
+        from ltzoo.export.onnx import check_parity, export_onnx
 
         onnx_path = export_onnx(loaded, workdir / "model.onnx")
         batch = torch.stack([split.test[i][0] for i in range(16)])
@@ -158,7 +158,7 @@ def _compare_with_shipped(model: Any, test: Any, limit: int) -> None:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from zoo.bundle import is_bundled, load_bundled
+    from ltzoo.zoo.bundle import is_bundled, load_bundled
 
     if not is_bundled(DEMO_MODEL):
         print(f"  {DEMO_MODEL} is not bundled in this installation: skipped")
@@ -182,9 +182,9 @@ def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from training.data import read_idx
-    from training.data.datasets import FASHION_MNIST_DIR
-    from zoo.datasets_meta import FASHION_MNIST_CLASSES
+    from ltzoo.training.data import read_idx
+    from ltzoo.training.data.datasets import FASHION_MNIST_DIR
+    from ltzoo.zoo.datasets_meta import FASHION_MNIST_CLASSES
 
     images = read_idx(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz")
@@ -193,7 +193,7 @@ def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "zoo.cli",
+        "ltzoo",
         "serve",
         str(onnx_path),
         "--backend",
