@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,14 @@ from collections.abc import Sized
 from pathlib import Path
 from typing import Any, cast
 
+from .net import free_port
+
 DEMO_MODEL = "ncl-resnet32-fmnistlt"
 DEMO_ORG = "ltzoo-demo"
 
 
 def _step(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] {text}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -188,7 +183,7 @@ def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
 
     images = read_idx(Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, constants
-from ltzoo.hub_server import free_port
 
 from ltzoo import zoo
 from ltzoo.cli import main as cli_main
+from ltzoo.net import free_port
 from ltzoo.zoo import bundle
 from ltzoo.zoo.ensemble import WEIGHTS_NAME
 from ltzoo.zoo.hub_io import IntegrityError

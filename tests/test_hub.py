@@ -16,11 +16,12 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-from ltzoo.hub_server import NAME_PATTERN, HubServer
 from safetensors.torch import save_file
 
 from ltzoo import zoo
 from ltzoo.cli import main as cli_main
+from ltzoo.hub_server import HubServer
+from ltzoo.hub_server.validation import NAME_PATTERN
 from ltzoo.zoo import hub_io
 from ltzoo.zoo.config import PreprocessConfig
 from ltzoo.zoo.ensemble import WEIGHTS_NAME
