@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -212,9 +211,3 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.check and not _check(model, out, precision):
         return 1
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ltzoo.cli import main
-
-    sys.exit(main(["export", *sys.argv[1:]]))

@@ -218,7 +218,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ltzoo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -110,7 +110,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  export HF_ENDPOINT=http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
