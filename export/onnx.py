@@ -25,7 +25,8 @@ inputs
 outputs
     ``probs`` float32 ``[batch, num_classes]`` = ``softmax((mean_k z_k + shift) / T)``;
     ``disagreement`` float32 ``[batch]``: mean pairwise symmetric KL between the
-    experts' ``softmax(z_k / T)`` (exactly :func:`zoo.calibration.expert_disagreement`);
+    experts' ``softmax(z_k / T)`` (exactly :func:`zoo.calibration.expert_disagreement`:
+    the tail is :class:`zoo.calibration.CalibrationTail`, the same code as eager PyTorch);
     optional ``expert_probs`` float32 ``[K, batch, num_classes]`` =
     ``softmax((z_k + shift) / T)``, each expert calibrated like the ensemble.
 
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ltzoo.zoo import calibration as cal
 from ltzoo.zoo.calibration import PriorSpec
 from ltzoo.zoo.ensemble import Ensemble
 
@@ -81,35 +83,6 @@ SESSION_SETTINGS = {
 }
 
 
-class _CalibrationTail(nn.Module):
-    """Mean of logits, prior shift, temperature, softmax and expert disagreement."""
-
-    def __init__(self, num_experts: int, temperature: float, expert_outputs: bool) -> None:
-        super().__init__()
-        self.k = num_experts
-        self.temperature = float(temperature)
-        self.expert_outputs = expert_outputs
-
-    def forward(
-        self, expert_logits: torch.Tensor, log_prior_shift: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        t, k = self.temperature, self.k
-        probs = torch.softmax((expert_logits.mean(0) + log_prior_shift) / t, dim=-1)
-        if k < 2:
-            disagreement = torch.zeros_like(probs[:, 0])
-        else:
-            # sum_{i,j} KL(p_i || p_j) = K sum_i <p_i, logp_i> - <sum_i p_i, sum_j logp_j>
-            logp = torch.log_softmax(expert_logits / t, dim=-1)
-            p = logp.exp()
-            self_term = (p * logp).sum(-1).sum(0)
-            cross = (p.sum(0) * logp.sum(0)).sum(-1)
-            disagreement = (k * self_term - cross) / (k * (k - 1))
-        if not self.expert_outputs:
-            return probs, disagreement
-        expert_probs = torch.softmax((expert_logits + log_prior_shift) / t, dim=-1)
-        return probs, disagreement, expert_probs
-
-
 class FusedEnsemble(nn.Module):
     """The whole pixels -> calibrated probabilities path as one module (what gets exported).
 
@@ -123,7 +96,7 @@ class FusedEnsemble(nn.Module):
         super().__init__()
         self.model = model
         self.expert_outputs = expert_outputs
-        self.tail = _CalibrationTail(model.num_experts, model.config.temperature, expert_outputs)
+        self.tail = cal.CalibrationTail(model.config.temperature, expert_outputs)
         self.register_buffer(
             "default_log_prior_shift", model.prior_shift().float()[None], persistent=False
         )
@@ -405,7 +378,7 @@ def _cached_session(path: Path) -> Any:
 def _shift_feed(model: Ensemble, prior: PriorSpec, batch: int) -> np.ndarray | None:
     if prior is None:
         return None
-    if isinstance(prior, str) and prior == "estimate":
+    if cal.is_estimate(prior):
         raise ValueError(
             "prior='estimate' is a runtime EM loop, not part of the graph; pass a prior vector"
         )
@@ -433,12 +406,8 @@ def check_parity(
     with torch.inference_mode():
         device = next(model.parameters()).device
         logits = model(x.to(device)).float().cpu()
-        if shift is None:
-            ref = model.calibrated_probs(logits)
-        else:
-            ref = torch.softmax(
-                (logits + torch.from_numpy(shift)) / model.config.temperature, dim=-1
-            )
+        ref_shift = model.prior_shift() if shift is None else torch.from_numpy(shift)
+        ref = cal.calibrated_probs(logits, ref_shift, model.config.temperature)
     return float(np.abs(probs - ref.numpy()).max())
 
 

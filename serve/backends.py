@@ -75,7 +75,7 @@ class TorchBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from ltzoo.zoo.calibration import expert_disagreement
+        from ltzoo.zoo.calibration import calibrate
 
         _check_inputs(batch, log_prior_shift, self.config.num_classes)
         with torch.inference_mode():
@@ -84,8 +84,7 @@ class TorchBackend:
             shift = torch.from_numpy(np.ascontiguousarray(log_prior_shift, dtype=np.float32)).to(
                 self.device
             )
-            probs = torch.softmax((expert_logits.mean(0) + shift) / self.temperature, dim=-1)
-            disagreement = expert_disagreement(expert_logits, self.temperature)
+            probs, disagreement = calibrate(expert_logits, shift, self.temperature)
             return probs.cpu().numpy(), disagreement.cpu().numpy()
 
     def info(self) -> dict[str, Any]:
@@ -195,7 +194,8 @@ class TensorRTBackend(OnnxRuntimeBackend):
 
     TensorRT turns initializers into constants, so the graph's optional ``log_prior_shift``
     input may be frozen to its default there. This backend therefore never feeds it: it
-    runs the graph under the default prior ``s_d`` and re-weights on the host, exactly::
+    runs the graph under the default prior ``s_d`` and re-weights on the host, exactly
+    (:func:`zoo.calibration.reweight_probs`)::
 
         softmax((z + s) / T) = normalise(softmax((z + s_d) / T) * exp((s - s_d) / T))
     """
@@ -228,10 +228,18 @@ class TensorRTBackend(OnnxRuntimeBackend):
         _check_inputs(batch, log_prior_shift, self.config.num_classes)
         feed = {"pixel_values": np.ascontiguousarray(batch, dtype=np.float32)}
         probs, disagreement = self.session.run(["probs", "disagreement"], feed)
-        delta = (log_prior_shift.astype(np.float64) - self.default_shift) / self.temperature
-        weighted = probs.astype(np.float64) * np.exp(delta - delta.max(axis=1, keepdims=True))
-        weighted /= weighted.sum(axis=1, keepdims=True)
-        return weighted.astype(np.float32), disagreement
+        return self.reweight(probs, log_prior_shift), disagreement
+
+    def reweight(self, probs: np.ndarray, log_prior_shift: np.ndarray) -> np.ndarray:
+        """The host part: graph probabilities under the default prior -> ``log_prior_shift``."""
+        import torch
+
+        from ltzoo.zoo.calibration import reweight_probs
+
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (probs, log_prior_shift)]
+        default = torch.from_numpy(self.default_shift)
+        weighted = reweight_probs(*tensors, default, self.temperature)
+        return weighted.float().numpy()
 
 
 def check_tensorrt(device: str) -> None:

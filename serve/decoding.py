@@ -282,9 +282,7 @@ class RequestDecoder:
         self.max_images = int(max_images)
         self.max_request_pixels = int(max_request_pixels or 2 * self.max_pixels)
         self.preprocess = Preprocess(config.preprocess)
-        src = "train" if config.logit_prior == "train" else "balanced"
-        self._source_prior = cal.resolve_prior(src, config.class_counts, config.num_classes)
-        self._named_shifts = {}
+        self._named_shifts: dict[str, np.ndarray] = {}
         for name in ("balanced", "train"):
             # "train" without class counts is reported per request instead
             with contextlib.suppress(ValueError):
@@ -292,12 +290,8 @@ class RequestDecoder:
 
     # -- options ---------------------------------------------------------------------------
     def _shift_of(self, spec: Any) -> np.ndarray:
-        target = cal.resolve_prior(spec, self.config.class_counts, self.num_classes)
-        return (
-            cal.calibrated_shift(target, self._source_prior, self.config.temperature)
-            .float()
-            .numpy()
-        )
+        """The model's log-prior shift for ``spec``, from :func:`zoo.calibration.log_prior_shift`."""
+        return cal.log_prior_shift(self.config, spec).numpy()
 
     def parse_top_k(self, value: Any, from_form: bool) -> int:
         c = self.num_classes
@@ -327,8 +321,7 @@ class RequestDecoder:
 
     def parse_prior(self, value: Any, from_form: bool) -> np.ndarray:
         c = self.num_classes
-        if value is None:
-            value = self.config.default_prior or "balanced"
+        value = cal.requested_prior(self.config, value)
         if from_form and isinstance(value, str) and value.strip().startswith("["):
             try:
                 value = json.loads(value)

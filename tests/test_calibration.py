@@ -1,5 +1,6 @@
 """Calibration: temperature, prior adjustment, metrics, disagreement, EM prior estimation."""
 
+import dataclasses
 import math
 
 import pytest
@@ -67,8 +68,8 @@ def test_training_prior_undoes_balancing():
     got = model.calibrated_probs(balanced_logits, "train")
     assert torch.allclose(got, (balanced_logits + log_n).softmax(1), atol=1e-6)
     # and a CE model (logits follow the train prior) under "balanced" subtracts log n
-    model.config.logit_prior = "train"
-    got = model.calibrated_probs(balanced_logits + log_n, "balanced")
+    ce = zoo.Ensemble(dataclasses.replace(cfg, logit_prior="train"))
+    got = ce.calibrated_probs(balanced_logits + log_n, "balanced")
     assert torch.allclose(got, balanced_logits.softmax(1), atol=1e-5)
 
 

@@ -3,6 +3,7 @@ per class; temperature fitting on the balanced validation split; plots."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,15 +105,13 @@ def calibrate_and_evaluate(
         "accuracy_balanced_prior": accuracy_report(combined + shift, test_labels, counts),
         "experts": [accuracy_report(z, test_labels, counts)["top1"] for z in test_logits],
     }
-    before = _grouped_calibration(torch.softmax(combined + shift, 1), test_labels, counts)
+    before = _grouped_calibration(cal.calibrated_probs(combined, shift, 1.0), test_labels, counts)
     temperature = 1.0
     if split.val is not None and len(split.val) > 0:
         val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
         temperature = cal.fit_temperature(val_logits.mean(0) + shift, val_labels)
-    model.config.temperature = temperature
-    after = _grouped_calibration(
-        torch.softmax((combined + shift) / temperature, 1), test_labels, counts
-    )
+    calibrated = cal.calibrated_probs(combined, shift, temperature)
+    after = _grouped_calibration(calibrated, test_labels, counts)
     results["calibration"] = {
         "temperature": temperature,
         "before": before,
@@ -121,19 +120,20 @@ def calibrate_and_evaluate(
         "ece_after": after["ece"] * 100,
     }
     acc = results["accuracy"]
-    model.config.metrics = {
+    metrics = {
         "accuracy": {k: acc[k] for k in ("top1", "top5", *GROUPS)},
         "experts_top1": results["experts"],
         "calibration": {
             k: results["calibration"][k] for k in ("temperature", "ece_before", "ece_after")
         },
     }
+    model.config = dataclasses.replace(model.config, temperature=temperature, metrics=metrics)
     if plots_dir is not None:
         plot_per_class(
             acc["per_class"], counts, Path(plots_dir) / "per_class_accuracy.png", model.config.name
         )
         plot_reliability(
-            torch.softmax((combined + shift) / temperature, 1),
+            calibrated,
             test_labels,
             Path(plots_dir) / "reliability.png",
             model.config.name,

@@ -8,14 +8,25 @@ for balanced methods, the training prior for plain CE). Serving under a target p
 
 and the temperature ``T`` (fitted by NLL on the balanced validation split, after the
 balanced adjustment) then divides the adjusted logits: ``p = softmax(z' / T)``.
+
+This module is the one calibration path: prior resolution for a model config
+(:func:`log_prior_shift`, :func:`batch_log_prior_shift` for ``prior="estimate"``), the
+calibrated softmax (:func:`calibrated_probs`), expert disagreement and their combination
+(:func:`calibrate`, :class:`CalibrationTail`, traceable to ONNX). ``Ensemble.predict``, the
+fused ONNX graph and its parity check, the serve backends and evaluation all call these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import EnsembleConfig
 
 PriorSpec = str | Sequence[float] | torch.Tensor | None
 
@@ -77,8 +88,108 @@ def calibrated_shift(
 
 
 def calibrated_probs(logits: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax((logits + shift) / T)."""
+    """softmax((logits + shift) / T): the one place the calibrated softmax is written."""
     return torch.softmax((logits + shift.to(logits)) / temperature, dim=-1)
+
+
+def reweight_probs(
+    probs: torch.Tensor, shift: torch.Tensor, base_shift: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Move probabilities computed under ``base_shift`` to ``shift`` without the logits (float64).
+
+    Exact: ``softmax((z + s) / T) = normalise(softmax((z + s_b) / T) * exp((s - s_b) / T))``.
+    Used where the shift cannot be fed to the graph (TensorRT freezes it to its default).
+    """
+    delta = (shift.double() - base_shift.double()) / temperature
+    weighted = probs.double() * torch.exp(delta - delta.amax(dim=-1, keepdim=True))
+    return weighted / weighted.sum(dim=-1, keepdim=True)
+
+
+# -- prior resolution for a model config --------------------------------------------------------
+def source_prior(config: EnsembleConfig) -> torch.Tensor:
+    """The class prior a model's combined logits are calibrated for, from ``config.logit_prior``:
+    the training prior (``class_counts``) for "train", uniform for "uniform"."""
+    spec = "train" if config.logit_prior == "train" else "balanced"
+    return resolve_prior(spec, config.class_counts, config.num_classes)
+
+
+def requested_prior(config: EnsembleConfig, prior: PriorSpec = None) -> PriorSpec:
+    """The target prior spec: ``prior``, or the config's ``default_prior`` when None."""
+    return (config.default_prior or "balanced") if prior is None else prior
+
+
+def log_prior_shift(config: EnsembleConfig, prior: PriorSpec = None) -> torch.Tensor:
+    """float32 (C,) shift ``s`` such that ``softmax((z + s) / T)`` serves target ``prior``.
+
+    ``prior``: "balanced", "train", a vector of class weights, or None (``default_prior``);
+    see :func:`calibrated_shift`. Raises ``ValueError`` (with the reason) for invalid priors.
+    """
+    target = resolve_prior(requested_prior(config, prior), config.class_counts, config.num_classes)
+    return calibrated_shift(target, source_prior(config), config.temperature).float()
+
+
+def is_estimate(prior: PriorSpec) -> bool:
+    """Whether ``prior`` asks for the batch's prior to be estimated (``"estimate"``)."""
+    return isinstance(prior, str) and prior == "estimate"
+
+
+def check_estimate_batch(prior: PriorSpec, batch_size: int) -> None:
+    """Refuse ``prior="estimate"`` on fewer than :data:`MIN_ESTIMATE_BATCH` images."""
+    if is_estimate(prior) and batch_size < MIN_ESTIMATE_BATCH:
+        raise ValueError(
+            f'prior="estimate" needs a batch of at least {MIN_ESTIMATE_BATCH} images '
+            f"(got {batch_size}): EM on so few collapses onto the predicted classes. Estimate "
+            "the prior offline on a batch (zoo.calibration.estimate_prior_em) and pass it "
+            "as a list of class weights"
+        )
+
+
+def batch_log_prior_shift(
+    config: EnsembleConfig, prior: PriorSpec, expert_logits: torch.Tensor
+) -> torch.Tensor:
+    """:func:`log_prior_shift`, where ``prior="estimate"`` is first resolved by EM
+    (:func:`estimate_prior_em`) on the balanced posteriors of this batch's (K, B, C) logits."""
+    if is_estimate(prior):
+        check_estimate_batch(prior, expert_logits.shape[1])
+        balanced = calibrated_probs(
+            expert_logits.mean(0), log_prior_shift(config, "balanced"), config.temperature
+        )
+        prior = estimate_prior_em(balanced)
+    return log_prior_shift(config, prior)
+
+
+# -- the calibration tail: expert logits -> probabilities + disagreement --------------------------
+def calibrate(
+    expert_logits: torch.Tensor, shift: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert logits (K, B, C) and a (C,), (1, C) or (B, C) log-prior shift ->
+    ``(probs, disagreement)``: ``softmax((mean_k z_k + shift) / T)`` (B, C) and
+    :func:`expert_disagreement` (B,)."""
+    probs = calibrated_probs(expert_logits.mean(0), shift, temperature)
+    return probs, expert_disagreement(expert_logits, temperature)
+
+
+class CalibrationTail(nn.Module):
+    """:func:`calibrate` as a module (traceable to ONNX): what the fused graph ends with.
+
+    ``forward(expert_logits, log_prior_shift) -> (probs, disagreement[, expert_probs])``;
+    ``expert_probs`` (K, B, C) = ``softmax((z_k + shift) / T)``, each expert calibrated like
+    the ensemble, when ``expert_outputs``.
+    """
+
+    def __init__(self, temperature: float, expert_outputs: bool = False) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+        self.expert_outputs = expert_outputs
+
+    def forward(
+        self, expert_logits: torch.Tensor, log_prior_shift: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        probs, disagreement = calibrate(expert_logits, log_prior_shift, self.temperature)
+        if not self.expert_outputs:
+            return probs, disagreement
+        expert_probs = calibrated_probs(expert_logits, log_prior_shift, self.temperature)
+        return probs, disagreement, expert_probs
 
 
 def fit_temperature(
@@ -167,11 +278,11 @@ def expert_disagreement(expert_logits: torch.Tensor, temperature: float = 1.0) -
         return expert_logits.new_zeros(expert_logits.shape[1])
     logp = torch.log_softmax(expert_logits / temperature, dim=-1)
     p = logp.exp()
-    # sum_{i != j} KL(p_i || p_j) = sum_{i,j} sum_c p_i (logp_i - logp_j)
-    cross = torch.einsum("ibc,jbc->ijb", p, logp)
-    self_term = (p * logp).sum(-1)  # (K, B)
-    total = k * self_term.sum(0) - cross.sum((0, 1))
-    return (total / (k * (k - 1))).clamp_min(0.0)  # >= 0 up to rounding
+    # sum_{i != j} KL(p_i || p_j) = sum_{i,j} <p_i, logp_i - logp_j>
+    #                             = K sum_i <p_i, logp_i> - <sum_i p_i, sum_j logp_j>
+    self_term = (p * logp).sum(-1).sum(0)  # (B,)
+    cross = (p.sum(0) * logp.sum(0)).sum(-1)  # (B,)
+    return ((k * self_term - cross) / (k * (k - 1))).clamp_min(0.0)  # >= 0 up to rounding
 
 
 #: fewest images ``prior="estimate"`` accepts: EM on a handful of predictions collapses
@@ -216,15 +327,24 @@ def log_prior_of_counts(counts: Sequence[int]) -> torch.Tensor:
 
 __all__ = [
     "MIN_ESTIMATE_BATCH",
+    "CalibrationTail",
+    "batch_log_prior_shift",
+    "calibrate",
     "calibrated_probs",
     "calibrated_shift",
     "calibration_metrics",
+    "check_estimate_batch",
     "classwise_ece",
     "estimate_prior_em",
     "expected_calibration_error",
     "expert_disagreement",
     "fit_temperature",
+    "is_estimate",
     "log_prior_of_counts",
+    "log_prior_shift",
     "prior_shift",
+    "requested_prior",
     "resolve_prior",
+    "reweight_probs",
+    "source_prior",
 ]

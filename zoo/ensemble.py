@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,18 +82,15 @@ class Ensemble(nn.Module):
         """Combined logits: the mean of the experts' logits."""
         return self.expert_logits(x).mean(0)
 
-    # -- calibration ---------------------------------------------------------------
+    # -- calibration (all in zoo.calibration) --------------------------------------------
     def source_prior(self) -> torch.Tensor:
         """The class prior the combined logits are calibrated for."""
-        spec = "train" if self.config.logit_prior == "train" else "balanced"
-        return cal.resolve_prior(spec, self.config.class_counts, self.config.num_classes)
+        return cal.source_prior(self.config)
 
     def prior_shift(self, prior: cal.PriorSpec = None) -> torch.Tensor:
         """Logit shift for a target prior spec (default: the config's), to be applied as
-        ``softmax((logits + shift) / T)``; see :func:`zoo.calibration.calibrated_shift`."""
-        spec = self.config.default_prior if prior is None else prior
-        target = cal.resolve_prior(spec, self.config.class_counts, self.config.num_classes)
-        return cal.calibrated_shift(target, self.source_prior(), self.config.temperature).float()
+        ``softmax((logits + shift) / T)``; see :func:`zoo.calibration.log_prior_shift`."""
+        return cal.log_prior_shift(self.config, prior)
 
     def calibrated_probs(self, logits: torch.Tensor, prior: cal.PriorSpec = None) -> torch.Tensor:
         """Prior-adjusted, temperature-scaled probabilities from combined logits."""
@@ -122,20 +119,11 @@ class Ensemble(nn.Module):
         if not 1 <= top_k <= self.config.num_classes:
             raise ValueError(f"top_k must be in [1, {self.config.num_classes}], got {top_k}")
         x = images if isinstance(images, torch.Tensor) else self.preprocess(images)
-        if isinstance(prior, str) and prior == "estimate" and len(x) < cal.MIN_ESTIMATE_BATCH:
-            raise ValueError(
-                f'prior="estimate" needs a batch of at least {cal.MIN_ESTIMATE_BATCH} images '
-                f"(got {len(x)}): EM on so few collapses onto the predicted classes. Estimate "
-                "the prior offline on a batch (zoo.calibration.estimate_prior_em) and pass it "
-                "as a list of class weights"
-            )
+        cal.check_estimate_batch(prior, len(x))
         device = next(self.parameters()).device
         expert_logits = self.expert_logits(x.to(device)).float().cpu()
-        logits = expert_logits.mean(0)
-        if isinstance(prior, str) and prior == "estimate":
-            balanced = self.calibrated_probs(logits, "balanced")
-            prior = cal.estimate_prior_em(balanced)
-        probs = self.calibrated_probs(logits, prior)
+        shift = cal.batch_log_prior_shift(self.config, prior, expert_logits)
+        probs, disagreement = cal.calibrate(expert_logits, shift, self.config.temperature)
         top_probs, top_idx = probs.topk(top_k, dim=1)
         names = self.config.class_names
         return Prediction(
@@ -143,7 +131,7 @@ class Ensemble(nn.Module):
             top_indices=top_idx,
             top_probs=top_probs,
             labels=[[names[i] for i in row] for row in top_idx.tolist()],
-            disagreement=cal.expert_disagreement(expert_logits, self.config.temperature),
+            disagreement=disagreement,
         )
 
     def select_experts(self, indices: Sequence[int]) -> Ensemble:
@@ -155,8 +143,9 @@ class Ensemble(nn.Module):
         if len(set(indices)) != len(indices):
             raise ValueError(f"expert indices must be distinct, got {list(indices)}")
         cfg = copy.deepcopy(self.config)
-        cfg.num_experts = len(indices)
-        cfg.extra = {**cfg.extra, "expert_subset": list(indices)}
+        cfg = replace(
+            cfg, num_experts=len(indices), extra={**cfg.extra, "expert_subset": list(indices)}
+        )
         sub = Ensemble(cfg)
         sub.stem.load_state_dict(self.stem.state_dict())
         for dst, i in zip(sub.experts, indices, strict=True):
