@@ -69,7 +69,7 @@ def test_registered_with_class_balanced_sampler_and_uniform_prior():
 def test_recipes_load_and_neck_matches_teachers(recipe):
     cfg = load_recipe(recipe)
     specs = CBDParams.from_dict(cfg.method_params).specs()
-    entry = get_entry(cfg.model)
+    entry = get_entry(cfg.model).build_config()
     width = 64 if entry.backbone == "resnet32" else 2048
     assert entry.neck_dim == len(specs) * width
     if recipe != "fmnistlt_cbd":
@@ -222,39 +222,56 @@ def _fake_trainer(tmp_path, cfg):
     )
 
 
-def test_prepare_resumes_stage_by_stage(tmp_path, monkeypatch):
-    """t0 finished (loaded, not retrained); t1 interrupted (train(..., resume=True)); card filled."""
+def _finished_teacher(tdir: Path, tcfg, top1: float, seed: int) -> None:
+    """What an engine run leaves in ``tdir``: run.json, results.json, model/."""
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / "run.json").write_text(json.dumps({"config": tcfg.to_dict()}, default=str))
+    (tdir / "results.json").write_text(
+        json.dumps({"accuracy": {"top1": top1}, "accuracy_balanced_prior": {"top1": top1 + 8}})
+    )
+    _teacher(seed, seed=seed).save_pretrained(tdir / "model")
+
+
+def test_teachers_stage_resumes_run_by_run(tmp_path, monkeypatch):
+    """The engine runs the "teachers" stage: t0 finished (kept, not retrained), t1
+    interrupted (resumed: train(..., resume=True)); stages=["teachers"] trains no student."""
     import ltzoo.training.engine as engine
 
-    cfg = load_recipe("fmnistlt_cbd")
-    params = CBDParams.from_dict(cfg.method_params)
+    cfg = load_recipe("fmnistlt_cbd", ['stages=["teachers"]', "run.device=cpu"])
     calls = []
 
     def fake_train(tcfg, run_dir, resume=False):
         calls.append(
             (Path(run_dir).name, resume, tcfg.method, tcfg.run.seed, list(tcfg.data.augment))
         )
-        run_dir = Path(run_dir)
-        (run_dir / "run.json").write_text(json.dumps({"config": tcfg.to_dict()}, default=str))
-        (run_dir / "results.json").write_text(
-            json.dumps({"accuracy": {"top1": 61.5}, "accuracy_balanced_prior": {"top1": 70.25}})
-        )
-        _teacher(1, seed=1).save_pretrained(run_dir / "model")
-        torch.manual_seed(12345)  # teacher training moves the global RNG
+        _finished_teacher(Path(run_dir), tcfg, 61.5, seed=1)
         return run_dir
 
     monkeypatch.setattr(engine, "train", fake_train)
-    t0 = tmp_path / "teachers" / "t0"
-    t0.mkdir(parents=True)
-    t0_cfg = teacher_run_config(cfg, 0, TeacherSpec(0, False))
-    (t0 / "run.json").write_text(json.dumps({"config": t0_cfg.to_dict()}, default=str))
-    (t0 / "results.json").write_text(
-        json.dumps({"accuracy": {"top1": 60.0}, "accuracy_balanced_prior": {"top1": 68.0}})
+    _finished_teacher(
+        tmp_path / "teachers" / "t0", teacher_run_config(cfg, 0, TeacherSpec()), 60, 0
     )
-    _teacher(0, seed=0).save_pretrained(t0 / "model")
     (tmp_path / "teachers" / "t1").mkdir()
+    assert engine.Trainer(cfg, tmp_path).fit() == tmp_path
+    assert calls == [("t1", True, "ce", 1, ["crop_flip", "simclr_jitter"])]
+    assert not (tmp_path / "model").exists()  # the student stage was not asked for
+    calls.clear()
+    engine.Trainer(cfg, tmp_path, resume=True).fit()  # everything trained: nothing runs
+    assert calls == []
 
-    method = CBD(_student(), COUNTS, params)
+
+def test_prepare_loads_trained_teachers_and_keeps_the_rng_stream(tmp_path):
+    from ltzoo.training.engine import Trainer
+
+    cfg = load_recipe("fmnistlt_cbd")
+    for i, top1 in enumerate((60.0, 61.5)):
+        _finished_teacher(
+            tmp_path / "teachers" / f"t{i}",
+            teacher_run_config(cfg, i, TeacherSpec(i, i == 1)),
+            top1,
+            seed=i,
+        )
+    method = CBD(_student(), COUNTS, CBDParams.from_dict(cfg.method_params))
     split = SimpleNamespace(
         test=TensorDataset(torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])),
         class_counts=COUNTS,
@@ -262,10 +279,9 @@ def test_prepare_resumes_stage_by_stage(tmp_path, monkeypatch):
     torch.manual_seed(7)
     expected_next = torch.rand(1)
     torch.manual_seed(7)
-    method.prepare({"trainer": _fake_trainer(tmp_path, cfg), "split": split})
-    torch.testing.assert_close(torch.rand(1), expected_next)  # RNG restored after stage 1
+    Trainer.prepare(_fake_trainer(tmp_path, cfg), method, split)  # the engine's call
+    torch.testing.assert_close(torch.rand(1), expected_next)  # evaluation drew, restored
 
-    assert calls == [("t1", True, "ce", 1, ["crop_flip", "simclr_jitter"])]
     assert len(method.teachers) == 2 and all(
         not p.requires_grad for t in method.teachers for p in t.parameters()
     )
@@ -284,12 +300,33 @@ def test_prepare_resumes_stage_by_stage(tmp_path, monkeypatch):
     assert "Teachers (CBD stage 1)" in card and "seed 1, with colour jitter" in card
     json.dumps(method.model.config.to_dict())  # the extra entries are JSON-serialisable
 
-    # a second prepare (e.g. a resumed student) retrains nothing
-    calls.clear()
-    CBD(_student(), COUNTS, params).prepare(
-        {"trainer": _fake_trainer(tmp_path, cfg), "split": split}
-    )
-    assert calls == []
+
+def test_student_without_trained_teachers_says_which_stage_to_run(tmp_path):
+    cfg = load_recipe("fmnistlt_cbd", ['stages=["student"]'])
+    method = CBD(_student(), COUNTS, CBDParams.from_dict(cfg.method_params))
+    with pytest.raises(FileNotFoundError, match=r'teacher t0 is not trained.*"teachers" stage'):
+        method.prepare({"trainer": _fake_trainer(tmp_path, cfg), "split": None})
+
+
+@pytest.mark.parametrize("stages", ['["student", "teachers"]', '["teachers", "teachers"]', '["x"]'])
+def test_stages_must_be_the_methods_in_order(stages):
+    with pytest.raises(ConfigError, match=r"stages .* must be distinct stages of method 'cbd'"):
+        load_recipe("fmnistlt_cbd", [f"stages={stages}"])
+    with pytest.raises(ConfigError, match="stages"):
+        load_recipe("fmnistlt_ce", ['stages=["teachers"]'])
+
+
+def test_cli_resumes_a_run_killed_while_training_teachers(tmp_path, capsys):
+    """No student checkpoint yet, only a teacher's: ``--resume`` continues the run."""
+    from ltzoo.cli import main
+    from ltzoo.training.engine import Trainer
+
+    cfg = load_recipe("fmnistlt_cbd")
+    Trainer(cfg, tmp_path)._write_run_json({})  # what fit() writes before the stages
+    (tmp_path / "teachers" / "t0").mkdir(parents=True)
+    (tmp_path / "teachers" / "t0" / "checkpoint.pt").write_bytes(b"")
+    assert main(["train", "fmnistlt_cbd", "--out", str(tmp_path), "--resume", "--dry-run"]) == 0
+    assert "resuming" in capsys.readouterr().out
 
 
 def test_prepare_rejects_teacher_from_other_config(tmp_path):

@@ -180,11 +180,11 @@ def test_unknown_name_suggests_close_match():
 def test_model_card_has_hub_metadata_and_provenance():
     from ltzoo.zoo.cards import render_card
 
-    cfg = get_entry("ecl-resnet32-fmnistlt").build_config()
-    cfg.metrics = {
+    metrics = {
         "accuracy": {"top1": 80.0, "many": 90.0, "medium": 75.0, "few": 60.0},
         "calibration": {"ece_before": 5.0, "ece_after": 1.0},
     }
+    cfg = get_entry("ecl-resnet32-fmnistlt").build_config(metrics=metrics)
     card = render_card(cfg)
     assert card.startswith("---\nlibrary_name: ltzoo")
     assert "reconstruction from the paper's abstract" in card

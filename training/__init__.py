@@ -1,1 +1,3 @@
 """ltzoo training package."""
+
+from . import methods as methods  # registers every training method (see training.registry)

@@ -11,7 +11,7 @@ def _train_config(args: argparse.Namespace):  # -> tuple[RunConfig, Path]
     """The run's configuration and directory: the recipe's, or with ``--resume`` the run's own
     (``run.json``; overrides that would change it are rejected). Every error surfaces here."""
     from .config import ConfigError, load_recipe, load_run_config
-    from .engine import CHECKPOINT
+    from .engine import resumable
 
     notes: list[str] = []
     cfg = load_recipe(args.recipe, args.overrides, notes)
@@ -20,9 +20,9 @@ def _train_config(args: argparse.Namespace):  # -> tuple[RunConfig, Path]
         for note in notes:
             print(note)
         return cfg, run_dir
-    if not (run_dir / CHECKPOINT).is_file():
+    if not resumable(run_dir):
         raise FileNotFoundError(
-            f"no checkpoint to resume from in {run_dir} (no epoch finished there); "
+            f"no checkpoint to resume from in {run_dir} (no epoch of any stage finished there); "
             "run without --resume to start a new run"
         )
     resumed = load_run_config(run_dir, args.overrides)

@@ -22,6 +22,11 @@ from typing import Any
 
 import tomllib
 
+from ltzoo.zoo.models import IMAGENET
+from ltzoo.zoo.registry import get_entry
+
+from .registry import METHODS
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -184,22 +189,24 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunSettings = field(default_factory=RunSettings)
     method_params: dict[str, Any] = field(default_factory=dict)
+    #: fields of the model's :class:`~zoo.config.EnsembleConfig` that replace the registry's
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    #: which of the method's stages to run, in order (empty: all of them); CBD has
+    #: "teachers" (one engine run per teacher) then "student"
+    stages: list[str] = field(default_factory=list)
+    #: initial backbone weights: "" (random), "imagenet" (torchvision's ImageNet weights,
+    #: downloaded once into the torch hub cache) or the path of a torchvision state dict
+    pretrained_backbone: str = ""
 
     def validate(self) -> None:
-        from ltzoo.zoo.registry import get_entry
-
-        from .methods import METHODS
-
-        try:
-            get_entry(self.model)
-        except KeyError as exc:
-            raise ConfigError(str(exc.args[0])) from None
+        """Check every field, the method's parameters and the model overrides; ConfigError."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        self._validate_model()
         self.data.validate()
         self.optim.validate()
         self.run.validate()
+        self._validate_stages()
         params = METHODS[self.method].Params.from_dict(self.method_params)  # unknown keys raise
         num_classes = self.data.num_classes
         num_hard = getattr(params, "num_hard", None)
@@ -214,6 +221,37 @@ class RunConfig:
                 f"optim.batch_size {self.optim.batch_size} is larger than the training set "
                 f"({train_size} images of {self.data.name} at rho {self.data.rho:g})"
             )
+
+    def _validate_model(self) -> None:
+        """The model entry exists and its config builds with ``model_overrides``."""
+        try:
+            entry = get_entry(self.model)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        try:
+            entry.build_config(**self.model_overrides)
+        except ValueError as exc:
+            raise ConfigError(f"model_overrides for {self.model}: {exc}") from None
+        if (
+            self.pretrained_backbone not in ("", IMAGENET)
+            and not Path(self.pretrained_backbone).is_file()
+        ):
+            raise ConfigError(
+                f"pretrained_backbone must be '', {IMAGENET!r} or an existing file, got "
+                f"{self.pretrained_backbone!r}"
+            )
+
+    def _validate_stages(self) -> None:
+        declared = list(METHODS[self.method].stages)
+        if self.stages and [s for s in declared if s in self.stages] != self.stages:
+            raise ConfigError(
+                f"stages {self.stages} must be distinct stages of method {self.method!r}, in "
+                f"order: {declared}"
+            )
+
+    def stage_names(self) -> list[str]:
+        """The stages this run trains, in order."""
+        return self.stages or list(METHODS[self.method].stages)
 
     def run_dir(self) -> Path:
         """Where the run goes when ``--out`` is not given: ``run.out`` or ``runs/<recipe>``."""
@@ -309,7 +347,17 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> set[st
 
 def _build(raw: dict[str, Any], recipe: str, source: str) -> RunConfig:
     """A (not yet validated) :class:`RunConfig` from a raw config read from ``source``."""
-    top = {"model", "method", "data", "optim", "run", "method_params", "model_overrides"}
+    top = {
+        "model",
+        "method",
+        "data",
+        "optim",
+        "run",
+        "method_params",
+        "model_overrides",
+        "stages",
+        "pretrained_backbone",
+    }
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown} in {source}; valid: {sorted(top)}")
@@ -322,6 +370,8 @@ def _build(raw: dict[str, Any], recipe: str, source: str) -> RunConfig:
         run=build_section(RunSettings, raw.get("run", {}), "run"),
         method_params=dict(raw.get("method_params", {})),
         model_overrides=dict(raw.get("model_overrides", {})),
+        stages=_coerce(raw.get("stages", []), list[str], "stages"),
+        pretrained_backbone=_coerce(raw.get("pretrained_backbone", ""), str, "pretrained_backbone"),
     )
 
 
@@ -412,3 +462,29 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
         )
     cfg.validate()
     return cfg
+
+
+def _defining(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a run config that define what it trains (device, threads, logging,
+    data location and the stages to run may change between runs of the same thing)."""
+    d = json.loads(json.dumps(config, default=str))
+    data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "workers")}
+    keys = ("model", "method", "optim", "model_overrides", "method_params")
+    return {k: d.get(k) for k in keys} | {
+        "data": data,
+        "seed": d.get("run", {}).get("seed"),
+        "pretrained_backbone": d.get("pretrained_backbone", ""),
+    }
+
+
+def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
+    """``ValueError`` if ``run_dir`` holds a run (``run.json``) of another configuration."""
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        return
+    stored = json.loads(run_json.read_text()).get("config", {})
+    if _defining(stored) != _defining(cfg.to_dict()):
+        raise ValueError(
+            f"{run_dir} holds a run trained with a different configuration than the one "
+            "this recipe derives now; delete it or use another run directory"
+        )

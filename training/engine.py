@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ltzoo.zoo import Ensemble
+from ltzoo.zoo.files import CONFIG_NAME
 from ltzoo.zoo.registry import get_entry
 
-from .config import RunConfig
+from .config import RunConfig, check_same_run
 from .data.batched import BatchAugment, UInt8Batches, batched_augment_for, collate_uint8
 from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .methods import METHODS, Method
+from .methods import METHODS, Method, StageRun
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -71,8 +72,9 @@ def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
     return fn
 
 
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain lists, loadable with ``weights_only=True``."""
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) as tensors and plain lists,
+    loadable with ``weights_only=True``; :func:`set_rng_state` restores them."""
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple), "numpy's global RandomState is always MT19937"
     kind, keys, pos, has_gauss, gauss = np_state
@@ -87,7 +89,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNG states saved by :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -120,6 +123,12 @@ def atomic_save(obj: Any, path: Path) -> None:
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     # Our own resume file (written by atomic_save above), never a downloaded one.
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume: the method's own or one of its
+    earlier stages' runs (a CBD run killed while training its teachers)."""
+    return any(Path(run_dir).rglob(CHECKPOINT))
 
 
 class Trainer:
@@ -164,19 +173,20 @@ class Trainer:
         )
 
     def build_model(self, split) -> Ensemble:
-        method_cls = METHODS[self.cfg.method]
-        overrides = dict(self.cfg.model_overrides)
-        config = get_entry(self.cfg.model).build_config(
+        """The model of the registry entry with the recipe's overrides, the split's classes,
+        the method (which decides the logit prior) and the initial backbone weights."""
+        cfg, method_cls = self.cfg, METHODS[self.cfg.method]
+        overrides = dict(cfg.model_overrides)
+        extra = {**overrides.pop("extra", {}), "data": split.info}
+        if method_cls.card_notes:
+            extra["card_notes"] = method_cls.card_notes
+        config = get_entry(cfg.model).build_config(
+            **{"method": cfg.method, "recipe": cfg.recipe, **overrides},
             class_counts=list(split.class_counts),
             class_names=list(split.class_names),
-            logit_prior=method_cls.logit_prior,
-            recipe=self.cfg.recipe,
-            **overrides,
+            extra=extra,
         )
-        config.extra["data"] = split.info
-        if method_cls.card_notes:
-            config.extra["card_notes"] = method_cls.card_notes
-        return Ensemble(config)
+        return Ensemble(config, pretrained_backbone=cfg.pretrained_backbone or None)
 
     def build_loader(self, split, method: Method) -> DataLoader:
         """The training loader; sets ``self.batch_augment`` when whole uint8 batches are
@@ -224,7 +234,44 @@ class Trainer:
 
     # -- running --------------------------------------------------------------------
     def fit(self) -> Path:
-        """Train (or resume), evaluate on the test set, save the ensemble. Returns the run dir."""
+        """Train the run's stages (or resume them): each earlier stage's runs
+        (:meth:`run_stage`), then the method itself (evaluated on the test set and saved
+        as ``model/``). Returns the run dir."""
+        method_cls = METHODS[self.cfg.method]
+        stages = self.cfg.stage_names()
+        self._write_run_json({})  # --resume finds the settings while earlier stages train
+        for stage in stages:
+            if stage != method_cls.stages[-1]:
+                for run in method_cls.stage_runs(self.cfg, stage):
+                    self.run_stage(run)
+        if method_cls.stages[-1] in stages:
+            self._fit_method()
+        if self._owns_process_group:  # a stage's run leaves the group to its caller
+            cleanup(self.dist)
+        return self.run_dir
+
+    def run_stage(self, run: StageRun) -> Path:
+        """Train one run of an earlier stage in ``<run dir>/<run.subdir>``, with the engine's
+        own resume semantics: a finished run (``model/`` saved) is kept, an interrupted one
+        resumes from its checkpoint, a missing one is trained. A directory holding a run
+        of another configuration is an error. Returns the stage run's directory."""
+        run_dir = self.run_dir / run.subdir
+        check_same_run(run_dir, run.config)
+        if not (run_dir / "model" / CONFIG_NAME).is_file():
+            train(run.config, run_dir, resume=True)
+        return run_dir
+
+    def prepare(self, method: Method, split) -> None:
+        """The method's hook before training (CBD loads its teachers); the global RNG state
+        is restored after it, so what the hook draws (evaluation loaders) does not change
+        the training stream."""
+        state = rng_state()
+        try:
+            method.prepare({"trainer": self, "split": split})
+        finally:
+            set_rng_state(state)
+
+    def _fit_method(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.run.seed)
         split = self.build_data()
@@ -232,7 +279,7 @@ class Trainer:
         method = METHODS[cfg.method](
             model, split.class_counts, METHODS[cfg.method].Params.from_dict(cfg.method_params)
         )
-        method.prepare({"trainer": self, "split": split})
+        self.prepare(method, split)
         method.to(self.device)
         if cfg.run.channels_last:
             method.to(memory_format=torch.channels_last)
@@ -266,13 +313,9 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             start_epoch = state["epoch"] + 1
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run.json").write_text(
-                json.dumps({"config": cfg.to_dict(), "data": split.info}, indent=2, default=str)
-            )
+        self._write_run_json(split.info)
         writer = self._tensorboard()
 
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -302,7 +345,7 @@ class Trainer:
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
-                        "rng": _rng_state(),
+                        "rng": rng_state(),
                         "epoch": epoch,
                     },
                     ckpt_path,
@@ -315,9 +358,14 @@ class Trainer:
         if self.dist.is_main:
             self._finish(method.model, split)
         barrier(self.dist)
-        if self._owns_process_group:  # a nested run (CBD teachers) leaves the group to its caller
-            cleanup(self.dist)
-        return self.run_dir
+
+    def _write_run_json(self, data_info: dict[str, Any]) -> None:
+        """``run.json``: the run's settings (what ``--resume`` continues with) and its data."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run.json").write_text(
+                json.dumps({"config": self.cfg.to_dict(), "data": data_info}, indent=2, default=str)
+            )
 
     def device_batch(
         self, images: torch.Tensor, labels: torch.Tensor

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +86,7 @@ def _verify(name: str, directory: Path, files: dict[str, Any]) -> None:
 
 def load_bundled(name: str, device: str | torch.device = "cpu") -> Ensemble:
     """The bundled copy of ``name``, verified against the manifest before it is built."""
-    from .hub_io import ModelNotAvailableError, load_local
+    from .hub_io import ModelNotAvailableError, load_local, record_source
 
     root = bundle_root()
     entry = read_manifest(root).get(name)
@@ -94,10 +95,7 @@ def load_bundled(name: str, device: str | torch.device = "cpu") -> Ensemble:
     directory = root / name
     _verify(name, directory, entry.get("files") or {})
     model = load_local(directory, device)
-    model.config.extra["source"] = {
-        "bundled": name,
-        "sha256": entry["files"][WEIGHTS_NAME]["sha256"],
-    }
+    record_source(model, {"bundled": name, "sha256": entry["files"][WEIGHTS_NAME]["sha256"]})
     logger.info("loaded %s from the bundled copy in %s", name, directory)
     return model
 
@@ -152,7 +150,7 @@ def push_zoo(
     org: str, revision: str | None = None, tag: str | None = None, private: bool = False
 ) -> Iterator[tuple[str, str, str]]:
     """Push every bundled model, with its card, to ``org/<name>``; yields (name, repo, commit)."""
-    from .hub_io import push_to_hub
+    from .hub_io import push_to_hub, record_source
     from .registry import get_entry, is_registered
 
     names = sorted(read_manifest())
@@ -160,9 +158,9 @@ def push_zoo(
         raise ValueError(f"nothing is bundled under {bundle_root()}: nothing to push")
     for name in names:
         model = load_bundled(name)
-        model.config.extra.pop("source", None)
+        record_source(model, None)
         if not model.config.metrics and is_registered(name):
-            model.config.metrics = dict(get_entry(name).measured)
+            model.config = replace(model.config, metrics=dict(get_entry(name).measured))
         repo = f"{org}/{name}"
         oid = push_to_hub(
             model,

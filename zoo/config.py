@@ -101,7 +101,21 @@ def shot_group(count: int) -> str:
     return "medium"
 
 
-@dataclass
+def _set(obj: object, name: str, value: Any) -> None:
+    """Store a checked/normalised field value on a frozen dataclass (``__post_init__`` only)."""
+    object.__setattr__(obj, name, value)
+
+
+def logit_prior_for(method: str) -> LogitPrior:
+    """Which class prior a method's raw logits are calibrated for: the one place that decides.
+
+    Plain cross-entropy ("ce") learns the training prior; every balanced method here
+    (Balanced Softmax, NCL, ECL, CBD) learns logits for the uniform prior.
+    """
+    return "train" if method == "ce" else "uniform"
+
+
+@dataclass(frozen=True)
 class PreprocessConfig:
     """How an image becomes the network's input tensor (like torchvision weights' transforms)."""
 
@@ -118,32 +132,36 @@ class PreprocessConfig:
         size = _sequence("preprocess.input_size", self.input_size, 2)
         if len(size) != 2:
             raise ValueError(f"preprocess.input_size must be [height, width], got {_show(size)}")
-        self.input_size = tuple(  # type: ignore[assignment]
-            _int("preprocess.input_size", s, 1, MAX_INPUT_SIDE) for s in size
+        _set(
+            self,
+            "input_size",
+            tuple(_int("preprocess.input_size", s, 1, MAX_INPUT_SIDE) for s in size),
         )
-        self.channels = _int("preprocess.channels", self.channels, 1, 3)
+        _set(self, "channels", _int("preprocess.channels", self.channels, 1, 3))
         if self.channels not in (1, 3):
             raise ValueError(f"preprocess.channels must be 1 or 3, got {self.channels}")
-        self.mean = tuple(
-            _float("preprocess.mean", m, -1e3, 1e3)
-            for m in _sequence("preprocess.mean", self.mean, 3)
-        )
-        self.std = tuple(
-            _float("preprocess.std", s, 0.0, 1e3, low_open=True)
-            for s in _sequence("preprocess.std", self.std, 3)
-        )
+        mean = _sequence("preprocess.mean", self.mean, 3)
+        _set(self, "mean", tuple(_float("preprocess.mean", m, -1e3, 1e3) for m in mean))
+        std = _sequence("preprocess.std", self.std, 3)
+        _set(self, "std", tuple(_float("preprocess.std", v, 0.0, 1e3, low_open=True) for v in std))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("preprocess.mean and preprocess.std need one value per channel")
         if self.resize not in ("resize", "resize_crop"):
             raise ValueError(
                 f"preprocess.resize must be 'resize' or 'resize_crop', got {_show(self.resize)}"
             )
-        self.crop_pct = _float("preprocess.crop_pct", self.crop_pct, 0.0, 1.0, low_open=True)
+        _set(
+            self, "crop_pct", _float("preprocess.crop_pct", self.crop_pct, 0.0, 1.0, low_open=True)
+        )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnsembleConfig:
-    """Everything needed to rebuild an ensemble and turn pixels into calibrated probabilities."""
+    """Everything needed to rebuild an ensemble and turn pixels into calibrated probabilities.
+
+    Frozen: a config is checked once, when it is built; code that needs another value
+    builds a new one with :func:`dataclasses.replace` (which checks it again).
+    """
 
     backbone: str = "resnet32"
     num_classes: int = 10
@@ -176,7 +194,7 @@ class EnsembleConfig:
 
     def __post_init__(self) -> None:
         self._check_architecture()
-        self.num_classes = _int("num_classes", self.num_classes, 2, MAX_CLASSES)
+        _set(self, "num_classes", _int("num_classes", self.num_classes, 2, MAX_CLASSES))
         self._check_size()  # before default class names are generated
         self._check_classes()
         self._check_calibration_and_text()
@@ -201,23 +219,23 @@ class EnsembleConfig:
             keys = {f.name for f in dataclasses.fields(PreprocessConfig)}
             if set(self.preprocess) - keys:
                 raise ValueError(f"unknown preprocess keys: {sorted(set(self.preprocess) - keys)}")
-            self.preprocess = PreprocessConfig(**self.preprocess)
+            _set(self, "preprocess", PreprocessConfig(**self.preprocess))
         if not isinstance(self.preprocess, PreprocessConfig):
             raise ValueError(f"preprocess must be an object, got {_show(self.preprocess)}")
-        self.backbone = _text("backbone", self.backbone, 100)
+        _set(self, "backbone", _text("backbone", self.backbone, 100))
         if self.layout not in ("independent", "shared", "single"):
             raise ValueError(f"unknown layout {_show(self.layout)}")
         if self.head not in ("linear", "cosine"):
             raise ValueError(f"unknown head {_show(self.head)}; choose 'linear' or 'cosine'")
-        self.num_experts = _int("num_experts", self.num_experts, 1, MAX_EXPERTS)
+        _set(self, "num_experts", _int("num_experts", self.num_experts, 1, MAX_EXPERTS))
         if self.layout == "single" and self.num_experts != 1:
             raise ValueError("layout 'single' needs num_experts=1")
-        self.shared_stages = _int("shared_stages", self.shared_stages, 0, MAX_STAGES)
-        self.head_bias = _flag("head_bias", self.head_bias)
-        self.learn_scale = _flag("learn_scale", self.learn_scale)
-        self.cosine_scale = _float("cosine_scale", self.cosine_scale, *COSINE_SCALE_RANGE)
+        _set(self, "shared_stages", _int("shared_stages", self.shared_stages, 0, MAX_STAGES))
+        _set(self, "head_bias", _flag("head_bias", self.head_bias))
+        _set(self, "learn_scale", _flag("learn_scale", self.learn_scale))
+        _set(self, "cosine_scale", _float("cosine_scale", self.cosine_scale, *COSINE_SCALE_RANGE))
         if self.neck_dim is not None:
-            self.neck_dim = _int("neck_dim", self.neck_dim, 1, MAX_NECK_DIM)
+            _set(self, "neck_dim", _int("neck_dim", self.neck_dim, 1, MAX_NECK_DIM))
 
     def _check_classes(self) -> None:
         names = _sequence("class_names", self.class_names, MAX_CLASSES)
@@ -225,20 +243,20 @@ class EnsembleConfig:
             names = [f"class_{i}" for i in range(self.num_classes)]
         if len(names) != self.num_classes:
             raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
-        self.class_names = [_text("class_names[]", n, 1000) for n in names]
+        _set(self, "class_names", [_text("class_names[]", n, 1000) for n in names])
         counts = _sequence("class_counts", self.class_counts, MAX_CLASSES)
         if counts and len(counts) != self.num_classes:
             raise ValueError(f"{len(counts)} class counts for {self.num_classes} classes")
-        self.class_counts = [_int("class_counts[]", c, 0, MAX_CLASS_COUNT) for c in counts]
+        _set(self, "class_counts", [_int("class_counts[]", c, 0, MAX_CLASS_COUNT) for c in counts])
 
     def _check_calibration_and_text(self) -> None:
         if self.logit_prior not in ("uniform", "train"):
             raise ValueError(
                 f"logit_prior must be 'uniform' or 'train', got {_show(self.logit_prior)}"
             )
-        self.temperature = _float("temperature", self.temperature, *TEMPERATURE_RANGE)
+        _set(self, "temperature", _float("temperature", self.temperature, *TEMPERATURE_RANGE))
         for name in ("default_prior", "name", "method", "recipe", "dataset", "provenance"):
-            setattr(self, name, _text(name, getattr(self, name)))
+            _set(self, name, _text(name, getattr(self, name)))
         for name in ("metrics", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be an object, got {_show(getattr(self, name))}")

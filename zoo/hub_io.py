@@ -11,8 +11,9 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 from safetensors import SafetensorError
@@ -204,10 +205,20 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return path
 
 
+def record_source(model: Ensemble, source: dict[str, Any] | None) -> None:
+    """Replace ``model.config`` by a copy whose ``extra["source"]`` is ``source`` (where the
+    weights came from; ``None`` removes it). The config itself is frozen."""
+    extra = {k: v for k, v in model.config.extra.items() if k != "source"}
+    if source is not None:
+        extra["source"] = source
+    model.config = replace(model.config, extra=extra)
+
+
 def _load_from_hub(repo_id: str, revision: str | None, device: str | torch.device) -> Ensemble:
     """Download (or find in the cache) and load a repo, recording where it came from."""
     model = load_local(download(repo_id, revision), device)
-    model.config.extra.setdefault("source", {"repo_id": repo_id, "revision": revision or "main"})
+    if "source" not in model.config.extra:
+        record_source(model, {"repo_id": repo_id, "revision": revision or "main"})
     logger.info("loaded %s@%s from the Hub", repo_id, revision or "main")
     return model
 

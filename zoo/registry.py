@@ -4,20 +4,22 @@ Published configs are data next to the code (as in timm's ``default_cfgs``). Hub
 ids default to ``ltzoo/<name>``; set ``LTZOO_HUB_ORG`` (or pass a repo id to
 ``zoo.load``) to host your own copy. "paper" metrics are the papers' numbers;
 "measured" metrics are ours, read from ``zoo/data/measured.json``, which
-``benchmarks/update_registry.py`` writes from ``benchmarks/results/``.
+``benchmarks/report.py`` writes from ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .bundle import read_manifest
-from .config import EnsembleConfig
+from .config import EnsembleConfig, logit_prior_for
 from .datasets_meta import DATASETS
 
 MEASURED_PATH = Path(__file__).parent / "data" / "measured.json"
@@ -35,24 +37,48 @@ PROVENANCE = {
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One registered model: how to build it and where its weights live."""
+    """One registered model: its partial :class:`EnsembleConfig` plus registry metadata.
+
+    ``config`` holds the architecture fields this entry sets (backbone, experts, head...);
+    the dataset fills classes and preprocessing, the method the logit prior, training the
+    class counts, so every field of the built config has exactly one source.
+    """
 
     name: str
     method: str
-    backbone: str
     dataset: str
     recipe: str
-    num_experts: int = 3
-    layout: str = "independent"
-    shared_stages: int = 0
-    head: str = "linear"
-    head_bias: bool = True
-    cosine_scale: float = 16.0
-    neck_dim: int | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
     paper_ref: str = ""
     revision: str = "main"
     notes: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        method: str,
+        backbone: str,
+        dataset: str,
+        recipe: str,
+        *,
+        paper: dict[str, float] | None = None,
+        paper_ref: str = "",
+        notes: str = "",
+        **config: Any,
+    ) -> ModelEntry:
+        """An entry whose ``config`` is ``backbone`` plus the other keyword arguments."""
+        return cls(
+            name,
+            method,
+            dataset,
+            recipe,
+            config=MappingProxyType({"backbone": backbone, **config}),
+            paper=dict(paper or {}),
+            paper_ref=paper_ref,
+            notes=notes,
+        )
 
     @property
     def provenance(self) -> str:
@@ -72,29 +98,23 @@ class ModelEntry:
         return f"{os.environ.get('LTZOO_HUB_ORG', 'ltzoo')}/{self.name}"
 
     def build_config(self, **overrides: Any) -> EnsembleConfig:
-        """The :class:`EnsembleConfig` of this entry (class counts are filled by training)."""
+        """The frozen :class:`EnsembleConfig` of this entry, with ``overrides`` (any config
+        field; class counts are filled by training). ``ValueError`` names a bad field."""
         info = DATASETS[self.dataset]
         kwargs: dict[str, Any] = dict(
-            backbone=self.backbone,
             num_classes=info.num_classes,
-            num_experts=self.num_experts,
-            layout=self.layout,
-            shared_stages=self.shared_stages,
-            head=self.head,
-            head_bias=self.head_bias,
-            cosine_scale=self.cosine_scale,
-            neck_dim=self.neck_dim,
             class_names=info.class_names(),
             preprocess=info.preprocess_config(),
-            logit_prior="train" if self.method == "ce" else "uniform",
             name=self.name,
             method=self.method,
             recipe=self.recipe,
             dataset=self.dataset,
             provenance=self.provenance,
+            **self.config,
         )
         kwargs.update(overrides)
-        return EnsembleConfig(**kwargs)
+        kwargs.setdefault("logit_prior", logit_prior_for(kwargs["method"]))
+        return EnsembleConfig.from_dict(kwargs)
 
 
 @cache
@@ -110,6 +130,7 @@ def register(entry: ModelEntry) -> ModelEntry:
         raise ValueError(f"model {entry.name!r} is registered twice")
     if entry.dataset not in DATASETS:
         raise ValueError(f"{entry.name}: unknown dataset {entry.dataset!r}")
+    entry.build_config()  # a bad field fails at import, naming it
     _ENTRIES[entry.name] = entry
     return entry
 
@@ -132,35 +153,36 @@ def get_entry(name: str) -> ModelEntry:
 
 def list_models(filter: str = "") -> list[dict[str, Any]]:
     """Registered models (optionally those whose name contains ``filter``) as rows."""
-    return [
-        dict(
-            name=e.name,
-            method=e.method,
-            backbone=e.backbone,
-            experts=e.num_experts,
-            dataset=e.dataset,
-            recipe=e.recipe,
-            hub_id=e.resolved_hub_id(),
-            revision=e.revision,
-            paper=e.paper,
-            measured=e.measured,
-            bundled=bool(e.bundled),
-            provenance=e.provenance,
-        )
-        for e in _ENTRIES.values()
-        if filter in e.name
-    ]
+    return [_row(e) for e in _ENTRIES.values() if filter in e.name]
+
+
+def _row(e: ModelEntry) -> dict[str, Any]:
+    cfg = e.build_config()
+    return dict(
+        name=e.name,
+        method=e.method,
+        backbone=cfg.backbone,
+        experts=cfg.num_experts,
+        dataset=e.dataset,
+        recipe=e.recipe,
+        hub_id=e.resolved_hub_id(),
+        revision=e.revision,
+        paper=e.paper,
+        measured=e.measured,
+        bundled=bool(e.bundled),
+        provenance=e.provenance,
+    )
 
 
 # --- Fashion-MNIST-LT (trained here, the embedded default) ----------------------------
 _FM: dict[str, Any] = dict(backbone="resnet32", dataset="fashion_mnist_lt")
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ce-resnet32-fmnistlt", "ce", recipe="fmnistlt_ce", num_experts=1, layout="single", **_FM
     )
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "bs-resnet32-fmnistlt",
         "balanced_softmax",
         recipe="fmnistlt_bs",
@@ -169,9 +191,9 @@ register(
         **_FM,
     )
 )
-register(ModelEntry("ncl-resnet32-fmnistlt", "ncl", recipe="fmnistlt_ncl", **_FM))
+register(ModelEntry.create("ncl-resnet32-fmnistlt", "ncl", recipe="fmnistlt_ncl", **_FM))
 register(
-    ModelEntry(
+    ModelEntry.create(
         "cbd-resnet32-fmnistlt",
         "cbd",
         recipe="fmnistlt_cbd",
@@ -185,7 +207,7 @@ register(
     )
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ecl-resnet32-fmnistlt",
         "ecl",
         recipe="fmnistlt_ecl",
@@ -211,7 +233,7 @@ for _ds, _rho, _top1 in [
 ]:
     _short = _ds.replace("_lt", "lt")
     register(
-        ModelEntry(
+        ModelEntry.create(
             f"ncl-resnet32-{_short}-r{_rho}",
             "ncl",
             "resnet32",
@@ -224,7 +246,7 @@ for _ds, _rho, _top1 in [
     )
 for _bb, _short, _top1 in [("resnet50", "resnet50", 57.4), ("resnext50_32x4d", "resnext50", 58.4)]:
     register(
-        ModelEntry(
+        ModelEntry.create(
             f"ncl-{_short}-imagenetlt",
             "ncl",
             _bb,
@@ -237,7 +259,7 @@ for _bb, _short, _top1 in [("resnet50", "resnet50", 57.4), ("resnext50_32x4d", "
         )
     )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ncl-resnet152-placeslt",
         "ncl",
         "resnet152",
@@ -257,7 +279,7 @@ _CBD_HEAD: dict[str, Any] = dict(
     num_experts=1, layout="single", head="cosine", head_bias=False, cosine_scale=20.0, neck_dim=8192
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "cbd-resnet50-imagenetlt",
         "cbd",
         "resnet50",
@@ -269,7 +291,7 @@ register(
     )
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "cbd-resnet50-inat18",
         "cbd",
         "resnet50",
@@ -284,7 +306,7 @@ register(
 # --- ECL (reconstruction) -------------------------------------------------------------
 _ECL_NOTE = "Reconstruction from the abstract of Xu et al., IEEE TMM 2023 (arXiv 2305.03378); no official code, no paper numbers used."
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ecl-resnet32-cifar100lt-r100",
         "ecl",
         "resnet32",
@@ -296,7 +318,7 @@ register(
     )
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ecl-resnext50-imagenetlt",
         "ecl",
         "resnext50_32x4d",
@@ -313,7 +335,7 @@ register(
 _C10: dict[str, Any] = dict(backbone="resnet32", dataset="cifar10_lt", notes=_CIFAR10_NOTE)
 for _method, _prefix in [("ce", "ce"), ("balanced_softmax", "bs")]:
     register(
-        ModelEntry(
+        ModelEntry.create(
             f"{_prefix}-resnet32-cifar10lt-r100",
             _method,
             recipe=f"cifar10lt_r100_{_prefix}",
@@ -323,7 +345,7 @@ for _method, _prefix in [("ce", "ce"), ("balanced_softmax", "bs")]:
         )
     )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "cbd-resnet32-cifar10lt-r100",
         "cbd",
         recipe="cifar10lt_r100_cbd",
@@ -337,7 +359,7 @@ register(
     )
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ecl-resnet32-cifar10lt-r100",
         "ecl",
         recipe="cifar10lt_r100_ecl",
@@ -349,7 +371,7 @@ register(
 
 # --- Baselines on ImageNet-LT -------------------------------------------------------------
 register(
-    ModelEntry(
+    ModelEntry.create(
         "ce-resnet50-imagenetlt",
         "ce",
         "resnet50",
@@ -360,7 +382,7 @@ register(
     )
 )
 register(
-    ModelEntry(
+    ModelEntry.create(
         "bs-resnet50-imagenetlt",
         "balanced_softmax",
         "resnet50",

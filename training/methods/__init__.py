@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from .base import Method, MethodParams, balanced_logits
+from ..registry import METHODS as _REGISTRY
+from ..registry import register_method
+from .base import Method, MethodParams, StageRun, balanced_logits
 from .baselines import BalancedSoftmax, CrossEntropy
 from .cbd import CBD, CBDParams
 from .ecl import ECL
 from .ncl import NCL, NCLLoss
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (CrossEntropy, BalancedSoftmax, NCL, ECL, CBD)
-}
+for _method in (CrossEntropy, BalancedSoftmax, NCL, ECL, CBD):
+    register_method(_method)
 
-
-def register_method(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
+#: method name -> method class: the table of :mod:`training.registry`, typed
+METHODS: dict[str, type[Method]] = _REGISTRY
 
 
 __all__ = [
@@ -29,5 +28,6 @@ __all__ = [
     "Method",
     "MethodParams",
     "NCLLoss",
+    "StageRun",
     "balanced_logits",
 ]

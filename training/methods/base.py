@@ -1,6 +1,7 @@
 """The method interface: build modules, compute a batch's loss, choose a sampler.
 
-A method never owns the training loop; :mod:`training.engine` drives every method.
+A method never owns the training loop; :mod:`training.engine` drives every method,
+and every stage of it (:attr:`Method.stages`).
 Training-only modules (MoCo encoders, distillation classifiers, teachers) live on the
 method, the inference modules on ``self.model`` (a :class:`zoo.Ensemble`), which is
 what gets published.
@@ -16,6 +17,9 @@ import torch
 from torch import nn
 
 from ltzoo.zoo import Ensemble
+from ltzoo.zoo.config import LogitPrior, logit_prior_for
+
+from ..config import RunConfig, build_section
 
 
 @dataclass
@@ -24,9 +28,20 @@ class MethodParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MethodParams:
-        from ..config import build_section
-
         return build_section(cls, values, "method_params")
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One engine run of an earlier stage of a method (e.g. one CBD teacher).
+
+    The engine trains it in ``<run dir>/<subdir>`` with the usual checkpoint and resume
+    semantics (:meth:`training.engine.Trainer.run_stage`).
+    """
+
+    stage: str
+    subdir: str
+    config: RunConfig
 
 
 class Method(nn.Module):
@@ -36,12 +51,25 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: which training sampler the method needs ("instance", "class_balanced", "sqrt")
     sampler: ClassVar[str] = "instance"
-    #: which prior the trained model's logits are calibrated for
-    logit_prior: ClassVar[str] = "uniform"
+    #: which prior the trained model's logits are calibrated for: decided by
+    #: :func:`zoo.config.logit_prior_for` from ``name`` (set for each subclass)
+    logit_prior: ClassVar[LogitPrior] = "uniform"
+    #: the method's stages in order: the last trains ``self.model``; each earlier one is a
+    #: set of engine runs it needs first (:meth:`stage_runs`), trained by the engine
+    stages: ClassVar[tuple[str, ...]] = ("train",)
     #: text the model card should carry about this method (e.g. an exact loss rule)
     card_notes: ClassVar[str] = ""
 
     log_counts: torch.Tensor
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.logit_prior = logit_prior_for(cls.name)
+
+    @classmethod
+    def stage_runs(cls, cfg: RunConfig, stage: str) -> list[StageRun]:
+        """The engine runs of the earlier stage ``stage`` of ``cfg`` (none by default)."""
+        return []
 
     def __init__(self, model: Ensemble, class_counts: Sequence[int], params: MethodParams) -> None:
         super().__init__()
@@ -62,7 +90,11 @@ class Method(nn.Module):
         """Hook after each optimiser step (e.g. momentum encoder update)."""
 
     def prepare(self, context: dict[str, Any]) -> None:
-        """Hook before training (e.g. CBD trains/loads its teachers). ``context`` holds the run's pieces."""
+        """Hook before training, after the earlier stages ran (CBD loads its teachers).
+
+        ``context`` holds the run's pieces: ``"trainer"`` and ``"split"``. The engine
+        restores the global RNG state after it.
+        """
 
 
 def sum_tensors(terms: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,6 @@ class CrossEntropy(Method):
 
     name = "ce"
     Params = NoParams
-    logit_prior = "train"
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor

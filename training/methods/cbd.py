@@ -15,13 +15,16 @@ Checked against the official TF2 code (google-research ``class_balanced_distilla
   is pooled -> Dense(d_teacher) + ReLU + L2 (the model's ``ProjectionNeck``) -> cosine
   classifier. Loss ``(1 - alpha) * CE + alpha * beta * mean(1 - cos(f_student, f_teacher))``.
 
-Resuming is stage by stage (:meth:`CBD.prepare`, called by the engine before the student's
-optimiser or checkpoint exist): a teacher whose ``model/`` exists is loaded (after checking
-that its recorded run config matches the one derived now), an interrupted teacher resumes
-from its own ``checkpoint.pt`` (``train(..., resume=True)``), a missing one is trained; then
-the engine resumes (or starts) the student from ``<run_dir>/checkpoint.pt``. The global RNG
-state is saved before and restored after stage 1, so the student's stream does not depend
-on whether the teachers were trained in this process or loaded from disk.
+The two stages are the method's ``stages = ("teachers", "student")``; a recipe may run
+only some of them (``stages = ["teachers"]``). The engine trains the "teachers" stage
+first, one engine run per teacher (:meth:`CBD.stage_runs`,
+:meth:`training.engine.Trainer.run_stage`), so resuming is stage by stage: a teacher whose
+``model/`` exists is kept (after checking that its recorded run config matches the one
+derived now), an interrupted teacher resumes from its own ``checkpoint.pt``, a missing one
+is trained; then the engine seeds, builds and resumes (or starts) the student from
+``<run_dir>/checkpoint.pt``, so the student's random stream does not depend on whether the
+teachers were trained in this process or earlier. :meth:`CBD.prepare` loads the trained
+teachers into the student method.
 
 Teacher features are computed **live**, under ``torch.no_grad`` with the teachers in eval
 mode, on the very same augmented batch the student sees. We deliberately do not cache them:
@@ -46,7 +49,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +57,11 @@ import torch
 import torch.nn.functional as F
 
 from ltzoo.zoo import Ensemble
-from ltzoo.zoo.ensemble import WEIGHTS_NAME
+from ltzoo.zoo.files import CONFIG_NAME, WEIGHTS_NAME
 
-from .base import Method, MethodParams
+from ..config import ConfigError, RunConfig, check_same_run
+from ..evaluate import accuracy_report, collect_logits
+from .base import Method, MethodParams, StageRun
 
 JITTER = "simclr_jitter"
 TEACHERS_DIR = "teachers"
@@ -93,8 +98,6 @@ class CBDParams(MethodParams):
     evaluate_teacher_ensemble: bool = True
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
-
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"method_params.alpha must be in [0, 1], got {self.alpha}")
         if self.beta < 0:
@@ -167,7 +170,7 @@ def cbd_loss(
     return (1.0 - alpha) * ce + alpha * beta * distance, ce, distance
 
 
-def teacher_run_config(cfg, index: int, spec: TeacherSpec, epochs: int = 0):
+def teacher_run_config(cfg: RunConfig, index: int, spec: TeacherSpec, epochs: int = 0) -> RunConfig:
     """The :class:`~training.config.RunConfig` of teacher ``index`` derived from the student's.
 
     Method "ce" (instance sampling), the same model entry as one network with a cosine
@@ -177,6 +180,7 @@ def teacher_run_config(cfg, index: int, spec: TeacherSpec, epochs: int = 0):
     t = copy.deepcopy(cfg)
     t.method = "ce"
     t.method_params = {}
+    t.stages = []
     t.model_overrides = {
         **cfg.model_overrides,
         "num_experts": 1,
@@ -203,23 +207,13 @@ def teacher_run_config(cfg, index: int, spec: TeacherSpec, epochs: int = 0):
     return t
 
 
-def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a run config that define a teacher (device/threads/logging may change)."""
-    d = json.loads(json.dumps(cfg_dict, default=str))
-    data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "workers")}
-    return {k: d.get(k) for k in ("model", "method", "optim", "model_overrides")} | {
-        "data": data,
-        "seed": d.get("run", {}).get("seed"),
-    }
-
-
 class CBD(Method):
     """Stage 2 of CBD: class-balanced student distilling frozen teachers' features."""
 
     name = "cbd"
     Params = CBDParams
     sampler = "class_balanced"
-    logit_prior = "uniform"
+    stages = ("teachers", "student")
 
     def __init__(self, model: Ensemble, class_counts: Sequence[int], params: CBDParams) -> None:
         super().__init__(model, class_counts, params)
@@ -274,60 +268,51 @@ class CBD(Method):
             t.eval()
         return self
 
+    @classmethod
+    def stage_runs(cls, cfg: RunConfig, stage: str) -> list[StageRun]:
+        """Stage "teachers": one engine run per teacher, in ``teachers/t<i>``."""
+        params = CBDParams.from_dict(cfg.method_params)
+        assert isinstance(params, CBDParams) and stage == "teachers", stage
+        return [
+            StageRun(
+                stage,
+                f"{TEACHERS_DIR}/t{i}",
+                teacher_run_config(cfg, i, spec, params.teacher_epochs),
+            )
+            for i, spec in enumerate(params.specs())
+        ]
+
     def teacher_dirs(self, run_dir: str | Path) -> list[Path]:
         return [Path(run_dir) / TEACHERS_DIR / f"t{i}" for i in range(len(self.specs))]
 
     def prepare(self, context: dict[str, Any]) -> None:
-        """Stage 1: load finished teachers, resume interrupted ones, train missing ones."""
-        from ..engine import _rng_state, _set_rng_state, train
-
+        """Load the teachers the "teachers" stage trained, and describe them for the card."""
         trainer, split = context["trainer"], context["split"]
-        cfg = trainer.cfg
-        rng = _rng_state()
-        try:
-            self._prepare(cfg, split, trainer, train)
-        finally:
-            # Teacher init/training and evaluation loaders draw from the global RNG.
-            _set_rng_state(rng)
-
-    def _prepare(self, cfg, split, trainer, train) -> None:
-        dirs = self.teacher_dirs(trainer.run_dir)
+        runs = self.stage_runs(trainer.cfg, "teachers")
         teachers: list[Ensemble] = []
         records: list[dict[str, Any]] = []
-        for i, (spec, tdir) in enumerate(zip(self.specs, dirs, strict=True)):
-            tcfg = teacher_run_config(cfg, i, spec, self.params.teacher_epochs)
-            self._check_existing(tdir, tcfg)
-            if not (tdir / "model" / "config.json").is_file():
-                self._train_teacher(train, tcfg, tdir, trainer)
+        for i, (spec, run) in enumerate(zip(self.specs, runs, strict=True)):
+            tdir = Path(trainer.run_dir) / run.subdir
+            check_same_run(tdir, run.config)
+            if not (tdir / "model" / CONFIG_NAME).is_file():
+                raise FileNotFoundError(
+                    f"CBD: teacher t{i} is not trained ({tdir / 'model'} is missing); run the "
+                    '"teachers" stage first (stages = ["teachers", "student"])'
+                )
             teachers.append(Ensemble.from_pretrained(tdir / "model"))
-            records.append(self._record(i, spec, tcfg, tdir, trainer.run_dir))
+            records.append(self._record(i, spec, run.config, tdir, trainer.run_dir))
         self.set_teachers(teachers)
-        extra = self.model.config.extra
-        extra["teachers"] = [r["line"] for r in records]
         results: dict[str, Any] = {
             "teachers": [{k: v for k, v in r.items() if k != "line"} for r in records],
         }
         if self.params.evaluate_teacher_ensemble:
             results["ensemble"] = self._ensemble_results(split, trainer)
-        extra["teacher_results"] = results
-
-    @staticmethod
-    def _check_existing(tdir: Path, tcfg) -> None:
-        run_json = tdir / "run.json"
-        if not run_json.is_file():
-            return
-        stored = json.loads(run_json.read_text()).get("config", {})
-        if _comparable(stored) != _comparable(tcfg.to_dict()):
-            raise ValueError(
-                f"CBD: {tdir} holds a teacher trained with a different configuration than the one "
-                "this recipe derives now; delete it or use another run directory"
-            )
-
-    @staticmethod
-    def _train_teacher(train, tcfg, tdir: Path, trainer) -> None:
-        """One engine run; resumes from ``tdir/checkpoint.pt`` if a previous run was interrupted.
-        (A nested Trainer leaves the caller's torchrun process group alive.)"""
-        train(tcfg, tdir, resume=True)
+        extra = {
+            **self.model.config.extra,
+            "teachers": [r["line"] for r in records],
+            "teacher_results": results,
+        }
+        self.model.config = replace(self.model.config, extra=extra)
 
     @staticmethod
     def _record(index: int, spec: TeacherSpec, tcfg, tdir: Path, run_dir: Path) -> dict[str, Any]:
@@ -368,8 +353,6 @@ class CBD(Method):
             stored = json.loads(cache.read_text())
             if stored.get("num_teachers") == len(self._teachers):
                 return stored
-        from ..evaluate import accuracy_report, collect_logits
-
         test = split.test
         subset = trainer.cfg.run.eval_subset  # as the engine subsamples the test set
         if subset:

@@ -18,12 +18,13 @@ from ..config import EnsembleConfig
 from .heads import CosineClassifier, ProjectionNeck, build_head
 from .resnet_cifar import resnet32_stages
 from .torchvision_resnets import BUILDERS as TORCHVISION_BUILDERS
-from .torchvision_resnets import torchvision_stages
+from .torchvision_resnets import IMAGENET, torchvision_stages
 
 BACKBONES = ("resnet32", *TORCHVISION_BUILDERS)
 
 __all__ = [
     "BACKBONES",
+    "IMAGENET",
     "CosineClassifier",
     "Expert",
     "ProjectionNeck",
@@ -35,15 +36,19 @@ __all__ = [
 
 
 def backbone_stages(
-    name: str, in_channels: int, pretrained_path: str | Path | None = None
+    name: str, in_channels: int, pretrained: str | Path | None = None
 ) -> tuple[list[nn.Module], int]:
-    """Stages of backbone ``name`` (stem ... pool) and the width of its pooled feature."""
+    """Stages of backbone ``name`` (stem ... pool) and the width of its pooled feature.
+
+    ``pretrained``: :data:`IMAGENET` (torchvision's ImageNet weights) or a local
+    torchvision state dict; ``None``: random initialisation.
+    """
     if name == "resnet32":
-        if pretrained_path is not None:
+        if pretrained is not None:
             raise ValueError("resnet32 has no pretrained weights")
         return resnet32_stages(in_channels)
     if name in TORCHVISION_BUILDERS:
-        return torchvision_stages(name, in_channels, pretrained_path)
+        return torchvision_stages(name, in_channels, pretrained)
     raise ValueError(f"unknown backbone {name!r}; choose from {list(BACKBONES)}")
 
 
@@ -71,18 +76,17 @@ def as_experts(modules: Iterable[nn.Module]) -> list[Expert]:
 
 
 def build_experts(
-    cfg: EnsembleConfig, pretrained_path: str | Path | None = None
+    cfg: EnsembleConfig, pretrained: str | Path | None = None
 ) -> tuple[nn.Module, nn.ModuleList, int]:
     """Build ``(stem, experts, feature_dim)`` for ``cfg``'s layout.
 
     The stem is ``nn.Identity`` unless the layout is "shared". Each expert is built
-    from its own backbone instance so experts start from different random weights.
+    from its own backbone instance so experts start from different random weights
+    (or all from the same ``pretrained`` backbone weights, see :func:`backbone_stages`).
     """
     split = cfg.shared_stages if cfg.layout == "shared" else 0
     channels = cfg.preprocess.channels
-    nets = [
-        backbone_stages(cfg.backbone, channels, pretrained_path) for _ in range(cfg.num_experts)
-    ]
+    nets = [backbone_stages(cfg.backbone, channels, pretrained) for _ in range(cfg.num_experts)]
     n_stages = len(nets[0][0])
     if not 0 <= split < n_stages:
         raise ValueError(f"shared_stages must be in [0, {n_stages - 1}] for {cfg.backbone}")

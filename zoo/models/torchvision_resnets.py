@@ -1,8 +1,10 @@
 """ImageNet-style ResNets from torchvision builders, split into stages.
 
-Pretrained initialisation is possible from a local file only
-(``pretrained_path=``, a torchvision state dict in safetensors or a trusted
-``.pth``); nothing is ever downloaded implicitly.
+Pretrained initialisation, only when asked for (``pretrained=``): ``"imagenet"`` loads
+torchvision's own ImageNet weights for the architecture through torchvision's weights API
+(downloaded once from download.pytorch.org into the torch hub cache, ``$TORCH_HOME``, and
+checked against the hash in the file name), a path loads a local torchvision state dict
+(safetensors or a trusted ``.pth``). The classifier ``fc`` is never used.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 import torch
 import torchvision.models as tvm
 from torch import nn
+
+#: ``pretrained=IMAGENET``: torchvision's default ImageNet weights of the architecture
+IMAGENET = "imagenet"
 
 BUILDERS: dict[str, Callable[..., tvm.ResNet]] = {
     "resnet50": tvm.resnet50,
@@ -40,14 +45,16 @@ def _load_local_weights(net: nn.Module, path: str | Path) -> None:
 
 
 def torchvision_stages(
-    name: str, in_channels: int = 3, pretrained_path: str | Path | None = None
+    name: str, in_channels: int = 3, pretrained: str | Path | None = None
 ) -> tuple[list[nn.Module], int]:
-    """A torchvision ResNet as stages (stem, layer1..4, pool) and its feature width."""
+    """A torchvision ResNet as stages (stem, layer1..4, pool) and its feature width,
+    initialised from ``pretrained`` (:data:`IMAGENET` or a local file) when given."""
     if name not in BUILDERS:
         raise ValueError(f"unknown torchvision backbone {name!r}; choose from {sorted(BUILDERS)}")
-    net = BUILDERS[name](weights=None)
-    if pretrained_path is not None:
-        _load_local_weights(net, pretrained_path)
+    imagenet = pretrained == IMAGENET
+    net = BUILDERS[name](weights=tvm.get_model_weights(name).DEFAULT if imagenet else None)
+    if pretrained is not None and not imagenet:
+        _load_local_weights(net, pretrained)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)

@@ -1,0 +1,28 @@
+"""Training methods by name, for the run configuration and the engine.
+
+A leaf module (it imports nothing of ours): :mod:`training.config` looks methods up here
+without importing :mod:`training.methods`, which imports the configuration, so there is
+no import cycle. ``training/methods/__init__.py`` registers every method, and
+``training/__init__.py`` imports it, so importing anything under ``ltzoo.training``
+fills this table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+#: method name -> :class:`training.methods.Method` subclass (typed there as such)
+METHODS: dict[str, Any] = {}
+
+_Class = TypeVar("_Class", bound=type)
+
+
+def register_method(cls: _Class) -> _Class:
+    """Make the method class ``cls`` available under its ``name`` (usable as a decorator)."""
+    name = getattr(cls, "name", "")
+    if not name:
+        raise ValueError(f"{cls.__name__} has no method name")
+    if METHODS.get(name, cls) is not cls:
+        raise ValueError(f"method {name!r} is registered twice")
+    METHODS[name] = cls
+    return cls
