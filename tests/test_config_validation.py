@@ -118,3 +118,48 @@ def test_config_json_that_is_not_an_object_is_rejected(tmp_path):
     (tmp_path / "c.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must be a JSON object"):
         EnsembleConfig.load(tmp_path / "c.json")
+
+
+# --- issue 17: the config is frozen, entries are partial configs, overrides checked at load ---
+def test_config_is_frozen_and_changed_by_replace():
+    import dataclasses
+
+    cfg = zoo.get_entry("ncl-resnet32-fmnistlt").build_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 2.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.preprocess.channels = 3  # type: ignore[misc]
+    hot = dataclasses.replace(cfg, temperature=2.0)
+    assert (hot.temperature, cfg.temperature) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        dataclasses.replace(cfg, temperature=-1.0)  # replace checks again
+
+
+def test_logit_prior_follows_the_method_once():
+    from ltzoo.training.methods import METHODS
+
+    for name, method in METHODS.items():
+        assert method.logit_prior == ("train" if name == "ce" else "uniform")
+    entry = zoo.get_entry("ncl-resnet32-fmnistlt")
+    assert entry.build_config().logit_prior == "uniform"
+    assert entry.build_config(method="ce").logit_prior == "train"  # e.g. CBD's teachers
+    assert "logit_prior" not in entry.config  # an entry holds only its own fields
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model_overrides.num_expert=2", r"model_overrides for .*unknown config keys.*num_expert"),
+        ("model_overrides.num_experts=0", r"model_overrides for .*num_experts must be in"),
+        ('model_overrides.head="conv"', r"model_overrides for .*unknown head"),
+        ('model_overrides.layout="single"', r"model_overrides for .*'single' needs num_experts=1"),
+    ],
+)
+def test_bad_model_override_fails_when_the_recipe_loads(override, message, capsys):
+    from ltzoo.cli import main
+    from ltzoo.training.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("fmnistlt_ncl", [override])
+    assert main(["train", "fmnistlt_ncl", override, "--dry-run"]) == 2  # before any training
+    assert "model_overrides" in capsys.readouterr().err

@@ -288,3 +288,40 @@ def test_disk_full_during_checkpoint_save(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=re.escape(f"no space left on device: {target}")):
         engine.atomic_save({"epoch": 0}, target)
     assert list(tmp_path.iterdir()) == []  # the .tmp file is gone
+
+
+# --- issue 17: the Places-LT recipe's ImageNet-pretrained backbone reaches the builder --------
+def test_imagenet_pretrained_backbone_reaches_the_builder(tmp_path, monkeypatch):
+    """``pretrained_backbone = "imagenet"`` goes from the recipe through the engine to
+    torchvision's weights API; only the download itself is stubbed (no internet here)."""
+    from types import SimpleNamespace
+
+    import torch.hub
+    import torchvision.models as tvm
+
+    from ltzoo.training.engine import Trainer
+
+    one_expert = ["model_overrides.num_experts=1", 'model_overrides.layout="single"']
+    cfg = load_recipe("placeslt_resnet152_ncl", [*one_expert, "run.device=cpu"])
+    assert cfg.pretrained_backbone == "imagenet"
+    torch.manual_seed(0)
+    published = tvm.resnet152().state_dict()  # stands in for the downloaded file
+    urls = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        urls.append(url)
+        torch.save(published, dst)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    classes = 365
+    split = SimpleNamespace(
+        class_counts=[5] * classes, class_names=[f"c{i}" for i in range(classes)], info={}
+    )
+    model = Trainer(cfg, tmp_path / "run").build_model(split)
+    assert urls == [tvm.ResNet152_Weights.DEFAULT.url]
+    body = model.experts[0].body
+    torch.testing.assert_close(body[0][0].weight, published["conv1.weight"])
+    torch.testing.assert_close(body[4][2].conv3.weight, published["layer4.2.conv3.weight"])
+    with pytest.raises(ConfigError, match="pretrained_backbone must be"):
+        load_recipe("placeslt_resnet152_ncl", ["pretrained_backbone=imagenet21k"])
