@@ -200,7 +200,7 @@ def metrics_batches(port: int) -> dict[str, int]:
     out = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
         if line.startswith("ltzoo_batches_total{"):
-            out[line.split('requests="')[1].split('"')[0]] = int(line.rsplit(" ", 1)[1])
+            out[line.split('requests="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
     return out
 
 

@@ -7,3 +7,6 @@
 
 Nothing heavy is imported here, so ``ltzoo --help`` stays fast.
 """
+
+#: seconds the dynamic batcher waits for a batch to fill (``--batch-timeout``), the one default
+DEFAULT_BATCH_TIMEOUT_S = 0.005

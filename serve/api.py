@@ -4,67 +4,66 @@ Process layout (LitServe): the main process builds a :class:`~litserve.LitServer
 inference worker is a *spawned* process that unpickles :class:`EnsembleAPI` and calls
 ``setup`` (backend + decoder built there); the HTTP servers are *forked* uvicorn processes.
 
-Request path (all under one ``--timeout`` deadline, 504 when it passes)::
+Request path (all under one ``--timeout`` deadline, :class:`DeadlineMiddleware`: 504)::
 
-    POST /predict --(uvicorn)--> read_payload: body limit 413, read timeout 408,
-                                 content type 415, JSON / multipart framing 400
-                  --(HTTP process, DecodePool threads)--> RequestDecoder: fields 422,
-                                 images 400, per-image / per-request pixel limits 413
-                                 -> DecodedRequest (preprocessed pixels)
-                  --(queue)----> IsolatingBatchedLoop (worker):
-                                 batch -> predict -> unbatch -> encode_response
+    POST /predict (LitServe's own route; its ``request`` parameter is :data:`FramedRequest`)
+      --(uvicorn, FastAPI dependency frame_request)--> read_payload: body limit 413, read
+                   timeout 408, content type 415, JSON / multipart framing 400
+      --(HTTP process, DecodePool threads)--> RequestDecoder: fields 422, images 400,
+                   per-image / per-request pixel limits 413 -> DecodedRequest (pixels)
+      --(LitServe's queue and batched loop, inference worker)-->
+                   decode_request -> batch -> predict -> unbatch -> encode_response
 
 Images are decoded before they are queued, on a few threads per HTTP process: the
 inference worker only ever runs the model, and the decoded pixels in flight are at most
 ``decode_threads * max_request_pixels`` per HTTP process.
 
-Dynamic batching: the loop blocks for the first queued request, then gathers more until
-``max_batch_size`` requests or ``batch_timeout`` seconds. A request may carry several
-images and its own prior: ``decode_request`` returns ``(N, C, H, W)`` pixels plus ``(N,
-num_classes)`` log-prior-shift rows, ``batch`` concatenates both along the image axis and
-``unbatch`` splits the outputs back per request.
+Dynamic batching is LitServe's: up to ``max_batch_size`` requests or ``batch_timeout``
+seconds. A request may carry several images and its own prior: ``batch`` concatenates
+their ``(N, C, H, W)`` pixels and ``(N, num_classes)`` log-prior-shift rows along the image
+axis and ``unbatch`` splits the outputs back per request.
 
-Unlike LitServe's stock ``BatchedLoop`` (where one exception in ``decode_request`` or
-``encode_response`` is sent to *every* request of the batch), :class:`IsolatingBatchedLoop`
-decodes and encodes each request in its own ``try``: a bad image gets its own 4xx and the
-rest of the batch is served.
+Per-request isolation inside a batch: LitServe sends an exception raised by
+``decode_request`` or ``encode_response`` to *every* request of the batch, so neither
+raises. A request the worker cannot run becomes a :class:`RequestError` marker that
+``predict`` skips, and ``encode_response`` answers every request with its own
+:class:`~starlette.responses.JSONResponse` (the marker's 4xx, a 500 if encoding fails).
+Only a failing model call (``predict``) fails the whole batch.
 """
 
-from __future__ import annotations
-
 import asyncio
+import contextvars
 import importlib.resources
 import logging
 import multiprocessing as mp
 import os
 import secrets
-import threading
 import time
 import warnings
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from queue import Empty
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import litserve as ls
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from litserve.loops import BatchedLoop
-from litserve.server import RegularRequestHandler
-from litserve.utils import (
-    LitAPIStatus,
-    LoopResponseType,
-    PickleableHTTPException,
-    ResponseBufferItem,
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ltzoo.zoo.config import EnsembleConfig
 
+from . import DEFAULT_BATCH_TIMEOUT_S
 from .backends import BackendSpec
 from .decoding import (
     ERROR_SCHEMA,
@@ -83,127 +82,32 @@ logger = logging.getLogger("ltzoo.serve")
 OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc"})
 #: where the Swagger UI / ReDoc assets shipped by ``fastapi-offline`` are served (no CDN)
 DOCS_ASSETS = "/docs-assets"
-_SENTINEL = (None, None, None, None)  # LitServe's stop message on the request queue
 
 
-class _StopLoop(Exception):
-    pass
+@dataclass(frozen=True)
+class RequestError:
+    """Marker for one request of a batch that cannot be run: ``predict`` skips it and
+    ``encode_response`` answers it with its own error JSON."""
+
+    status: int
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, status: int, code: str, message: str, field: str | None = None) -> "RequestError":
+        """A marker with the same JSON detail as :func:`~.decoding.request_error`."""
+        return cls(status, {"error": code, "message": message, "field": field})
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"detail": self.detail}, status_code=self.status)
 
 
-class IsolatingBatchedLoop(BatchedLoop):
-    """Dynamic batching in which one request's failure never reaches another request."""
+@dataclass
+class Batch:
+    """What ``predict`` runs: the images of every runnable request, concatenated."""
 
-    def _collect(
-        self, lit_api: ls.LitAPI, request_queue: Any, transport: Any
-    ) -> list[tuple[Any, str, Any]]:
-        """Block (no busy polling) for one request, then gather up to max_batch_size."""
-        items: list[tuple[Any, str, Any]] = []
-        try:
-            first = request_queue.get(timeout=1.0)
-        except Empty:
-            return items
-        deadline = time.monotonic() + lit_api.batch_timeout
-        pending = [first]
-        while True:
-            for request_data in pending:
-                if request_data == _SENTINEL:
-                    raise _StopLoop
-                response_queue_id, uid, timestamp, x_enc = request_data
-                self.put_response(
-                    transport,
-                    response_queue_id,
-                    uid,
-                    (),
-                    LitAPIStatus.START,
-                    LoopResponseType.REGULAR,
-                )
-                timeout = lit_api.request_timeout
-                if timeout not in (None, -1, False) and time.monotonic() - timestamp > timeout:
-                    self._send_error(
-                        transport, response_queue_id, uid, HTTPException(504, "Request timed out")
-                    )
-                else:
-                    items.append((response_queue_id, uid, x_enc))
-            pending = []
-            if len(items) >= lit_api.max_batch_size:
-                return items
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining > 0:
-                    pending.append(request_queue.get(timeout=remaining))
-                else:
-                    pending.append(request_queue.get_nowait())
-            except Empty:
-                return items
-
-    def _send_error(
-        self, transport: Any, response_queue_id: Any, uid: str, exc: HTTPException
-    ) -> None:
-        self.put_response(
-            transport,
-            response_queue_id,
-            uid,
-            PickleableHTTPException.from_exception(exc),
-            LitAPIStatus.ERROR,
-            LoopResponseType.REGULAR,
-        )
-
-    def run_batched_loop(self, lit_api, request_queue, transport, callback_runner, lit_spec=None):
-        while True:
-            try:
-                items = self._collect(lit_api, request_queue, transport)
-            except _StopLoop:
-                return
-            except (EOFError, BrokenPipeError, ConnectionError):
-                return  # the manager (queue owner) is gone: server shutting down
-            if not items:
-                continue
-            valid = []
-            for response_queue_id, uid, x_enc in items:
-                try:
-                    valid.append((response_queue_id, uid, lit_api.decode_request(x_enc)))
-                except HTTPException as exc:
-                    self._send_error(transport, response_queue_id, uid, exc)
-                except Exception as exc:
-                    logger.exception("decode_request failed for %s", uid)
-                    self.put_error_response(
-                        transport, response_queue_id, uid, exc, LoopResponseType.REGULAR
-                    )
-            if not valid:
-                continue
-            try:
-                outputs = lit_api.unbatch(lit_api.predict(lit_api.batch([x for _, _, x in valid])))
-                if len(outputs) != len(valid):
-                    raise RuntimeError(
-                        f"unbatch returned {len(outputs)} outputs for {len(valid)} requests"
-                    )
-            except Exception as exc:
-                logger.exception("predict failed for a batch of %d requests", len(valid))
-                for response_queue_id, uid, _ in valid:
-                    self.put_error_response(
-                        transport, response_queue_id, uid, exc, LoopResponseType.REGULAR
-                    )
-                continue
-            for (response_queue_id, uid, _), y in zip(valid, outputs, strict=True):
-                try:
-                    y_enc = lit_api.encode_response(y)
-                except HTTPException as exc:
-                    self._send_error(transport, response_queue_id, uid, exc)
-                    continue
-                except Exception as exc:
-                    logger.exception("encode_response failed for %s", uid)
-                    self.put_error_response(
-                        transport, response_queue_id, uid, exc, LoopResponseType.REGULAR
-                    )
-                    continue
-                self.put_response(
-                    transport,
-                    response_queue_id,
-                    uid,
-                    y_enc,
-                    LitAPIStatus.OK,
-                    LoopResponseType.REGULAR,
-                )
+    pixels: np.ndarray  # (images, C, H, W)
+    shift: np.ndarray  # (images, num_classes)
+    requests: list[DecodedRequest | RequestError]
 
 
 class BatchStats:
@@ -227,6 +131,20 @@ class BatchStats:
             return {i: int(c) for i, c in enumerate(self.counts[:]) if c}
 
 
+async def frame_request(request: Request) -> DecodedRequest:
+    """FastAPI dependency of LitServe's /predict route: frame and decode the body here.
+
+    Runs in the HTTP process, after the API-key check; a bad body gets its 4xx before
+    anything is queued. The :class:`DecodePool` is put on ``app.state`` by :func:`build_server`.
+    """
+    pool = request.app.state.decode_pool
+    return await pool.decode(request)
+
+
+#: the type LitServe reads off ``EnsembleAPI.decode_request`` to build /predict's signature
+FramedRequest = Annotated[DecodedRequest, Depends(frame_request)]
+
+
 class EnsembleAPI(ls.LitAPI):
     """Calibrated top-k predictions with per-request priors and dynamic batching."""
 
@@ -236,18 +154,16 @@ class EnsembleAPI(ls.LitAPI):
         config: EnsembleConfig,
         *,
         max_batch_size: int = 32,
-        batch_timeout: float = 0.01,
+        batch_timeout: float = DEFAULT_BATCH_TIMEOUT_S,
         api_key: str | None = None,
     ) -> None:
         with warnings.catch_warnings():  # batch/unbatch are used even with max_batch_size=1
             warnings.filterwarnings("ignore", message=".*both batch and unbatch methods.*")
-            super().__init__(
-                max_batch_size=max_batch_size,
-                batch_timeout=batch_timeout,
-                loop=IsolatingBatchedLoop(),
-            )
+            super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.backend_spec = spec
         self.config_dict = config.to_dict()
+        self.input_shape = (config.preprocess.channels, *config.preprocess.input_size)
+        self.num_classes = config.num_classes
         self.api_key = api_key
         self.main_pid = os.getpid()
         self.stats = BatchStats(max_batch_size)
@@ -294,30 +210,53 @@ class EnsembleAPI(ls.LitAPI):
         self.groups = list(config.shot_groups)
         self.model_info = {**self.model_info, "backend": self.backend.name}
         # warm-up: first call allocates / plans
-        c, (h, w) = config.preprocess.channels, config.preprocess.input_size
         self.backend.predict(
-            np.zeros((1, c, h, w), np.float32), np.zeros((1, config.num_classes), np.float32)
+            np.zeros((1, *self.input_shape), np.float32),
+            np.zeros((1, self.num_classes), np.float32),
         )
         logger.info("ltzoo serve worker ready: %s", self.backend.info())
 
-    def decode_request(self, request: Any) -> DecodedRequest:
-        """Requests arrive decoded and validated by the HTTP process (:class:`DecodePool`)."""
+    def decode_request(self, request: FramedRequest) -> DecodedRequest | RequestError:
+        """The request arrives decoded by :func:`frame_request`; one the model cannot run
+        becomes a :class:`RequestError` (never an exception, which would fail the batch)."""
         if not isinstance(request, DecodedRequest):
-            raise TypeError(f"expected a DecodedRequest, got {type(request).__name__}")
+            return RequestError.of(422, "bad_request", "request could not be read")
+        n = request.count
+        if request.pixels.shape[1:] != self.input_shape or request.shift.shape != (
+            n,
+            self.num_classes,
+        ):
+            shape = f"{tuple(request.pixels.shape)} / {tuple(request.shift.shape)}"
+            return RequestError.of(422, "bad_request", f"pixels / prior of shape {shape}")
+        if not 1 <= request.top_k <= self.num_classes:
+            return RequestError.of(422, "invalid_top_k", f"top_k {request.top_k}", "top_k")
         return request
 
-    def batch(self, inputs: list[DecodedRequest]) -> dict[str, Any]:
-        return {
-            "pixels": np.concatenate([x.pixels for x in inputs]),
-            "shift": np.concatenate([x.shift for x in inputs]),
-            "requests": inputs,
-        }
+    def batch(self, inputs: list[DecodedRequest | RequestError]) -> Batch:
+        runnable = [x for x in inputs if isinstance(x, DecodedRequest)]
+        c, (h, w) = self.input_shape[0], self.input_shape[1:]
+        return Batch(
+            pixels=np.concatenate([x.pixels for x in runnable] or [np.empty((0, c, h, w))]),
+            shift=np.concatenate([x.shift for x in runnable] or [np.empty((0, self.num_classes))]),
+            requests=list(inputs),
+        )
 
-    def predict(self, x: dict[str, Any]) -> list[dict[str, Any]]:
-        probs, disagreement = self.backend.predict(x["pixels"], x["shift"])
-        self.stats.record(len(x["requests"]), len(probs))
-        out, start = [], 0
-        for req in x["requests"]:
+    def predict(self, x: Batch | DecodedRequest | RequestError) -> Any:
+        """One model call for the whole batch; markers pass through untouched."""
+        if not isinstance(x, Batch):  # LitServe's SingleLoop (max_batch_size=1): no batch()
+            return self.unbatch(self.predict(self.batch([x])))[0]
+        if not len(x.pixels):
+            return list(x.requests)
+        probs, disagreement = self.backend.predict(
+            x.pixels.astype(np.float32, copy=False), x.shift.astype(np.float32, copy=False)
+        )
+        self.stats.record(sum(isinstance(r, DecodedRequest) for r in x.requests), len(probs))
+        out: list[Any] = []
+        start = 0
+        for req in x.requests:
+            if isinstance(req, RequestError):
+                out.append(req)
+                continue
             stop = start + req.count
             out.append(
                 {
@@ -329,99 +268,101 @@ class EnsembleAPI(ls.LitAPI):
             start = stop
         return out
 
-    def unbatch(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def unbatch(self, output: list[Any]) -> list[Any]:
         return output
 
-    def encode_response(self, output: dict[str, Any]) -> Any:
-        req: DecodedRequest = output["request"]
-        results = [
-            {
-                "predictions": top_k_predictions(p, req.top_k, self.names, self.groups),
-                "disagreement": float(d),
-                "model": self.model_info,
-            }
-            for p, d in zip(output["probs"], output["disagreement"], strict=True)
-        ]
-        return results if req.multi else results[0]
+    def encode_response(self, output: Any) -> Response:
+        """Each request's own answer: 200 with its predictions, or its error JSON."""
+        if isinstance(output, RequestError):
+            return output.response()
+        try:
+            req: DecodedRequest = output["request"]
+            results = [
+                {
+                    "predictions": top_k_predictions(p, req.top_k, self.names, self.groups),
+                    "disagreement": float(d),
+                    "model": self.model_info,
+                }
+                for p, d in zip(output["probs"], output["disagreement"], strict=True)
+            ]
+            return JSONResponse(results if req.multi else results[0])
+        except Exception:  # e.g. a non-finite probability: this request only gets a 500
+            logger.exception("encode_response failed")
+            return RequestError.of(500, "internal_error", "could not encode the answer").response()
 
 
 # -- HTTP process: metrics and routes ---------------------------------------------------------
-class Metrics:
-    """Per-HTTP-process request counters in Prometheus text format."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.latency_count: dict[str, int] = defaultdict(int)
-
-    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(method, path, status)] += 1
-            self.latency_sum[path] += seconds
-            self.latency_count[path] += 1
-
-    def render(self, stats: BatchStats | None) -> str:
-        lines = [
-            "# HELP ltzoo_http_requests_total HTTP requests by method, path and status code.",
-            "# TYPE ltzoo_http_requests_total counter",
-        ]
-        with self.lock:
-            for (method, path, status), n in sorted(self.requests.items()):
-                lines.append(
-                    f'ltzoo_http_requests_total{{method="{method}",path="{path}",status="{status}"}} {n}'
-                )
-            errors: defaultdict[tuple[str, str], int] = defaultdict(int)
-            for (_, path, status), n in self.requests.items():
-                if status >= 400:
-                    errors[(path, "client" if status < 500 else "server")] += n
-            lines += [
-                "# HELP ltzoo_http_errors_total 4xx (client) and 5xx (server) responses.",
-                "# TYPE ltzoo_http_errors_total counter",
-            ]
-            for (path, kind), n in sorted(errors.items()):
-                lines.append(f'ltzoo_http_errors_total{{path="{path}",kind="{kind}"}} {n}')
-            lines += [
-                "# HELP ltzoo_http_request_seconds Time spent answering requests.",
-                "# TYPE ltzoo_http_request_seconds summary",
-            ]
-            for path in sorted(self.latency_count):
-                lines.append(
-                    f'ltzoo_http_request_seconds_sum{{path="{path}"}} {self.latency_sum[path]:.6f}'
-                )
-                lines.append(
-                    f'ltzoo_http_request_seconds_count{{path="{path}"}} {self.latency_count[path]}'
-                )
-        if stats is not None:
-            lines += [
-                "# HELP ltzoo_batches_total Model batches run, by number of requests in the batch.",
-                "# TYPE ltzoo_batches_total counter",
-            ]
-            for size, n in stats.snapshot().items():
-                lines.append(f'ltzoo_batches_total{{requests="{size}"}} {n}')
-            lines += [
-                "# HELP ltzoo_images_total Images run through the model.",
-                "# TYPE ltzoo_images_total counter",
-                f"ltzoo_images_total {int(stats.images.value)}",
-            ]
-        return "\n".join(lines) + "\n"
-
-
-METRICS = Metrics()
 _KNOWN_PATHS = frozenset(
     {"/predict", "/health", "/info", "/metrics", "/docs", "/openapi.json", "/"}
 )
 
 
+class BatchCollector:
+    """prometheus_client collector of the inference worker's :class:`BatchStats`."""
+
+    def __init__(self, stats: BatchStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Any:
+        batches = CounterMetricFamily(
+            "ltzoo_batches",
+            "Model batches run, by number of requests in the batch.",
+            labels=["requests"],
+        )
+        for size, n in self.stats.snapshot().items():
+            batches.add_metric([str(size)], n)
+        yield batches
+        yield CounterMetricFamily(
+            "ltzoo_images", "Images run through the model.", value=int(self.stats.images.value)
+        )
+
+
+class Metrics:
+    """Request metrics of one HTTP process plus the worker's batch counts (Prometheus)."""
+
+    def __init__(self, stats: BatchStats) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ltzoo_http_requests",
+            "HTTP requests by method, path and status code.",
+            ["method", "path", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "ltzoo_http_errors",
+            "4xx (client) and 5xx (server) responses.",
+            ["path", "kind"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "ltzoo_http_request_seconds",
+            "Time spent answering requests.",
+            ["path"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.registry.register(BatchCollector(stats))
+
+    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, path, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(path, "client" if status < 500 else "server").inc()
+        self.seconds.labels(path).observe(seconds)
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 class MetricsMiddleware:
-    """Pure ASGI middleware counting every response (including 401/413/415 ones).
+    """Pure ASGI middleware counting every response (including 401/413/415/504 ones).
 
     It also gives a ``text/plain`` Content-Type to responses that have none (LitServe's
     ``/health`` and ``/``), so every response says what it is.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -443,23 +384,92 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
-            METRICS.observe(scope["method"], path, status, time.perf_counter() - start)
+            self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)
+
+
+#: uids that the HTTP request being handled (this asyncio context) put in the response buffer
+_REQUEST_UIDS: contextvars.ContextVar[list[str]] = contextvars.ContextVar("ltzoo_request_uids")
+
+
+class TrackedResponseBuffer(dict):
+    """``LitServer.response_buffer`` that notes which request added each uid.
+
+    LitServe's handler removes its entry only after the worker answered; when the deadline
+    cancels the handler, :class:`DeadlineMiddleware` removes it, so a late answer is
+    dropped instead of kept forever.
+    """
+
+    def __setitem__(self, uid: str, item: Any) -> None:
+        super().__setitem__(uid, item)
+        uids = _REQUEST_UIDS.get(None)
+        if uids is not None:
+            uids.append(uid)
+
+
+class DeadlineMiddleware:
+    """One ``--timeout`` deadline for a /predict request: body, decoding, queue and model.
+
+    Past it the request is cancelled wherever it waits and answered 504.
+    """
+
+    def __init__(self, app: Any, *, path: str, timeout: float, buffer: dict) -> None:
+        self.app, self.path, self.timeout, self.buffer = app, path, timeout, buffer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        uids: list[str] = []
+        token = _REQUEST_UIDS.set(uids)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.app(scope, receive, send_wrapper)
+        except TimeoutError:
+            if started:
+                raise
+            exc = request_error(
+                504, "timeout", f"no answer within the server's timeout of {self.timeout:g} s"
+            )
+            await JSONResponse({"detail": exc.detail}, status_code=504)(scope, receive, send)
+        finally:
+            _REQUEST_UIDS.reset(token)
+            for uid in uids:
+                self.buffer.pop(uid, None)
 
 
 class DecodePool:
-    """Decodes requests in the HTTP process on a few threads: bounded parallel decoding.
+    """Frames (:func:`read_payload`) and decodes requests in the HTTP process, on a few threads.
 
     Threads do not survive ``fork``, so each (forked) HTTP process makes its own pool on
     first use; torch runs single-threaded there (preprocessing works on small tensors).
     """
 
-    def __init__(self, decoder: RequestDecoder, threads: int) -> None:
+    def __init__(
+        self,
+        decoder: RequestDecoder,
+        threads: int,
+        *,
+        max_bytes: int,
+        read_timeout: float,
+    ) -> None:
         self.decoder = decoder
         self.threads = threads
+        self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
         self._pool: ThreadPoolExecutor | None = None
         self._pid = -1
 
-    async def decode(self, payload: dict[str, Any]) -> DecodedRequest:
+    async def decode(self, request: Request) -> DecodedRequest:
+        payload = await read_payload(
+            request, self.max_bytes, self.decoder.max_images, self.read_timeout
+        )
         if self._pid != os.getpid():
             import torch
 
@@ -468,27 +478,6 @@ class DecodePool:
             self._pid = os.getpid()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.decoder.decode, payload)
-
-
-class QueueingHandler(RegularRequestHandler):
-    """LitServe's regular handler, which also forgets a request whose caller gave up.
-
-    ``handle_request`` may be cancelled (the ``--timeout`` deadline); the response slot is
-    then removed, so a late answer from the worker is dropped instead of kept forever.
-    """
-
-    async def handle_request(self, request: Any, request_type: Any) -> Any:
-        uid, _ = await self._submit_request(request)
-        item = ResponseBufferItem(asyncio.Event())
-        self.server.response_buffer[uid] = item
-        try:
-            await item.event.wait()
-        finally:
-            self.server.response_buffer.pop(uid, None)
-        response, status = item.response
-        if status == LitAPIStatus.ERROR:
-            self._handle_error_response(response)
-        return response
 
 
 def _text(description: str) -> dict[str, Any]:
@@ -526,6 +515,7 @@ def openapi_document(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     paths = doc["paths"]
+    paths["/predict"]["post"]["summary"] = "Calibrated top-k predictions for one or several images"
     paths["/predict"]["post"]["requestBody"] = predict_request_body(num_classes, max_images)
     paths["/predict"]["post"]["responses"] = {
         "200": {
@@ -608,7 +598,7 @@ def build_server(
     config: EnsembleConfig,
     *,
     max_batch_size: int = 32,
-    batch_timeout: float = 0.01,
+    batch_timeout: float = DEFAULT_BATCH_TIMEOUT_S,
     workers_per_device: int = 1,
     api_key: str | None = None,
     max_payload_mb: float = 20.0,
@@ -629,84 +619,39 @@ def build_server(
         api_key=api_key,
     )
     decoder = RequestDecoder(config, max_pixels, max_images, max_request_pixels)
-    pool = DecodePool(decoder, decode_threads)
     max_bytes = int(max_payload_mb * 1024 * 1024)
-    accelerator = "cuda" if spec.device.startswith("cuda") else "cpu"
-    metadata = {
-        **api.model_info,
-        "num_classes": config.num_classes,
-        "num_experts": config.num_experts,
-        "backbone": config.backbone,
-        "method": config.method,
-        "dataset": config.dataset,
-        "class_names": list(config.class_names),
-        "class_counts": list(config.class_counts),
-        "groups": list(config.shot_groups),
-        "logit_prior": config.logit_prior,
-        "default_prior": config.default_prior,
-        "input": {
-            "size": list(config.preprocess.input_size),
-            "channels": config.preprocess.channels,
-        },
-        "device": spec.device,
-        "limits": {
-            "max_batch_size": max_batch_size,
-            "batch_timeout_s": batch_timeout,
-            "max_payload_bytes": max_bytes,
-            "max_pixels": max_pixels,
-            "max_request_pixels": decoder.max_request_pixels,
-            "max_images_per_request": max_images,
-            "timeout_s": timeout,
-            "read_timeout_s": read_timeout,
-        },
-        "auth": api_key is not None,
-    }
+    metadata = _metadata(api, config, decoder, max_bytes, timeout, read_timeout)
+    metrics = Metrics(api.stats)
+    buffer = TrackedResponseBuffer()
     server = ls.LitServer(
         api,
-        accelerator=accelerator,
+        accelerator="cuda" if spec.device.startswith("cuda") else "cpu",
         devices=1,
         workers_per_device=workers_per_device,
         timeout=timeout,
         model_metadata=metadata,
-        middlewares=[MetricsMiddleware],
+        middlewares=[
+            (DeadlineMiddleware, {"path": api.api_path, "timeout": timeout, "buffer": buffer}),
+            (MetricsMiddleware, {"metrics": metrics}),
+        ],
         fast_queue=fast_queue,
     )
-    # Replace LitServe's /predict route by one that frames and decodes the body here (its
-    # own parsing turns malformed JSON / multipart into 500s) and then hands the decoded
-    # request to LitServe's queue -> worker -> response path.
+    server.response_buffer = buffer
     app = server.app
+    app.state.decode_pool = DecodePool(
+        decoder, decode_threads, max_bytes=max_bytes, read_timeout=read_timeout
+    )
     app.title = f"ltzoo serve: {metadata['name']}"
     app.description = "Calibrated long-tailed predictions from a multi-expert ensemble."
-    app.router.routes = [
-        r
-        for r in app.router.routes
-        if not (getattr(r, "path", None) == api.api_path and "POST" in r.methods)
-    ]
-    handler = QueueingHandler(api, server)
 
-    async def predict(request: Request) -> Any:
-        try:
-            async with asyncio.timeout(timeout):
-                payload = await read_payload(request, max_bytes, max_images, read_timeout)
-                return await handler.handle_request(await pool.decode(payload), dict)
-        except TimeoutError:
-            raise request_error(
-                504, "timeout", f"no answer within the server's timeout of {timeout:g} s"
-            ) from None
+    async def prometheus_metrics() -> Response:
+        return metrics.response()
 
     app.add_api_route(
-        api.api_path,
-        predict,
-        methods=["POST"],
+        "/metrics",
+        prometheus_metrics,
+        methods=["GET"],
         dependencies=[Depends(server.setup_auth(api))],
-        summary="Calibrated top-k predictions for one or several images",
-    )
-
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(METRICS.render(api.stats), media_type="text/plain; version=0.0.4")
-
-    app.add_api_route(
-        "/metrics", metrics, methods=["GET"], dependencies=[Depends(server.setup_auth(api))]
     )
     _offline_docs(app)
     document = openapi_document(
@@ -722,3 +667,43 @@ def build_server(
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     return server
+
+
+def _metadata(
+    api: EnsembleAPI,
+    config: EnsembleConfig,
+    decoder: RequestDecoder,
+    max_bytes: int,
+    timeout: float,
+    read_timeout: float,
+) -> dict[str, Any]:
+    """What GET /info answers: the model, its classes and every limit the server enforces."""
+    return {
+        **api.model_info,
+        "num_classes": config.num_classes,
+        "num_experts": config.num_experts,
+        "backbone": config.backbone,
+        "method": config.method,
+        "dataset": config.dataset,
+        "class_names": list(config.class_names),
+        "class_counts": list(config.class_counts),
+        "groups": list(config.shot_groups),
+        "logit_prior": config.logit_prior,
+        "default_prior": config.default_prior,
+        "input": {
+            "size": list(config.preprocess.input_size),
+            "channels": config.preprocess.channels,
+        },
+        "device": api.backend_spec.device,
+        "limits": {
+            "max_batch_size": api.max_batch_size,
+            "batch_timeout_s": api.batch_timeout,
+            "max_payload_bytes": max_bytes,
+            "max_pixels": decoder.max_pixels,
+            "max_request_pixels": decoder.max_request_pixels,
+            "max_images_per_request": decoder.max_images,
+            "timeout_s": timeout,
+            "read_timeout_s": read_timeout,
+        },
+        "auth": api.api_key is not None,
+    }

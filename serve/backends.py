@@ -236,9 +236,11 @@ class TensorRTBackend(OnnxRuntimeBackend):
 
         from ltzoo.zoo.calibration import reweight_probs
 
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (probs, log_prior_shift)]
+        probs_t, shift_t = (
+            torch.from_numpy(np.ascontiguousarray(a)) for a in (probs, log_prior_shift)
+        )
         default = torch.from_numpy(self.default_shift)
-        weighted = reweight_probs(*tensors, default, self.temperature)
+        weighted = reweight_probs(probs_t, shift_t, default, self.temperature)
         return weighted.float().numpy()
 
 

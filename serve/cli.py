@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from . import DEFAULT_BATCH_TIMEOUT_S
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -131,8 +133,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-timeout",
         type=_non_negative_float,
-        default=0.005,
-        help="seconds to wait for a batch to fill (default 0.005)",
+        default=DEFAULT_BATCH_TIMEOUT_S,
+        help=f"seconds to wait for a batch to fill (default {DEFAULT_BATCH_TIMEOUT_S:g})",
     )
     p.add_argument("--workers-per-device", type=_positive_int, default=1)
     p.add_argument(

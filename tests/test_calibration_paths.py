@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ PRIORS = {
     "explicit": [0.02, 0.03, 0.05, 0.1, 0.3, 0.2, 0.1, 0.1, 0.05, 0.05],
 }
 #: CE-like (logits follow the training prior) and balanced-method configs, both with T != 1
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "train_logits": dict(logit_prior="train", temperature=1.7),
     "uniform_logits": dict(logit_prior="uniform", temperature=0.6),
 }

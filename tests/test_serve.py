@@ -463,7 +463,7 @@ def _metric_batches(client) -> dict[int, int]:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith("ltzoo_batches_total{"):
             size = int(line.split('requests="')[1].split('"')[0])
-            out[size] = int(line.rsplit(" ", 1)[1])
+            out[size] = int(float(line.rsplit(" ", 1)[1]))  # Prometheus values are floats
     return out
 
 
