@@ -24,7 +24,6 @@ import io
 import json
 import math
 import re
-import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -399,15 +398,17 @@ class RequestDecoder:
 
     @contextlib.contextmanager
     def _image_errors(self, field: str) -> Iterator[None]:
-        """Map PIL's failures on ``field`` to 4xx errors (HTTPExceptions pass through)."""
+        """Map PIL's failures on ``field`` to 4xx errors (HTTPExceptions pass through).
+
+        The pixel budget is checked from the header (:meth:`open_image`), so no process-global
+        PIL or ``warnings`` state is changed (images are decoded on several threads); PIL's own
+        refusal above :data:`PIL_PIXEL_CEILING` still maps to 413.
+        """
         try:
-            with warnings.catch_warnings():
-                if self.max_pixels < (Image.MAX_IMAGE_PIXELS or 0):
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                yield
+            yield
         except HTTPException:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # (-W error)
             raise request_error(
                 413,
                 "image_too_large",

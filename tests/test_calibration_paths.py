@@ -5,7 +5,8 @@ On the same model, pixels and priors (train / balanced / explicit, temperature !
 serve torch backend and the TensorRT backend's host re-weighting (run on the CPU provider's
 default-prior output; the part that runs on the host, without TensorRT) agree; the serve
 decoder's shift is the zoo's. A structural test checks that the calibrated softmax, the prior
-resolution and the re-weighting are written only in ``zoo/calibration.py``.
+resolution and the re-weighting are written only in ``zoo/calibration.py``. Last, the serve
+decoder checks pixel budgets itself and changes no process-global PIL or warnings state.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from fastapi import HTTPException
+from PIL import Image
 
 from ltzoo import zoo
 from ltzoo.zoo import calibration as cal
@@ -183,3 +188,24 @@ def test_calibrated_softmax_is_written_only_in_zoo_calibration():
 def test_prior_resolution_and_reweighting_only_in_zoo_calibration():
     assert _where(CALIBRATION_ONLY, ("zoo/calibration.py",)) == []
     assert _where({"exp"}, only="serve/") == []  # serve re-weights through the zoo
+
+
+# -- serve decoding: no process-global image state -----------------------------------------------
+def test_decoder_checks_pixels_itself_and_changes_no_global_state():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_reliability import header_only_png
+
+    from ltzoo.serve.decoding import RequestDecoder
+
+    decoder = RequestDecoder(_model("uniform_logits").config, max_pixels=1_000_000, max_images=4)
+    blob = header_only_png(10_000, 10_000)  # above PIL's warning limit, below its hard ceiling
+    before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(HTTPException) as exc:
+            decoder.load_image(blob, "image")
+    assert exc.value.status_code == 413
+    assert "10000x10000 = 100000000 pixels" in exc.value.detail["message"]  # the header check
+    # PIL's warning reached the caller's filters: the decoder installed no filter of its own
+    assert any(issubclass(w.category, Image.DecompressionBombWarning) for w in seen)
+    assert (Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
