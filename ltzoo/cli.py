@@ -86,7 +86,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_push_zoo(args: argparse.Namespace) -> int:
-    from .zoo.bundle import push_zoo
+    from .zoo.hub_io import push_zoo
 
     for name, repo, oid in push_zoo(
         args.org, revision=args.revision, tag=args.tag, private=args.private

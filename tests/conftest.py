@@ -35,6 +35,7 @@ import pytest  # noqa: E402
 def hub_server(tmp_path_factory):
     """URL of a local Hub server (the HF_ENDPOINT of this session) on a temporary store."""
     from huggingface_hub import constants
+
     from ltzoo.hub_server import HubServer
 
     assert constants.ENDPOINT == HUB_URL, "huggingface_hub was imported before tests/conftest.py"

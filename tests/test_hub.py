@@ -111,7 +111,7 @@ def test_save_pretrained_round_trip_is_bitwise(tmp_path, layout):
 
 
 def test_server_repo_id_charset_matches_hub_io():
-    assert hub_io._REPO_ID.pattern == f"^{NAME_PATTERN}/{NAME_PATTERN}$"
+    assert hub_io.REPO_ID.pattern == f"^{NAME_PATTERN}/{NAME_PATTERN}$"
 
 
 # --- push / load by repo id, revisions, branches ----------------------------------------------

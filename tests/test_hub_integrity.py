@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, constants
-from ltzoo.hub_server import HubServer
 
 from ltzoo import zoo
+from ltzoo.hub_server import HubServer
 from ltzoo.zoo import IntegrityError  # exported by the package
 from ltzoo.zoo.ensemble import WEIGHTS_NAME
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from huggingface_hub import HfApi, RepoCard
 from huggingface_hub.errors import HfHubHTTPError
-from ltzoo.hub_server import HubServer
 
 from ltzoo import zoo
 from ltzoo.cli import main as cli_main
+from ltzoo.hub_server import HubServer
 from ltzoo.zoo.cards import render_card
 from ltzoo.zoo.ensemble import WEIGHTS_NAME
 from ltzoo.zoo.registry import get_entry

@@ -25,7 +25,7 @@ import tomllib
 from ltzoo.zoo.models import IMAGENET
 from ltzoo.zoo.registry import get_entry
 
-from .registry import METHODS
+from .registry import registered_methods
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -200,14 +200,18 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check every field, the method's parameters and the model overrides; ConfigError."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.method not in registered_methods():
+            raise ConfigError(
+                f"unknown method {self.method!r}; choose from {sorted(registered_methods())}"
+            )
         self._validate_model()
         self.data.validate()
         self.optim.validate()
         self.run.validate()
         self._validate_stages()
-        params = METHODS[self.method].Params.from_dict(self.method_params)  # unknown keys raise
+        params = registered_methods()[self.method].Params.from_dict(
+            self.method_params
+        )  # unknown keys raise
         num_classes = self.data.num_classes
         num_hard = getattr(params, "num_hard", None)
         if num_classes and num_hard is not None and not 1 <= num_hard <= num_classes:
@@ -242,7 +246,7 @@ class RunConfig:
             )
 
     def _validate_stages(self) -> None:
-        declared = list(METHODS[self.method].stages)
+        declared = list(registered_methods()[self.method].stages)
         if self.stages and [s for s in declared if s in self.stages] != self.stages:
             raise ConfigError(
                 f"stages {self.stages} must be distinct stages of method {self.method!r}, in "
@@ -251,7 +255,7 @@ class RunConfig:
 
     def stage_names(self) -> list[str]:
         """The stages this run trains, in order."""
-        return self.stages or list(METHODS[self.method].stages)
+        return self.stages or list(registered_methods()[self.method].stages)
 
     def run_dir(self) -> Path:
         """Where the run goes when ``--out`` is not given: ``run.out`` or ``runs/<recipe>``."""

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names below are imported on first use: importing zoo loads no torch
     from .config import EnsembleConfig, PreprocessConfig, shot_group
     from .ensemble import Ensemble, Prediction
-    from .hub_io import IntegrityError, ModelNotAvailableError, download, load, push_to_hub
+    from .errors import IntegrityError, ModelNotAvailableError
+    from .hub_io import download, load, push_to_hub
     from .registry import get_entry, list_models
 
 #: public name -> submodule defining it (imported lazily, so `ltzoo --help` stays fast)
@@ -24,8 +25,8 @@ _LAZY = {
     "shot_group": "config",
     "Ensemble": "ensemble",
     "Prediction": "ensemble",
-    "IntegrityError": "hub_io",
-    "ModelNotAvailableError": "hub_io",
+    "IntegrityError": "errors",
+    "ModelNotAvailableError": "errors",
     "download": "hub_io",
     "load": "hub_io",
     "push_to_hub": "hub_io",

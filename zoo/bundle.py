@@ -18,11 +18,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import IntegrityError, ModelNotAvailableError
 from .files import CONFIG_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -65,7 +64,6 @@ def is_bundled(name: str) -> bool:
 def _verify(name: str, directory: Path, files: dict[str, Any]) -> None:
     """Size, then sha256, of every bundled file against the manifest; IntegrityError if not."""
     from .hashing import file_sha256
-    from .hub_io import IntegrityError
 
     for filename in BUNDLED_FILES:
         pinned, path = files.get(filename) or {}, directory / filename
@@ -86,7 +84,7 @@ def _verify(name: str, directory: Path, files: dict[str, Any]) -> None:
 
 def load_bundled(name: str, device: str | torch.device = "cpu") -> Ensemble:
     """The bundled copy of ``name``, verified against the manifest before it is built."""
-    from .hub_io import ModelNotAvailableError, load_local, record_source
+    from .ensemble import Ensemble, record_source
 
     root = bundle_root()
     entry = read_manifest(root).get(name)
@@ -94,7 +92,7 @@ def load_bundled(name: str, device: str | torch.device = "cpu") -> Ensemble:
         raise ModelNotAvailableError(f"{name!r} has no bundled weights under {root}")
     directory = root / name
     _verify(name, directory, entry.get("files") or {})
-    model = load_local(directory, device)
+    model = Ensemble.from_pretrained(directory, device)
     record_source(model, {"bundled": name, "sha256": entry["files"][WEIGHTS_NAME]["sha256"]})
     logger.info("loaded %s from the bundled copy in %s", name, directory)
     return model
@@ -112,12 +110,12 @@ def add_to_bundle(model_dir: str | Path, root: Path | None = None) -> tuple[str,
     ``model_dir`` is a model folder or a run folder holding ``model/``. The model is
     loaded once first (nothing unloadable is bundled). Returns (name, manifest entry).
     """
-    from .hub_io import load_local
+    from .ensemble import Ensemble
 
     src = Path(model_dir)
     if (src / "model").is_dir():
         src = src / "model"
-    config = load_local(src).config
+    config = Ensemble.from_pretrained(src).config
     if not config.name:
         raise ValueError(f"{src}: config.json has no 'name'; cannot bundle an unnamed model")
     root = root or bundle_root()
@@ -144,30 +142,3 @@ def _write_manifest(root: Path, models: dict[str, Any]) -> None:
         f.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, root / MANIFEST_NAME)
-
-
-def push_zoo(
-    org: str, revision: str | None = None, tag: str | None = None, private: bool = False
-) -> Iterator[tuple[str, str, str]]:
-    """Push every bundled model, with its card, to ``org/<name>``; yields (name, repo, commit)."""
-    from .hub_io import push_to_hub, record_source
-    from .registry import get_entry, is_registered
-
-    names = sorted(read_manifest())
-    if not names:
-        raise ValueError(f"nothing is bundled under {bundle_root()}: nothing to push")
-    for name in names:
-        model = load_bundled(name)
-        record_source(model, None)
-        if not model.config.metrics and is_registered(name):
-            model.config = replace(model.config, metrics=dict(get_entry(name).measured))
-        repo = f"{org}/{name}"
-        oid = push_to_hub(
-            model,
-            repo,
-            revision=revision,
-            private=private,
-            tag=tag,
-            commit_message=f"Publish {name} (ltzoo push-zoo)",
-        )
-        yield name, repo, oid

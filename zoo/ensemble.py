@@ -6,13 +6,18 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import calibration as cal
+from .cards import render_card
 from .config import EnsembleConfig
 from .files import CONFIG_NAME as CONFIG_NAME  # re-exported: zoo.ensemble.CONFIG_NAME
 from .files import WEIGHTS_NAME as WEIGHTS_NAME
@@ -154,14 +159,41 @@ class Ensemble(nn.Module):
 
     # -- persistence -----------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, card: bool = True) -> Path:
-        """Write ``model.safetensors``, ``config.json`` and a model card ``README.md``."""
-        from .hub_io import save_pretrained
-
-        return save_pretrained(self, directory, card=card)
+        """Write ``model.safetensors``, ``config.json`` and (``card``) a model card ``README.md``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        # written through open() (not safetensors' own writer, which creates files with mode
+        # 0600), so the file gets the usual umask-derived mode like config.json and README.md
+        data = save_safetensors(state, metadata={"format": "pt", "library": "ltzoo"})
+        (directory / WEIGHTS_NAME).write_bytes(data)
+        self.config.save(directory / CONFIG_NAME)
+        if card:
+            (directory / "README.md").write_text(render_card(self.config))
+        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-        """Load an ensemble saved by :meth:`save_pretrained` from a local directory."""
-        from .hub_io import load_local
+        """Load an ensemble saved by :meth:`save_pretrained` from a local directory (strict:
+        a missing file, tensor or an unexpected tensor is an error; nothing is unpickled)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: not an ltzoo model directory")
+        model = cls(EnsembleConfig.load(config_path))
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights_path} is not a valid safetensors file: {exc}") from exc
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
 
-        return load_local(directory, device=device)
+
+def record_source(model: Ensemble, source: dict[str, Any] | None) -> None:
+    """Replace ``model.config`` by a copy whose ``extra["source"]`` is ``source`` (where the
+    weights came from; ``None`` removes it). The config itself is frozen."""
+    extra = {k: v for k, v in model.config.extra.items() if k != "source"}
+    if source is not None:
+        extra["source"] = source
+    model.config = replace(model.config, extra=extra)

@@ -10,4 +10,12 @@ class UnavailableError(RuntimeError):
     """
 
 
-__all__ = ["UnavailableError"]
+class ModelNotAvailableError(RuntimeError):
+    """A model is neither in the local cache nor reachable on the Hub."""
+
+
+class IntegrityError(ValueError):
+    """A weights or config file does not match the checksum it was published with."""
+
+
+__all__ = ["IntegrityError", "ModelNotAvailableError", "UnavailableError"]

@@ -10,70 +10,26 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
-from .config import EnsembleConfig
-from .ensemble import CONFIG_NAME, WEIGHTS_NAME, Ensemble
+from .bundle import bundle_root, is_bundled, load_bundled, read_manifest
+from .ensemble import CONFIG_NAME, WEIGHTS_NAME, Ensemble, record_source
+from .errors import IntegrityError, ModelNotAvailableError
 from .hashing import file_sha256, git_blob_sha1
 from .registry import get_entry, is_registered
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 logger = logging.getLogger("zoo")
 
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ModelNotAvailableError(RuntimeError):
-    """A model is neither in the local cache nor reachable on the Hub."""
-
-
-class IntegrityError(ValueError):
-    """A weights or config file does not match the checksum it was published with."""
-
-
-def save_pretrained(model: Ensemble, directory: str | Path, card: bool = True) -> Path:
-    """Write weights (safetensors), ``config.json`` and, optionally, the model card."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # written through open() (not safetensors' own writer, which creates files with mode
-    # 0600), so the file gets the usual umask-derived mode like config.json and README.md
-    data = save_safetensors(state, metadata={"format": "pt", "library": "ltzoo"})
-    (directory / WEIGHTS_NAME).write_bytes(data)
-    model.config.save(directory / CONFIG_NAME)
-    if card:
-        from .cards import render_card
-
-        (directory / "README.md").write_text(render_card(model.config))
-    return directory
-
-
-def load_local(directory: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """Load an ensemble from a directory written by :func:`save_pretrained` (strict)."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: not an ltzoo model directory")
-    config = EnsembleConfig.load(config_path)
-    model = Ensemble(config)
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{weights_path} is not a valid safetensors file: {exc}") from exc
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
 
 
 class _HubSettings(TypedDict):
@@ -176,7 +132,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     fetched once more, and if that copy is corrupt too it is evicted and
     :class:`IntegrityError` is raised, so a bad download never poisons the cache.
     """
-    if not _REPO_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
     path = _snapshot(repo_id, revision)
     bad = corrupt_cached_files(path)
@@ -205,18 +161,9 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return path
 
 
-def record_source(model: Ensemble, source: dict[str, Any] | None) -> None:
-    """Replace ``model.config`` by a copy whose ``extra["source"]`` is ``source`` (where the
-    weights came from; ``None`` removes it). The config itself is frozen."""
-    extra = {k: v for k, v in model.config.extra.items() if k != "source"}
-    if source is not None:
-        extra["source"] = source
-    model.config = replace(model.config, extra=extra)
-
-
 def _load_from_hub(repo_id: str, revision: str | None, device: str | torch.device) -> Ensemble:
     """Download (or find in the cache) and load a repo, recording where it came from."""
-    model = load_local(download(repo_id, revision), device)
+    model = Ensemble.from_pretrained(download(repo_id, revision), device)
     if "source" not in model.config.extra:
         record_source(model, {"repo_id": repo_id, "revision": revision or "main"})
     logger.info("loaded %s@%s from the Hub", repo_id, revision or "main")
@@ -229,8 +176,6 @@ def _load_registered(name: str, revision: str | None, device: str | torch.device
     The bundled copy only stands in for the registry's own revision: an explicitly
     requested revision that the Hub cannot provide is an error.
     """
-    from .bundle import is_bundled, load_bundled
-
     entry = get_entry(name)
     try:
         return _load_from_hub(entry.resolved_hub_id(), revision or entry.revision, device)
@@ -257,7 +202,7 @@ def load(
     ``experts=[0, 1]`` keeps only those experts (cheaper inference).
     """
     if Path(name).is_dir():
-        model = load_local(name, device)
+        model = Ensemble.from_pretrained(name, device)
     elif is_registered(name):
         entry = get_entry(name)
         if not pretrained:
@@ -266,7 +211,7 @@ def load(
             model = _load_registered(name, revision, device)
     else:
         repo, at_rev = split_revision(name)
-        if not _REPO_ID.match(repo):
+        if not REPO_ID.match(repo):
             raise ValueError(
                 f"{name!r} is not a registered model (see `ltzoo list`), an existing directory, "
                 "or a Hub repo id of the form 'organisation/name[@revision]'"
@@ -293,7 +238,7 @@ def push_to_hub(
     ``revision`` is a branch, created from main if missing (it moves with later pushes);
     ``tag`` also tags the new commit (an immutable name, e.g. ``v1.0``).
     """
-    if not _REPO_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
     from huggingface_hub import HfApi
 
@@ -302,10 +247,34 @@ def push_to_hub(
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
+        model.save_pretrained(tmp)
         info = api.upload_folder(
             repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message
         )
     if tag:
         api.create_tag(repo_id, tag=tag, revision=str(info.oid), tag_message=commit_message)
     return str(info.oid)
+
+
+def push_zoo(
+    org: str, revision: str | None = None, tag: str | None = None, private: bool = False
+) -> Iterator[tuple[str, str, str]]:
+    """Push every bundled model, with its card, to ``org/<name>``; yields (name, repo, commit)."""
+    names = sorted(read_manifest())
+    if not names:
+        raise ValueError(f"nothing is bundled under {bundle_root()}: nothing to push")
+    for name in names:
+        model = load_bundled(name)
+        record_source(model, None)
+        if not model.config.metrics and is_registered(name):
+            model.config = replace(model.config, metrics=dict(get_entry(name).measured))
+        repo = f"{org}/{name}"
+        oid = push_to_hub(
+            model,
+            repo,
+            revision=revision,
+            private=private,
+            tag=tag,
+            commit_message=f"Publish {name} (ltzoo push-zoo)",
+        )
+        yield name, repo, oid

@@ -101,9 +101,11 @@ class ModelEntry:
         """The frozen :class:`EnsembleConfig` of this entry, with ``overrides`` (any config
         field; class counts are filled by training). ``ValueError`` names a bad field."""
         info = DATASETS[self.dataset]
+        # ImageNet's names come from torchvision: only looked up when not given
+        names = overrides.pop("class_names") if "class_names" in overrides else info.class_names()
         kwargs: dict[str, Any] = dict(
             num_classes=info.num_classes,
-            class_names=info.class_names(),
+            class_names=names,
             preprocess=info.preprocess_config(),
             name=self.name,
             method=self.method,
@@ -130,7 +132,7 @@ def register(entry: ModelEntry) -> ModelEntry:
         raise ValueError(f"model {entry.name!r} is registered twice")
     if entry.dataset not in DATASETS:
         raise ValueError(f"{entry.name}: unknown dataset {entry.dataset!r}")
-    entry.build_config()  # a bad field fails at import, naming it
+    entry.build_config(class_names=[])  # a bad field fails at import, naming it (no torch)
     _ENTRIES[entry.name] = entry
     return entry
 
@@ -157,7 +159,7 @@ def list_models(filter: str = "") -> list[dict[str, Any]]:
 
 
 def _row(e: ModelEntry) -> dict[str, Any]:
-    cfg = e.build_config()
+    cfg = e.build_config(class_names=[])  # the row shows no names: no torchvision import
     return dict(
         name=e.name,
         method=e.method,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from .ensemble import CONFIG_NAME, Ensemble
-from .hub_io import _REPO_ID, load, split_revision
+from .hub_io import REPO_ID, load, split_revision
 from .registry import get_entry, is_registered
 
 ModelKind = Literal["onnx", "run", "directory", "registry", "hub"]
@@ -96,7 +96,7 @@ def resolve_model(arg: str, revision: str | None = None, allow_onnx: bool = Fals
             f"{arg} does not exist (read as a local path: {path.parent} is a directory here)"
         )
     repo, at_revision = split_revision(arg)
-    if not _REPO_ID.match(repo):
+    if not REPO_ID.match(repo):
         raise ValueError(
             f"{arg!r} is not a run or model directory, a registered model (see `ltzoo list`) "
             "or a Hub repo id 'organisation/name[@revision]'"

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-#: One part of a repo id: the charset of ``zoo.hub_io._REPO_ID`` (kept in sync by a test).
+#: One part of a repo id: the charset of ``zoo.hub_io.REPO_ID`` (kept in sync by a test).
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _NAME = re.compile(f"^{NAME_PATTERN}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
