@@ -375,7 +375,8 @@ def _cached_session(path: Path) -> Any:
     return _SESSIONS[key]
 
 
-def _shift_feed(model: Ensemble, prior: PriorSpec, batch: int) -> np.ndarray | None:
+def _shift_feed(model: Ensemble, prior: PriorSpec) -> np.ndarray | None:
+    """The ``log_prior_shift`` feed for ``prior``: (1, C), or (B, C) for a (B, C) prior batch."""
     if prior is None:
         return None
     if cal.is_estimate(prior):
@@ -398,7 +399,7 @@ def check_parity(
     """
     model = model.eval()
     sess = _cached_session(Path(onnx_path))
-    shift = _shift_feed(model, prior, x.shape[0])
+    shift = _shift_feed(model, prior)
     feed: dict[str, np.ndarray] = {"pixel_values": x.detach().cpu().float().numpy()}
     if shift is not None:
         feed["log_prior_shift"] = shift
