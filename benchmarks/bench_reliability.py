@@ -195,15 +195,18 @@ def stop_check(server: Server, pids: list[int], how: str, target: int) -> dict[s
         time.sleep(0.05)
     elapsed = time.monotonic() - start
     left = [p for p in pids if alive(p)]
+    left_cmdlines = [_cmdline(p).replace(b"\0", b" ").decode(errors="replace")[:120] for p in left]
     server.kill_all()
     code = server.proc.returncode
     return {
         "how": how,
         "stopped_s": round(elapsed, 2),
         "orphans": len(left),
+        "left": left_cmdlines,
         "port_free": port_free(server.port),
         "exit_code": code,
         "ok": not left and elapsed < STOP_LIMIT_S,
+        **({} if not left and elapsed < STOP_LIMIT_S else {"log_tail": server.tail()[-800:]}),
     }
 
 

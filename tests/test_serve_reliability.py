@@ -230,7 +230,7 @@ def test_bench_reliability_quick(tmp_path):
     assert r["isolation"]["ok"], r["isolation"]
     assert r["load"]["torch"]["errors"] == 0, r["load"]
     for s in r["signals"]:
-        assert s["orphans"] == 0 and s["port_free"] and s["ok"], (s, proc.stderr[-3000:])
+        assert s["orphans"] == 0 and s["port_free"] and s["ok"], json.dumps(s, indent=1)
 
 
 # -- 19.1 the --timeout deadline holds while a request waits (body, decoding, queue) ----------
