@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
 from pathlib import Path
@@ -178,6 +179,20 @@ def test_cifar10_lt_fake_archive(tmp_path):
     with pytest.warns(UserWarning, match="validation"):
         full = build_lt_dataset("cifar10_lt", root=str(tmp_path), rho=10, n_max=30)
     assert full.val is None and full.info["sizes"]["val"] == 0
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_cifar_archive_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    d = _write_cifar10(tmp_path)
+    (d / "data_batch_3").write_bytes(pickle.dumps({b"labels": [0], b"data": _RunsCode()}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (posix|os)\.system"):
+        build_lt_dataset("cifar10_lt", root=str(tmp_path), rho=10, n_max=20)
+    assert not (tmp_path / "pwned.txt").exists()
 
 
 def test_cifar100_lt_fake_archive(tmp_path):

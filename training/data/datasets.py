@@ -353,11 +353,32 @@ def _unpickle(path: Path) -> dict:
             "https://www.cs.toronto.edu/~kriz/cifar.html) or, for CIFAR-10, JPEG class folders "
             "train/<class>/*.jpg and test/<class>/*.jpg (a directory or a .tar.gz of it)"
         )
-    # The CIFAR "python version" is a set of pickled dicts. Unpickling is acceptable here
-    # because these are the user's own local dataset files, downloaded by them from the
-    # official source -- never a model file or anything fetched by this package.
+    # The CIFAR "python version" is a set of pickled dicts of lists, bytes and numpy arrays:
+    # read with an unpickler that can build nothing else, so a tampered file cannot run code.
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        return _DataOnlyUnpickler(f, encoding="bytes").load()
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only; any other global is refused."""
+
+    _ALLOWED = frozenset(
+        (f"numpy.{core}.{module}", name)
+        for core in ("core", "_core")  # numpy 1.x / 2.x spell the same functions differently
+        for module, name in (
+            ("multiarray", "_reconstruct"),
+            ("multiarray", "scalar"),
+            ("numeric", "_frombuffer"),
+        )
+    ) | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR archive holds only lists, bytes "
+                "and numpy arrays (is this file really from cs.toronto.edu/~kriz/cifar.html?)"
+            )
+        return super().find_class(module, name)
 
 
 def _cifar_arrays(d: dict, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
