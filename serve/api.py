@@ -198,7 +198,8 @@ class EnsembleAPI(ls.LitAPI):
 
     # -- worker side -------------------------------------------------------------------------
     def setup(self, device: str) -> None:
-        die_with_parent(self.main_pid)
+        if os.getpid() != self.main_pid:  # a spawned worker (not a test calling it in-process)
+            die_with_parent(self.main_pid)
         # LitServe hands "cpu" or "cuda:<i>" (one worker per device); honour an explicit cuda:<i>
         if self.backend_spec.device.startswith("cuda:"):
             device = self.backend_spec.device

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
@@ -283,3 +285,64 @@ def test_timeout_while_queued_is_504_on_time_and_forgets_the_request():
 def test_timeout_covers_reading_the_body():
     status, seconds, _ = _predict_with_deadline(b'{"ima', stall=True, timeout=0.5)
     assert status == 504 and seconds < 2.0
+
+
+# -- 17: per-request isolation inside LitServe's own batched loop ---------------------------
+def _worker_api(tmp_path, max_batch_size: int = 8):
+    from ltzoo.serve.api import EnsembleAPI
+    from ltzoo.serve.backends import prepare
+
+    zoo.Ensemble(zoo.EnsembleConfig(num_classes=10, class_counts=COUNTS)).save_pretrained(tmp_path)
+    spec, config = prepare(str(tmp_path), "torch", "cpu", 1)
+    api = EnsembleAPI(spec, config, max_batch_size=max_batch_size)
+    api.setup("cpu")
+    return api, RequestDecoder(config, 1_000_000, 8)
+
+
+def _batched(api, items: list) -> list:
+    """What LitServe's BatchedLoop calls, in its order, for one batch."""
+    decoded = [api.decode_request(x) for x in items]
+    return [api.encode_response(y) for y in api.unbatch(api.predict(api.batch(decoded)))]
+
+
+def test_a_bad_item_gets_its_own_4xx_and_the_rest_of_the_batch_is_served(tmp_path):
+    api, decoder = _worker_api(tmp_path)
+    good = decoder.decode(
+        {"kind": "json", "data": {"image": base64.b64encode(png("L", (28, 28))).decode()}}
+    )
+    two = decoder.decode(_form([png("RGB", (40, 30)), png("L", (28, 28), seed=1)], top_k="3"))
+    bad = dataclasses.replace(good, pixels=good.pixels[:, :, :5])  # not the model's input size
+    answers = _batched(api, [good, bad, two, "not a request"])
+    assert [a.status_code for a in answers] == [200, 422, 200, 422]
+    assert json.loads(answers[1].body)["detail"]["error"] == "bad_request"
+    solo = _batched(api, [good])[0]
+    probs = [
+        [p["probability"] for p in json.loads(a.body)["predictions"]] for a in (answers[0], solo)
+    ]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)  # as if it had been sent alone
+    assert (
+        len(json.loads(answers[2].body)) == 2
+        and len(json.loads(answers[2].body)[0]["predictions"]) == 3
+    )
+
+
+def test_a_failing_encode_is_a_500_for_that_request_only(tmp_path):
+    api, decoder = _worker_api(tmp_path)
+    req = decoder.decode(
+        {"kind": "json", "data": {"image": base64.b64encode(png("L", (28, 28))).decode()}}
+    )
+    outputs = api.unbatch(api.predict(api.batch([req, req])))
+    outputs[0]["probs"] = outputs[0]["probs"] * np.nan  # JSON has no NaN
+    answers = [api.encode_response(y) for y in outputs]
+    assert [a.status_code for a in answers] == [500, 200]
+
+
+def test_single_loop_without_batch_unbatch(tmp_path):
+    # max_batch_size=1: LitServe's SingleLoop calls decode_request -> predict -> encode_response
+    api, decoder = _worker_api(tmp_path, max_batch_size=1)
+    req = decoder.decode(
+        {"kind": "json", "data": {"image": base64.b64encode(png("L", (28, 28))).decode()}}
+    )
+    answer = api.encode_response(api.predict(api.decode_request(req)))
+    assert answer.status_code == 200 and len(json.loads(answer.body)["predictions"]) == 5
+    assert api.encode_response(api.predict(api.decode_request(None))).status_code == 422
