@@ -9,8 +9,12 @@ goes unnoticed. :func:`run_supervised` closes both gaps:
 * SIGTERM, SIGINT and SIGHUP to the main process start LitServe's own shutdown (its
   ``KeyboardInterrupt`` path); whatever is still alive after ``grace + HARD_KILL_AFTER_S``
   seconds is killed;
-* a watcher thread polls :func:`multiprocessing.active_children`: when any child that was
-  seen alive exits, the same shutdown runs and ``ltzoo serve`` exits with status 1;
+* a watcher thread waits on the *sentinel* of every child (a pipe that closes when the child
+  exits, whoever reaps it): when any child exits, the same shutdown runs and ``ltzoo serve``
+  exits with status 1;
+* SIGCHLD is reset to its default: a launcher that ignores it (the disposition is inherited
+  across ``exec``) would have the kernel reap our children, and multiprocessing would then
+  report a dead child as alive forever (``waitpid`` fails with ECHILD);
 * every child asks the kernel to kill it when the main process dies (``PR_SET_PDEATHSIG``,
   Linux), so ``kill -9`` of the main process leaves no orphan holding the port.
 """
@@ -26,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing import connection as mp_connection
 from multiprocessing import util as mp_util
 from typing import Any, NoReturn
 
@@ -74,6 +79,7 @@ class Supervisor:
         self._hook = _ForkHook(self.main_pid)  # kept alive: the registry holds weak references
 
     def install(self) -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # before any child exists
         mp_util.register_after_fork(self._hook, self._hook)
         for sig in _SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -96,18 +102,21 @@ class Supervisor:
             raise KeyboardInterrupt  # LitServe's graceful-shutdown path
 
     def _watch(self) -> None:
-        seen: dict[int, str] = {}
+        watched: dict[int, tuple[int, str]] = {}  # sentinel -> (pid, name)
         while self.reason is None:
-            alive = {p.pid: p.name for p in mp.active_children() if p.pid is not None}
-            gone = sorted(set(seen) - set(alive))
-            if gone:
-                pid = gone[0]
-                logger.error("ltzoo serve: %s (pid %d) exited; shutting down", seen[pid], pid)
-                if self._begin(f"{seen[pid]} (pid {pid}) exited", crashed=True):
+            for p in mp.active_children():
+                with contextlib.suppress(ValueError):  # not started yet, or closed
+                    watched.setdefault(p.sentinel, (p.pid or 0, p.name))
+            if not watched:
+                time.sleep(POLL_S)
+                continue
+            exited = [s for s in mp_connection.wait(list(watched), POLL_S) if isinstance(s, int)]
+            if exited:
+                pid, name = watched[exited[0]]
+                logger.error("ltzoo serve: %s (pid %d) exited; shutting down", name, pid)
+                if self._begin(f"{name} (pid {pid}) exited", crashed=True):
                     os.kill(self.main_pid, signal.SIGUSR1)
                 return
-            seen.update(alive)
-            time.sleep(POLL_S)
 
     def _hard_exit(self) -> None:
         logger.error("ltzoo serve: shutdown took too long; killing every process")
