@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
 from ltzoo import zoo  # noqa: E402
+from ltzoo.serve import DEFAULT_BATCH_TIMEOUT_S  # noqa: E402
 
 
 # -- load generator -----------------------------------------------------------------------
@@ -414,7 +415,7 @@ def main() -> None:
         "--device", default="cpu", help="cpu or cuda: the torch backend's device (ORT stays on CPU)"
     )
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-timeout", type=float, default=0.005)
+    p.add_argument("--batch-timeout", type=float, default=DEFAULT_BATCH_TIMEOUT_S)
     p.add_argument(
         "--threads",
         type=int,

@@ -1,14 +1,15 @@
 """Request decoding and validation for ``POST /predict``.
 
-Two stages, in two processes:
+Two stages, both in the HTTP (uvicorn) process, before anything is queued to the worker
+(``serve.api.frame_request``, the FastAPI dependency of LitServe's /predict route):
 
-1. :func:`read_payload` runs in the HTTP (uvicorn) process. It only frames the body:
-   enforces the payload limit (413), checks the content type (415), parses JSON or
-   multipart (400 when malformed) and produces a plain, picklable dict.
-2. :class:`RequestDecoder` runs in the inference worker, from ``LitAPI.decode_request``.
-   It validates every field (422), decodes base64 (400) and images (400 / 413 for
-   decompression bombs) and preprocesses them with the model's own
-   :class:`zoo.preprocess.Preprocess`, so the batched ``predict`` only sees valid tensors.
+1. :func:`read_payload` only frames the body: enforces the payload limit (413) and the
+   read timeout (408), checks the content type (415), parses JSON or multipart (400 when
+   malformed) and produces a plain dict.
+2. :class:`RequestDecoder` (on the ``DecodePool`` threads) validates every field (422),
+   decodes base64 (400) and images (400 / 413 for decompression bombs) and preprocesses
+   them with the model's own :class:`zoo.preprocess.Preprocess`, so the batched
+   ``predict`` only sees valid tensors.
 
 Every failure is a :class:`fastapi.HTTPException` whose ``detail`` is a JSON object
 ``{"error": CODE, "message": TEXT, "field": NAME | None}``.
