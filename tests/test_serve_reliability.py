@@ -346,3 +346,16 @@ def test_single_loop_without_batch_unbatch(tmp_path):
     answer = api.encode_response(api.predict(api.decode_request(req)))
     assert answer.status_code == 200 and len(json.loads(answer.body)["predictions"]) == 5
     assert api.encode_response(api.predict(api.decode_request(None))).status_code == 422
+
+
+def test_batch_timeout_has_one_default():
+    import inspect
+
+    from ltzoo.cli import build_parser
+    from ltzoo.serve import DEFAULT_BATCH_TIMEOUT_S
+    from ltzoo.serve.api import EnsembleAPI, build_server
+
+    cli = build_parser().parse_args(["serve", "m"]).batch_timeout
+    api = inspect.signature(EnsembleAPI.__init__).parameters["batch_timeout"].default
+    server = inspect.signature(build_server).parameters["batch_timeout"].default
+    assert cli == api == server == DEFAULT_BATCH_TIMEOUT_S
