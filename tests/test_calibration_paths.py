@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -36,8 +37,9 @@ PRIORS = {
     "explicit": [0.02, 0.03, 0.05, 0.1, 0.3, 0.2, 0.1, 0.1, 0.05, 0.05],
 }
 #: CE-like (logits follow the training prior) and balanced-method configs, both with T != 1
+BIAS = [0.4, -0.3, 0.2, -0.5, 0.1, 0.3, -0.2, 0.0, 0.25, -0.25]  # mean zero, as fitted
 CONFIGS: dict[str, dict[str, Any]] = {
-    "train_logits": dict(logit_prior="train", temperature=1.7),
+    "train_logits": dict(logit_prior="train", temperature=1.7, class_bias=BIAS),
     "uniform_logits": dict(logit_prior="uniform", temperature=0.6),
 }
 
@@ -101,6 +103,18 @@ def test_torch_paths_identical(case, prior):
         z = model.expert_logits(x).mean(0).double()
     t = model.config.temperature
     expected = torch.softmax((z + shift.double()) / t, -1)
+    np.testing.assert_allclose(pred.probs.numpy(), expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_class_bias_is_applied_to_the_calibrated_balanced_posterior():
+    """Bias-corrected temperature scaling, written out: softmax((z + log u - log src) / T + b)."""
+    model, x = _model("train_logits"), _x()
+    with torch.no_grad():
+        z = model.expert_logits(x).mean(0).double()
+    source = torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)
+    t, bias = model.config.temperature, torch.tensor(BIAS, dtype=torch.float64)
+    expected = torch.softmax((z + math.log(1 / len(COUNTS)) - source.log()) / t + bias, -1)
+    pred = model.predict(x, top_k=1, prior="balanced")
     np.testing.assert_allclose(pred.probs.numpy(), expected.numpy(), rtol=0, atol=1e-6)
 
 

@@ -60,6 +60,7 @@ def _model_and_split(args: argparse.Namespace, ref):  # ref: zoo.resolve.ModelRe
         n_max=info.get("n_max"),
         seed=info.get("seed", 0),
         class_order=info.get("class_order"),
+        val_per_class=info.get("val_per_class", 20),  # the split the model was calibrated on
         eval_transform=build_transforms(model.config.preprocess, (), train=False),
         train_transform=build_transforms(model.config.preprocess, (), train=False),
     )
@@ -91,7 +92,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     model, split = _model_and_split(args, resolve_model(args.model))
     temperature = model.config.temperature
-    results = calibrate_and_evaluate(model, split, plots_dir=args.plots)
+    results = calibrate_and_evaluate(
+        model, split, plots_dir=args.plots, class_bias=not args.temperature_only
+    )
     results["calibration"]["stored_temperature"] = temperature
     if args.shifted:
         from .shifted import shifted_prior_report
@@ -123,7 +126,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
     out = Path(args.out or ref.target)  # a run directory's model/, which eval and load read
     model, split = _model_and_split(args, ref)
-    results = calibrate_and_evaluate(model, split)
+    results = calibrate_and_evaluate(model, split, class_bias=not args.temperature_only)
     model.save_pretrained(out)
     c = results["calibration"]
     print(
@@ -167,7 +170,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         (
             "calibrate",
             _cmd_calibrate,
-            "fit the temperature on the balanced validation split and store it",
+            "fit the calibration (temperature and per-class bias) on the balanced validation "
+            "split and store it in the model",
         ),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -176,6 +180,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "--data", default=None, help="dataset name (default: the one the model was trained on)"
         )
         p.add_argument("--data-root", default=None, help="dataset root directory")
+        p.add_argument(
+            "--temperature-only",
+            action="store_true",
+            help="fit only the temperature, no per-class bias (plain temperature scaling)",
+        )
         if name == "eval":
             p.add_argument("--out", default=None, help="write the results JSON here")
             p.add_argument(

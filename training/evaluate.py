@@ -93,27 +93,42 @@ def calibrate_and_evaluate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     plots_dir: str | Path | None = None,
+    class_bias: bool = True,
 ) -> dict[str, Any]:
-    """Fit the temperature on the balanced val split (after the balanced prior adjustment),
-    store it in ``model.config``, and report test accuracy and calibration before/after."""
+    """Fit the calibration on the balanced val split (after the balanced prior adjustment):
+    the temperature and, with ``class_bias``, a per-class bias (bias-corrected temperature
+    scaling); store it in ``model.config`` and report test accuracy and calibration
+    before/after. Without a val split the model stays uncalibrated (T = 1, no bias)."""
     counts = split.class_counts
     test_logits, test_labels = collect_logits(model, split.test, batch_size, device)
     combined = test_logits.mean(0)
-    shift = model.prior_shift("balanced")
+    balanced = cal.balanced_shift(model.config)
     results: dict[str, Any] = {
         "accuracy": accuracy_report(combined, test_labels, counts),
-        "accuracy_balanced_prior": accuracy_report(combined + shift, test_labels, counts),
+        "accuracy_balanced_prior": accuracy_report(combined + balanced, test_labels, counts),
         "experts": [accuracy_report(z, test_labels, counts)["top1"] for z in test_logits],
     }
-    before = _grouped_calibration(cal.calibrated_probs(combined, shift, 1.0), test_labels, counts)
-    temperature = 1.0
+    before = _grouped_calibration(
+        cal.calibrated_probs(combined, balanced, 1.0), test_labels, counts
+    )
+    temperature, bias = 1.0, []
     if split.val is not None and len(split.val) > 0:
         val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
-        temperature = cal.fit_temperature(val_logits.mean(0) + shift, val_labels)
-    calibrated = cal.calibrated_probs(combined, shift, temperature)
+        balanced_val = val_logits.mean(0) + balanced
+        if class_bias:
+            temperature, bias = cal.fit_temperature_and_bias(balanced_val, val_labels)
+        else:
+            temperature = cal.fit_temperature(balanced_val, val_labels)
+    model.config = dataclasses.replace(model.config, temperature=temperature, class_bias=bias)
+    calibrated = cal.calibrated_probs(
+        combined, cal.log_prior_shift(model.config, "balanced"), temperature
+    )
+    results["accuracy_calibrated"] = accuracy_report(calibrated.log(), test_labels, counts)
     after = _grouped_calibration(calibrated, test_labels, counts)
     results["calibration"] = {
+        "method": "temperature + class bias" if bias else "temperature",
         "temperature": temperature,
+        "class_bias": bias,
         "before": before,
         "after": after,
         "ece_before": before["ece"] * 100,
@@ -123,11 +138,13 @@ def calibrate_and_evaluate(
     metrics = {
         "accuracy": {k: acc[k] for k in ("top1", "top5", *GROUPS)},
         "experts_top1": results["experts"],
+        "accuracy_calibrated": results["accuracy_calibrated"]["top1"],
         "calibration": {
-            k: results["calibration"][k] for k in ("temperature", "ece_before", "ece_after")
+            k: results["calibration"][k]
+            for k in ("method", "temperature", "ece_before", "ece_after")
         },
     }
-    model.config = dataclasses.replace(model.config, temperature=temperature, metrics=metrics)
+    model.config = dataclasses.replace(model.config, metrics=metrics)
     if plots_dir is not None:
         plot_per_class(
             acc["per_class"], counts, Path(plots_dir) / "per_class_accuracy.png", model.config.name

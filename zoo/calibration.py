@@ -74,17 +74,23 @@ def prior_shift(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 
 
 def calibrated_shift(
-    target: torch.Tensor, source: torch.Tensor, temperature: float
+    target: torch.Tensor,
+    source: torch.Tensor,
+    temperature: float,
+    class_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The logit shift ``s`` such that ``softmax((z + s) / T)`` is Bayes-correct for ``target``.
 
-    The temperature is fitted on balanced logits ``z + log(u) - log(source)`` (u uniform), so
-    the calibrated balanced posterior is ``softmax((z + log u - log source) / T)``; moving it
-    to another prior multiplies it by ``target / u``, which inside the ``/ T`` is
-    ``T * (log target - log u)``. With ``T = 1`` this is ``log target - log source``.
+    The temperature ``T`` and the per-class bias ``b`` (bias-corrected temperature scaling;
+    zero when not fitted) are fitted on balanced logits ``z + log(u) - log(source)`` (u
+    uniform), so the calibrated balanced posterior is
+    ``softmax((z + log u - log source) / T + b)``; moving it to another prior multiplies it
+    by ``target / u``. Inside the ``/ T`` both become ``T * b + T * (log target - log u)``.
+    With ``T = 1`` and no bias this is ``log target - log source``.
     """
     uniform = torch.full_like(source, 1.0 / source.numel())
-    return prior_shift(uniform, source) + temperature * prior_shift(target, uniform)
+    shift = prior_shift(uniform, source) + temperature * prior_shift(target, uniform)
+    return shift if class_bias is None else shift + temperature * class_bias.to(shift)
 
 
 def calibrated_probs(logits: torch.Tensor, shift: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -113,6 +119,13 @@ def source_prior(config: EnsembleConfig) -> torch.Tensor:
     return resolve_prior(spec, config.class_counts, config.num_classes)
 
 
+def balanced_shift(config: EnsembleConfig) -> torch.Tensor:
+    """float32 (C,) ``log u - log source``: the balanced adjustment of raw combined logits,
+    before any fitted temperature or bias (what calibration is fitted on)."""
+    source = source_prior(config)
+    return prior_shift(torch.full_like(source, 1.0 / source.numel()), source).float()
+
+
 def requested_prior(config: EnsembleConfig, prior: PriorSpec = None) -> PriorSpec:
     """The target prior spec: ``prior``, or the config's ``default_prior`` when None."""
     return (config.default_prior or "balanced") if prior is None else prior
@@ -125,7 +138,8 @@ def log_prior_shift(config: EnsembleConfig, prior: PriorSpec = None) -> torch.Te
     see :func:`calibrated_shift`. Raises ``ValueError`` (with the reason) for invalid priors.
     """
     target = resolve_prior(requested_prior(config, prior), config.class_counts, config.num_classes)
-    return calibrated_shift(target, source_prior(config), config.temperature).float()
+    bias = torch.tensor(config.class_bias, dtype=torch.float64) if config.class_bias else None
+    return calibrated_shift(target, source_prior(config), config.temperature, bias).float()
 
 
 def is_estimate(prior: PriorSpec) -> bool:
@@ -200,20 +214,48 @@ def fit_temperature(
     max_temperature: float = 100.0,
 ) -> float:
     """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T), clamped to a sane range."""
+    temperature, _ = _fit_nll(logits, labels, False, max_iter, (min_temperature, max_temperature))
+    return temperature
+
+
+def fit_temperature_and_bias(
+    logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200
+) -> tuple[float, list[float]]:
+    """Bias-corrected temperature scaling (Alexandari et al., ICML 2020): ``T`` and a mean-zero
+    per-class bias ``b`` minimising NLL of ``softmax(logits / T + b)``.
+
+    One temperature cannot undo class-dependent miscalibration, which long-tailed training
+    leaves behind; the bias can, and it keeps EM prior estimation (``prior="estimate"``)
+    well founded. Fit on a balanced split with every class present."""
+    return _fit_nll(logits, labels, True, max_iter, (0.05, 100.0))
+
+
+def _fit_nll(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    with_bias: bool,
+    max_iter: int,
+    temperature_range: tuple[float, float],
+) -> tuple[float, list[float]]:
     logits = logits.detach().double().clone()  # clone: may be an inference-mode tensor
     labels = labels.clone()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+    bias = torch.zeros(
+        logits.shape[-1] if with_bias else 1, dtype=torch.float64, requires_grad=True
+    )
+    params = [log_t, bias] if with_bias else [log_t]
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = F.cross_entropy(logits / log_t.exp() + (bias - bias.mean()), labels)
         loss.backward()
         return loss
 
     opt.step(closure)
     # An untrained model's NLL keeps falling as T grows (towards uniform); keep T finite.
-    return float(log_t.exp().clamp(min_temperature, max_temperature).item())
+    temperature = float(log_t.detach().exp().clamp(*temperature_range).item())
+    return temperature, (bias - bias.mean()).detach().tolist() if with_bias else []
 
 
 def _binned(
@@ -319,15 +361,11 @@ def estimate_prior_em(
     return prior
 
 
-def log_prior_of_counts(counts: Sequence[int]) -> torch.Tensor:
-    """log of the normalised class counts."""
-    t = torch.tensor(counts, dtype=torch.float64)
-    return torch.log(t / t.sum())
-
 
 __all__ = [
     "MIN_ESTIMATE_BATCH",
     "CalibrationTail",
+    "balanced_shift",
     "batch_log_prior_shift",
     "calibrate",
     "calibrated_probs",
@@ -339,8 +377,8 @@ __all__ = [
     "expected_calibration_error",
     "expert_disagreement",
     "fit_temperature",
+    "fit_temperature_and_bias",
     "is_estimate",
-    "log_prior_of_counts",
     "log_prior_shift",
     "prior_shift",
     "requested_prior",

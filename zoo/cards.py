@@ -111,7 +111,13 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
         num_classes=config.num_classes,
         recipe=config.recipe or "-",
         input_desc=f"{pre.channels}x{pre.input_size[0]}x{pre.input_size[1]}, mean {pre.mean}, std {pre.std}, {pre.resize}",
-        temperature=f"{config.temperature:.4f}",
+        temperature=f"{config.temperature:.4f}"
+        + (
+            " and a per-class bias (bias-corrected temperature scaling, fitted on the balanced "
+            "validation split)"
+            if config.class_bias
+            else ""
+        ),
         logit_prior=config.logit_prior,
         results_table=table,
         extra=extra,

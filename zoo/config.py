@@ -33,6 +33,8 @@ MAX_CLASS_COUNT = 10**12
 MAX_TEXT_CHARS = 100_000
 #: tests give random networks a high temperature (1e4) to keep probabilities unsaturated
 TEMPERATURE_RANGE = (1e-3, 1e6)
+#: a calibration bias beyond this would override the logits, not correct them
+CLASS_BIAS_RANGE = (-50.0, 50.0)
 COSINE_SCALE_RANGE = (1e-3, 1e4)
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 #: Largest model a config may describe (4 GB of fp32), estimated before building.
@@ -183,6 +185,10 @@ class EnsembleConfig:
     #: balanced methods (Balanced Softmax, NCL, ECL, CBD), "train" for plain CE.
     logit_prior: LogitPrior = "uniform"
     temperature: float = 1.0
+    #: Per-class bias of bias-corrected temperature scaling (fitted with the temperature on
+    #: the balanced validation split; mean zero, empty = none): the calibrated balanced
+    #: posterior is ``softmax(z_balanced / T + class_bias)``.
+    class_bias: list[float] = field(default_factory=list)
     default_prior: str = "balanced"
     name: str = ""
     method: str = ""
@@ -255,6 +261,10 @@ class EnsembleConfig:
                 f"logit_prior must be 'uniform' or 'train', got {_show(self.logit_prior)}"
             )
         _set(self, "temperature", _float("temperature", self.temperature, *TEMPERATURE_RANGE))
+        bias = _sequence("class_bias", self.class_bias, MAX_CLASSES)
+        if bias and len(bias) != self.num_classes:
+            raise ValueError(f"{len(bias)} class biases for {self.num_classes} classes")
+        _set(self, "class_bias", [_float("class_bias[]", b, *CLASS_BIAS_RANGE) for b in bias])
         for name in ("default_prior", "name", "method", "recipe", "dataset", "provenance"):
             _set(self, name, _text(name, getattr(self, name)))
         for name in ("metrics", "extra"):
