@@ -53,6 +53,16 @@ def summarise(runs: list[dict]) -> dict:
             "std": statistics.stdev(known) if len(known) > 1 else 0.0,
             "runs": vals,
         }
+    calibrated = [r["accuracy_calibrated"]["top1"] for r in runs if "accuracy_calibrated" in r]
+    if len(calibrated) == len(runs):  # top-1 of the calibrated predictions (T + class bias)
+        out["top1_calibrated"] = {
+            "mean": statistics.fmean(calibrated),
+            "std": statistics.stdev(calibrated) if len(calibrated) > 1 else 0.0,
+            "runs": calibrated,
+        }
+    out["calibration_method"] = sorted(
+        {r["calibration"].get("method", "temperature") for r in runs}
+    )
     for k in ("ece_before", "ece_after", "temperature"):
         vals = [r["calibration"][k] for r in runs]
         out[k] = {

@@ -111,7 +111,7 @@ def calibrate_and_evaluate(
     before = _grouped_calibration(
         cal.calibrated_probs(combined, balanced, 1.0), test_labels, counts
     )
-    temperature, bias = 1.0, []
+    temperature, bias = 1.0, list[float]()
     if split.val is not None and len(split.val) > 0:
         val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
         balanced_val = val_logits.mean(0) + balanced

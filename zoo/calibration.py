@@ -361,7 +361,6 @@ def estimate_prior_em(
     return prior
 
 
-
 __all__ = [
     "MIN_ESTIMATE_BATCH",
     "CalibrationTail",
