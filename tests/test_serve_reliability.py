@@ -337,15 +337,39 @@ def test_a_failing_encode_is_a_500_for_that_request_only(tmp_path):
     assert [a.status_code for a in answers] == [500, 200]
 
 
-def test_single_loop_without_batch_unbatch(tmp_path):
-    # max_batch_size=1: LitServe's SingleLoop calls decode_request -> predict -> encode_response
+def test_max_batch_size_1_still_runs_batch_and_unbatch(tmp_path):
     api, decoder = _worker_api(tmp_path, max_batch_size=1)
     req = decoder.decode(
         {"kind": "json", "data": {"image": base64.b64encode(png("L", (28, 28))).decode()}}
     )
-    answer = api.encode_response(api.predict(api.decode_request(req)))
-    assert answer.status_code == 200 and len(json.loads(answer.body)["predictions"]) == 5
-    assert api.encode_response(api.predict(api.decode_request(None))).status_code == 422
+    answers = _batched(api, [req])
+    assert answers[0].status_code == 200 and len(json.loads(answers[0].body)["predictions"]) == 5
+
+
+def test_batched_loop_sleeps_on_an_idle_queue_and_keeps_the_order():
+    import queue
+    import time
+
+    from ltzoo.serve.api import BlockingBatchedLoop, EnsembleAPI
+    from ltzoo.serve.backends import BackendSpec
+
+    class CountingQueue(queue.Queue):
+        calls = 0
+
+        def get(self, block=True, timeout=None):
+            self.calls += 1
+            return super().get(block, timeout)
+
+    api = EnsembleAPI(BackendSpec("torch", "unused"), CONFIG, max_batch_size=4, batch_timeout=0)
+    api.request_timeout = 30.0
+    q = CountingQueue()
+    start = time.monotonic()
+    assert BlockingBatchedLoop().get_batch_requests(api, q, None) == ([], [])
+    assert q.calls == 1 and time.monotonic() - start >= 0.9  # one blocking wait, no polling
+    for i in range(3):
+        q.put((0, f"uid{i}", time.monotonic(), i))
+    batch, timed_out = BlockingBatchedLoop().get_batch_requests(api, q, None)
+    assert [uid for _, uid, _ in batch] == ["uid0", "uid1", "uid2"] and not timed_out
 
 
 def test_batch_timeout_has_one_default():
