@@ -2,7 +2,7 @@
 
 Process layout (LitServe): the main process builds a :class:`~litserve.LitServer`; each
 inference worker is a *spawned* process that unpickles :class:`EnsembleAPI` and calls
-``setup`` (backend + decoder built there); the HTTP servers are *forked* uvicorn processes.
+``setup`` (the backend is built there); the HTTP servers are *forked* uvicorn processes.
 
 Request path (all under one ``--timeout`` deadline, :class:`DeadlineMiddleware`: 504)::
 
@@ -18,8 +18,8 @@ Images are decoded before they are queued, on a few threads per HTTP process: th
 inference worker only ever runs the model, and the decoded pixels in flight are at most
 ``decode_threads * max_request_pixels`` per HTTP process.
 
-Dynamic batching is LitServe's: up to ``max_batch_size`` requests or ``batch_timeout``
-seconds. A request may carry several images and its own prior: ``batch`` concatenates
+Dynamic batching is LitServe's ``BatchedLoop`` (:class:`BlockingBatchedLoop` only makes it
+sleep while idle): up to ``max_batch_size`` requests or ``batch_timeout`` seconds. A request may carry several images and its own prior: ``batch`` concatenates
 their ``(N, C, H, W)`` pixels and ``(N, num_classes)`` log-prior-shift rows along the image
 axis and ``unbatch`` splits the outputs back per request.
 
