@@ -43,6 +43,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from ltzoo.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reliability_cpu.json"
 API_KEY = "bench-key"
@@ -104,12 +106,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
 from ltzoo import zoo  # noqa: E402
+from ltzoo.net import free_port  # noqa: E402
 from ltzoo.serve import DEFAULT_BATCH_TIMEOUT_S  # noqa: E402
 
 
@@ -138,17 +138,13 @@ def run_load(
 
 
 # -- server ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
     def __init__(
         self, model: str, backend: str, extra: list[str], log: Path, env: dict[str, str]
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [
             sys.executable,
             "-m",

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ltzoo import zoo
+from ltzoo.net import free_port
 
 TIMEOUT = httpx.Timeout(20.0, connect=5.0)
 API_KEY = "s3cret-key"
@@ -47,15 +47,11 @@ except ImportError:  # pragma: no cover - export lands in another issue
 
 
 # -- server management --------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._log_file = log.open("wb")
