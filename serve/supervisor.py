@@ -10,8 +10,9 @@ goes unnoticed. :func:`run_supervised` closes both gaps:
   ``KeyboardInterrupt`` path); whatever is still alive after ``grace + HARD_KILL_AFTER_S``
   seconds is killed;
 * a watcher thread waits on the *sentinel* of every child (a pipe that closes when the child
-  exits, whoever reaps it): when any child exits, the same shutdown runs and ``ltzoo serve``
-  exits with status 1;
+  exits, whoever reaps it) and, on Linux, also looks for the child in ``/proc`` (a sentinel
+  pipe inherited by a process forked at the wrong moment never closes): when any child
+  exits, the same shutdown runs and ``ltzoo serve`` exits with status 1;
 * SIGCHLD is reset to its default: a launcher that ignores it (the disposition is inherited
   across ``exec``) would have the kernel reap our children, and multiprocessing would then
   report a dead child as alive forever (``waitpid`` fails with ECHILD);
@@ -104,13 +105,19 @@ class Supervisor:
     def _watch(self) -> None:
         watched: dict[int, tuple[int, str]] = {}  # sentinel -> (pid, name)
         while self.reason is None:
-            for p in mp.active_children():
+            # not mp.active_children(): it reaps, so a child that died before this loop first
+            # saw it (killed right after start) would vanish unseen; the stdlib's set of
+            # started children keeps it until someone reaps it
+            for p in list(mp.process._children):  # type: ignore[attr-defined]
                 with contextlib.suppress(ValueError):  # not started yet, or closed
                     watched.setdefault(p.sentinel, (p.pid or 0, p.name))
             if not watched:
                 time.sleep(POLL_S)
                 continue
-            exited = [s for s in mp_connection.wait(list(watched), POLL_S) if isinstance(s, int)]
+            ready = [s for s in mp_connection.wait(list(watched), POLL_S) if isinstance(s, int)]
+            # the sentinel alone is not enough: a process forked while a sentinel's write end
+            # was open (another thread forking) keeps that pipe open after the child died
+            exited = ready or [s for s, (pid, _) in watched.items() if _has_exited(pid)]
             if exited:
                 pid, name = watched[exited[0]]
                 logger.error("ltzoo serve: %s (pid %d) exited; shutting down", name, pid)
@@ -122,6 +129,17 @@ class Supervisor:
         logger.error("ltzoo serve: shutdown took too long; killing every process")
         kill_children(0.0)
         os._exit(1 if self.crashed else 0)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether child ``pid`` is gone or a zombie (Linux ``/proc``; elsewhere: never)."""
+    if not sys.platform.startswith("linux") or pid <= 0:
+        return False
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read of a tiny proc file
+    except OSError:
+        return True  # reaped already (e.g. by the kernel when SIGCHLD is ignored)
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def kill_children(wait: float) -> None:
