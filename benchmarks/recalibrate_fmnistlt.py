@@ -17,23 +17,13 @@ from pathlib import Path
 import torch
 
 from ltzoo import zoo
-from ltzoo.training.data import build_lt_dataset, build_transforms
+from ltzoo.training.data import split_for_model
 from ltzoo.training.evaluate import calibrate_and_evaluate
 
 
 def recalibrate(run: Path, class_bias: bool) -> dict:
     model = zoo.load(str(run / "model"))
-    data, eval_tf = model.config.extra["data"], build_transforms(model.config.preprocess, (), False)
-    split = build_lt_dataset(
-        data["name"],
-        rho=data["rho"],
-        n_max=data["n_max"],
-        seed=data["seed"],
-        class_order=data["class_order"],
-        val_per_class=data["val_per_class"],
-        train_transform=eval_tf,
-        eval_transform=eval_tf,
-    )
+    split = split_for_model(model.config)
     results = calibrate_and_evaluate(model, split, class_bias=class_bias)
     model.save_pretrained(run / "model")
     path = run / "results.json"

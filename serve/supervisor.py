@@ -10,9 +10,8 @@ goes unnoticed. :func:`run_supervised` closes both gaps:
   ``KeyboardInterrupt`` path); whatever is still alive after ``grace + HARD_KILL_AFTER_S``
   seconds is killed;
 * a watcher thread waits on the *sentinel* of every child (a pipe that closes when the child
-  exits, whoever reaps it) and, on Linux, also looks for the child in ``/proc`` (a sentinel
-  pipe inherited by a process forked at the wrong moment never closes): when any child
-  exits, the same shutdown runs and ``ltzoo serve`` exits with status 1;
+  exits, whoever reaps it): when any child exits, the same shutdown runs and ``ltzoo serve``
+  exits with status 1;
 * SIGCHLD is reset to its default: a launcher that ignores it (the disposition is inherited
   across ``exec``) would have the kernel reap our children, and multiprocessing would then
   report a dead child as alive forever (``waitpid`` fails with ECHILD);
@@ -114,10 +113,7 @@ class Supervisor:
             if not watched:
                 time.sleep(POLL_S)
                 continue
-            ready = [s for s in mp_connection.wait(list(watched), POLL_S) if isinstance(s, int)]
-            # the sentinel alone is not enough: a process forked while a sentinel's write end
-            # was open (another thread forking) keeps that pipe open after the child died
-            exited = ready or [s for s, (pid, _) in watched.items() if _has_exited(pid)]
+            exited = [s for s in mp_connection.wait(list(watched), POLL_S) if isinstance(s, int)]
             if exited:
                 pid, name = watched[exited[0]]
                 logger.error("ltzoo serve: %s (pid %d) exited; shutting down", name, pid)
@@ -129,17 +125,6 @@ class Supervisor:
         logger.error("ltzoo serve: shutdown took too long; killing every process")
         kill_children(0.0)
         os._exit(1 if self.crashed else 0)
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether child ``pid`` is gone or a zombie (Linux ``/proc``; elsewhere: never)."""
-    if not sys.platform.startswith("linux") or pid <= 0:
-        return False
-    try:
-        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read of a tiny proc file
-    except OSError:
-        return True  # reaped already (e.g. by the kernel when SIGCHLD is ignored)
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def kill_children(wait: float) -> None:

@@ -49,22 +49,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _model_and_split(args: argparse.Namespace, ref):  # ref: zoo.resolve.ModelRef
     from ltzoo.zoo.resolve import load_model
 
-    from .data import build_lt_dataset, build_transforms
+    from .data import split_for_model
 
     model = load_model(ref)
-    info = model.config.extra.get("data", {})
-    split = build_lt_dataset(
-        args.data or info.get("name", model.config.dataset),
-        root=args.data_root,
-        rho=info.get("rho", 100),
-        n_max=info.get("n_max"),
-        seed=info.get("seed", 0),
-        class_order=info.get("class_order"),
-        val_per_class=info.get("val_per_class", 20),  # the split the model was calibrated on
-        eval_transform=build_transforms(model.config.preprocess, (), train=False),
-        train_transform=build_transforms(model.config.preprocess, (), train=False),
-    )
-    return model, split
+    return model, split_for_model(model.config, dataset=args.data, root=args.data_root)
 
 
 def _print_shifted(report: dict) -> None:

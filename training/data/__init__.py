@@ -14,6 +14,7 @@ from .datasets import (
     read_idx,
     read_split_file,
 )
+from .model_split import split_for_model
 from .profile import lt_counts
 from .samplers import (
     SAMPLERS,
@@ -44,4 +45,5 @@ __all__ = [
     "lt_counts",
     "read_idx",
     "read_split_file",
+    "split_for_model",
 ]
