@@ -7,7 +7,7 @@ FlopCounterMode, GFLOP = 2 x GMAC), INT8 top-1 change on the Fashion-MNIST test 
 ORT profiles of the fused graph, and the targets. On a GPU machine, also the CUDA and
 TensorRT execution providers when onnxruntime-gpu has them.
 
-    python benchmarks/bench_export.py [--quick] [--model RUN_DIR] [--out PATH]
+    python benchmarks/bench_export.py [--quick] [--model NAME_OR_DIR] [--out PATH]
 """
 
 from __future__ import annotations
@@ -322,7 +322,10 @@ def main() -> int:
         "--quick", action="store_true", help="few iterations, small calibration sets (CI-like runs)"
     )
     ap.add_argument(
-        "--model", default=None, help="trained ResNet-32 Fashion-MNIST-LT model for zoo.load"
+        "--model",
+        default="ncl-resnet32-fmnistlt",
+        help="trained 3 x ResNet-32 Fashion-MNIST-LT model for zoo.load (name or folder; "
+        "default: the shipped NCL model)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_cpu.json")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -356,10 +359,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         # 3 x ResNet-32 on Fashion-MNIST-LT
-        if args.model:
-            r32 = zoo.load(args.model)
-        else:
-            r32 = zoo.Ensemble(zoo.get_entry("ncl-resnet32-fmnistlt").build_config()).eval()
+        r32 = zoo.load(args.model).eval()
         train, test = fmnist("train", r32), fmnist("t10k", r32)
         calib_n = 128 if args.quick else 512
         if train is not None:

@@ -9,6 +9,9 @@ now, and the plain reference a user would write, for NCL, ECL and CE.
 * ``batched``: NCHW, whole uint8 batches augmented in one vectorised pass on the device
   (training/data/batched.py): the data-path change alone.
 * ``engine``: the ltzoo engine as it is: ``batched`` plus channels-last model and batches.
+* ``compiled`` (``--compile``): ``engine`` with the method's forward (experts + loss) under
+  ``torch.compile`` (inductor); its compile time is reported. Measured, not adopted: see
+  README.
 
 A step is what a training loop does per batch: fetch it from the loader, augment, forward,
 backward, optimiser step. Variants are interleaved (a few steps each, rotating order) so
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# a cold inductor cache, so compile_s is what a user pays the first time
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ltzoo-inductor-"))
 
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
 from ltzoo.training.config import load_recipe  # noqa: E402
@@ -64,6 +71,7 @@ METHOD_NAMES = ("ncl", "ecl", "ce")
 #: engine variants: (channels_last, batched_augment)
 ENGINE_VARIANTS = {"before": (False, False), "batched": (False, True), "engine": (True, True)}
 VARIANTS = ("reference", *ENGINE_VARIANTS)
+COMPILED = "compiled"
 
 
 @dataclass
@@ -98,7 +106,9 @@ def _cycle(loader: DataLoader) -> Iterator:
 class EngineRunner:
     """The ltzoo engine's own build_loader / device_batch / train_step."""
 
-    def __init__(self, setting: Setting, channels_last: bool, batched: bool) -> None:
+    def __init__(
+        self, setting: Setting, channels_last: bool, batched: bool, compiled: bool = False
+    ) -> None:
         recipe = load_recipe(f"fmnistlt_{setting.method}")
         recipe.run.channels_last, recipe.run.batched_augment = channels_last, batched
         recipe.run.device = "cpu" if not torch.cuda.is_available() else "cuda"
@@ -124,12 +134,19 @@ class EngineRunner:
         self.batches = _cycle(self.trainer.build_loader(split, self.method))
         self.optimizer = self.trainer.build_optimizer(self.method)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.trainer.device.type == "cuda")
+        self.forward = torch.compile(self.method, dynamic=False) if compiled else self.method
+        self.compile_s: float | None = None
+        if compiled:  # the first steps compile forward and backward graphs
+            t0 = time.perf_counter()
+            for _ in range(2):
+                self.step()
+            self.compile_s = round(time.perf_counter() - t0, 1)
 
     def step(self) -> None:
         t = self.trainer
         images, labels = t.device_batch(*next(self.batches))
         amp = t.device.type == "cuda"
-        t.train_step(self.method, self.method, self.optimizer, self.scaler, amp, images, labels)
+        t.train_step(self.forward, self.method, self.optimizer, self.scaler, amp, images, labels)
 
 
 class _PILDataset(Dataset):
@@ -184,6 +201,8 @@ class ReferenceRunner:
 def make_runner(variant: str, setting: Setting):
     if variant == "reference":
         return ReferenceRunner(setting)
+    if variant == COMPILED:
+        return EngineRunner(setting, channels_last=True, batched=True, compiled=True)
     channels_last, batched = ENGINE_VARIANTS[variant]
     return EngineRunner(setting, channels_last, batched)
 
@@ -193,10 +212,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(setting: Setting, rounds: int, steps: int) -> dict[str, dict]:
+def time_interleaved(
+    setting: Setting, rounds: int, steps: int, compiled: bool = False
+) -> dict[str, dict]:
     """Per variant: images/s and median step time over ``rounds`` x ``steps`` (round 0 is warm-up)."""
     variants = [v for v in VARIANTS if not (v == "reference" and setting.method == "ecl")]
     runners = {v: make_runner(v, setting) for v in variants}
+    compile_error = None
+    if compiled:
+        try:
+            runners[COMPILED] = make_runner(COMPILED, setting)
+            variants.append(COMPILED)
+        except RuntimeError as exc:  # e.g. ECL's in-place EMA of class weights in forward
+            compile_error = str(exc).splitlines()[0][:300]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds + 1):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
@@ -208,7 +236,7 @@ def time_interleaved(setting: Setting, rounds: int, steps: int) -> dict[str, dic
                 _sync()
                 if r:
                     times[v].append(time.perf_counter() - t0)
-    return {
+    stats = {
         v: {
             "images_per_s": round(BATCH * len(ts) / sum(ts), 1),
             "step_ms_median": round(1000 * statistics.median(ts), 1),
@@ -216,6 +244,11 @@ def time_interleaved(setting: Setting, rounds: int, steps: int) -> dict[str, dic
         }
         for v, ts in times.items()
     }
+    if COMPILED in runners:
+        stats[COMPILED]["compile_s"] = runners[COMPILED].compile_s
+    elif compiled:
+        stats[COMPILED] = {"error": compile_error}
+    return stats
 
 
 def peak_rss_mb(variant: str, setting: Setting) -> float:
@@ -244,6 +277,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument(
+        "--compile", action="store_true", help="add the torch.compile variant (minutes to compile)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     add_allow_busy(ap)
     args = ap.parse_args()
@@ -254,15 +290,18 @@ def main() -> None:
         for method in args.methods:
             setting = Setting(method, shape)
             row = {"method": method, "shape": shape, "batch": BATCH}
-            row["variants"] = time_interleaved(setting, args.rounds, args.steps)
+            row["variants"] = time_interleaved(setting, args.rounds, args.steps, args.compile)
             if not args.no_memory and device == "cpu":
                 for v, stats in row["variants"].items():
-                    stats["peak_rss_mb"] = peak_rss_mb(v, setting)
-            speed = {v: s["images_per_s"] for v, s in row["variants"].items()}
+                    if v != COMPILED:  # a fresh process would measure the compiler's memory
+                        stats["peak_rss_mb"] = peak_rss_mb(v, setting)
+            speed = {v: s["images_per_s"] for v, s in row["variants"].items() if "error" not in s}
             row["speedup_engine_vs_before"] = round(speed["engine"] / speed["before"], 2)
             row["speedup_batched_vs_before"] = round(speed["batched"] / speed["before"], 2)
             if "reference" in speed:
                 row["speedup_engine_vs_reference"] = round(speed["engine"] / speed["reference"], 2)
+            if COMPILED in speed:
+                row["speedup_compiled_vs_engine"] = round(speed[COMPILED] / speed["engine"], 2)
             print(json.dumps(row), flush=True)
             results.append(row)
     report = {

@@ -130,12 +130,9 @@ def _paper_table() -> list[str]:
 def _export_lines(export: dict[str, Any]) -> list[str]:
     if not export.get("achieved"):
         return ["(no export benchmark results yet)"]
-    machine = export.get("machine", {})
     lines = [
         f"Fused ONNX export vs eager PyTorch, and INT8 (`benchmarks/bench_export.py`, "
-        f"{machine.get('label', 'load not recorded')}, load average before/after "
-        f"{machine.get('loadavg_before', ['?'])[0]} / {machine.get('loadavg_after', ['?'])[0]}; "
-        f"INT8 form chosen by measurement: "
+        f"{_machine_label(export)}; INT8 form chosen by measurement: "
         f"{(export['models']['3x_resnet32_fmnistlt'].get('int8_selection') or {}).get('chosen', '-')}):",
         "",
         "| ratio (one run, side by side) | target | achieved | met |",
@@ -150,26 +147,118 @@ def _export_lines(export: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _machine_label(result: dict[str, Any]) -> str:
+    """ "idle machine, load average before/after 0.1 / 1.6" from a benchmark JSON's guard."""
+    m = result.get("machine", {})
+    before, after = m.get("loadavg_before"), m.get("loadavg_after")
+    load = f", load average before/after {before[0]} / {after[0]}" if before and after else ""
+    return f"{m.get('label', 'load not recorded')}{load}"
+
+
 def _train_step_lines(step: dict[str, Any]) -> list[str]:
     if not step.get("results"):
         return []
-    label = step.get("machine", {}).get("label", "")
+    compiled = any("compiled" in r["variants"] for r in step["results"])
     lines = [
-        f"Training throughput (images/s, batch 64, {step['device']}, {step['threads']} threads, {label}; "
-        "`benchmarks/bench_train_step.py`, variants interleaved in one run):",
+        f"Training throughput (images/s, batch 64, {step['device']}, {step['threads']} threads, "
+        f"{_machine_label(step)}; `benchmarks/bench_train_step.py --compile`, variants "
+        "interleaved in one run):",
         "",
         "| method | input | reference (official-code style) | before | batched input | "
-        "engine (batched + channels-last) | engine vs before | engine vs reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "engine (batched + channels-last) | engine vs before | engine vs reference |"
+        + (" torch.compile'd engine (compile s) | compiled vs engine |" if compiled else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if compiled else ""),
     ]
     for r in step["results"]:
         v = r["variants"]
         ref = v.get("reference", {}).get("images_per_s", "-")
-        lines.append(
+        row = (
             f"| {r['method'].upper()} | {r['shape']} | {ref} | {v['before']['images_per_s']} | "
             f"{v['batched']['images_per_s']} | {v['engine']['images_per_s']} | "
             f"{r['speedup_engine_vs_before']:.2f}x | {r.get('speedup_engine_vs_reference', '-')} |"
         )
+        if "compiled" in v:
+            c = v["compiled"]
+            row += f" {c['images_per_s']} ({c['compile_s']}) | {r['speedup_compiled_vs_engine']}x |"
+        lines.append(row)
+    return lines
+
+
+def _serve_lines(serve: dict[str, Any]) -> list[str]:
+    if not serve.get("models"):
+        return []
+    st = serve["settings"]
+    lines = [
+        f"`ltzoo serve` over HTTP on loopback (`benchmarks/bench_serve.py`, {_machine_label(serve)}; "
+        f"{st['payload']}, up to {st['requests_per_level']} requests per level; "
+        f"{st['threads']} inference thread; batching on: --max-batch-size {st['max_batch_size']} "
+        f"--batch-timeout {st['batch_timeout_s']}). Requests/s at each concurrency, p50 / p99 "
+        "latency in ms:",
+        "",
+        "| model | backend | batching | concurrency: req/s (p50 / p99 ms) | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for m in serve["models"]:
+        for backend, b in m["backends"].items():
+            for mode in ("batching_on", "batching_off"):
+                levels = b.get(mode, {}).get("levels", [])
+                cells = ", ".join(
+                    f"{lv['concurrency']}: {lv['throughput_rps']} "
+                    f"({lv['latency_ms']['p50']:.0f} / {lv['latency_ms']['p99']:.0f})"
+                    for lv in levels
+                )
+                errors = sum(lv["errors"] for lv in levels)
+                lines.append(
+                    f"| {m['model']} | {backend} | {mode.split('_')[1]} | {cells} | {errors} |"
+                )
+    return lines
+
+
+def _cost_lines(cost: dict[str, Any]) -> list[str]:
+    models = cost.get("rows_per_model", {})
+    if not models:
+        return []
+    lines = [
+        f"What each expert costs (`benchmarks/eval_fmnistlt.py`, one thread, {_machine_label(cost)}; "
+        "median latency; parameters and MACs are exact):",
+        "",
+        "| model | experts used | parameters | MACs / image | PyTorch ms (b=1) | fused ORT ms (b=1) "
+        "| PyTorch img/s (b=32) | fused ORT img/s (b=32) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rep in models.items():
+        for r in rep["rows"]:
+            lines.append(
+                f"| {name} | {r['experts']} | {r['parameters'] / 1e6:.2f} M | "
+                f"{r['macs_per_image'] / 1e6:.0f} M | {r['torch_cpu_ms_batch1']:.2f} | "
+                f"{r.get('ort_cpu_ms_batch1', float('nan')):.2f} | "
+                f"{r['torch_cpu_img_per_s_batch32']:.0f} | "
+                f"{r.get('ort_cpu_img_per_s_batch32', float('nan')):.0f} |"
+            )
+    return lines
+
+
+def _shifted_lines(shifted: dict[str, Any]) -> list[str]:
+    if not shifted:
+        return []
+    lines = [
+        "### Shifted test priors",
+        "",
+        "Shifted test priors (the balanced test set resampled to a long-tailed prior, forward "
+        "= same head classes as training, backward = reversed; seed 0 of each shipped model; "
+        "`benchmarks/eval_fmnistlt.py`). Top-1 with the balanced prior, the EM estimate of the "
+        "test prior, and the true test prior (what `prior=` on `predict` and the server gives):",
+        "",
+        "| model | test prior | imbalance | balanced | EM estimate | true prior | EM L1 error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rep in shifted.items():
+        for r in rep.get("rows", []):
+            lines.append(
+                f"| {name} | {r['direction']} | {r['imbalance']} | {r['balanced']['top1']:.2f} | "
+                f"{r['em_estimate']['top1']:.2f} | {r['true_prior']['top1']:.2f} | "
+                f"{r['em_l1_error']:.3f} |"
+            )
     return lines
 
 
@@ -301,7 +390,8 @@ def build_section() -> str:
         "## Results",
         "",
         "All numbers below are ours, measured by the committed scripts in `benchmarks/` "
-        "(`train_fmnistlt.py`, `bench_train_step.py`, `bench_export.py`, `bench_reliability.py`) and "
+        "(`train_fmnistlt.py`, `eval_fmnistlt.py`, `bench_train_step.py`, `bench_export.py`, "
+        "`bench_serve.py`, `bench_reliability.py`) and "
         "rendered from `benchmarks/results/*.json` by `benchmarks/report.py`. Speed figures were "
         "measured on an idle machine (each JSON records the load average before and after) unless "
         "labelled otherwise.",
@@ -350,6 +440,12 @@ def build_section() -> str:
         *_train_step_lines(_load("train_step_cpu.json")),
         "",
         *_export_lines(_load("export_cpu.json")),
+        "",
+        *_cost_lines(_load("cost_fmnistlt.json")),
+        "",
+        *_serve_lines(_load("serve_cpu.json")),
+        "",
+        *_shifted_lines(_load("shifted_fmnistlt.json")),
         "",
         "### Paper numbers (as published by the papers' authors, not measured by ltzoo)",
         "",
