@@ -177,10 +177,32 @@ def _train_step_lines(step: dict[str, Any]) -> list[str]:
             f"{v['batched']['images_per_s']} | {v['engine']['images_per_s']} | "
             f"{r['speedup_engine_vs_before']:.2f}x | {r.get('speedup_engine_vs_reference', '-')} |"
         )
-        if "compiled" in v:
+        if "compiled" in v and "error" in v["compiled"]:
+            row += " fails in backward (in-place EMA in forward) | - |"
+        elif "compiled" in v:
             c = v["compiled"]
             row += f" {c['images_per_s']} ({c['compile_s']}) | {r['speedup_compiled_vs_engine']}x |"
         lines.append(row)
+    return lines
+
+
+def _expert_layout_lines(layout: dict[str, Any]) -> list[str]:
+    if not layout.get("rows"):
+        return []
+    lines = [
+        f"Expert layouts for training ({layout['what']}, {layout['threads']} threads, "
+        f"{_machine_label(layout)}; `benchmarks/bench_expert_layout.py`; ms per step, "
+        "speed-up vs separate experts):",
+        "",
+        "| input | memory format | separate (ltzoo) | grouped convolutions | vmap |",
+        "|---|---|---|---|---|",
+    ]
+    for r in layout["rows"]:
+        ms, up = r["ms_median"], r["speedup_vs_separate"]
+        lines.append(
+            f"| {r['shape']} | {'channels-last' if r['channels_last'] else 'NCHW'} | "
+            f"{ms['separate']} | {ms['grouped']} ({up['grouped']}x) | {ms['vmap']} ({up['vmap']}x) |"
+        )
     return lines
 
 
@@ -438,6 +460,8 @@ def build_section() -> str:
         "### Training, export and serving speed, this 2-core CPU",
         "",
         *_train_step_lines(_load("train_step_cpu.json")),
+        "",
+        *_expert_layout_lines(_load("expert_layout_cpu.json")),
         "",
         *_export_lines(_load("export_cpu.json")),
         "",

@@ -60,6 +60,14 @@ def summarise(runs: list[dict]) -> dict:
             "std": statistics.stdev(calibrated) if len(calibrated) > 1 else 0.0,
             "runs": calibrated,
         }
+    val = [r["val"]["top1"] for r in runs if "val" in r]
+    if len(val) == len(runs):  # what runs are chosen by (never the test set)
+        out["val_top1"] = {
+            "mean": statistics.fmean(val),
+            "std": statistics.stdev(val) if len(val) > 1 else 0.0,
+            "runs": val,
+        }
+        out["val_experts_top1"] = [r["val"]["experts"] for r in runs]
     out["calibration_method"] = sorted(
         {r["calibration"].get("method", "temperature") for r in runs}
     )
@@ -78,14 +86,15 @@ def summarise(runs: list[dict]) -> dict:
 def collect(
     root: Path = Path("runs/bench"), results: Path = RESULTS, overrides: dict | None = None
 ) -> dict:
-    """Rebuild the summary from every finished run ``root/<tag>-s<seed>/`` (all seeds found),
-    write it to ``results`` and return it; ``overrides`` (tag -> text) else the old file's."""
+    """Rebuild the summary of every tag with finished runs ``root/<tag>-s<seed>/`` (all seeds
+    found; tags with no run under ``root`` keep their old entry), write it to ``results`` and
+    return it; ``overrides`` (tag -> text) else the old file's."""
     old = json.loads(results.read_text()) if results.is_file() else {}
     runs: dict[str, list[tuple[int, dict]]] = {}
     for path in sorted(root.glob("*-s*/results.json")):
         tag, _, seed = path.parent.name.rpartition("-s")
         runs.setdefault(tag, []).append((int(seed), json.loads(path.read_text())))
-    summary = {}
+    summary = dict(old)
     for tag, found in sorted(runs.items()):
         config = json.loads((root / f"{tag}-s{found[0][0]}" / "run.json").read_text())["config"]
         summary[tag] = {
@@ -95,6 +104,7 @@ def collect(
             "seed_list": [s for s, _ in sorted(found, key=lambda x: x[0])],
             **summarise([r for _, r in sorted(found, key=lambda x: x[0])]),
         }
+    summary = dict(sorted(summary.items()))
     results.write_text(json.dumps(summary, indent=2))
     print({tag: summary[tag]["seeds"] for tag in summary}, file=sys.stderr)
     return summary

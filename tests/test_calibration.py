@@ -196,3 +196,26 @@ def test_class_bias_is_validated():
         zoo.EnsembleConfig(num_classes=10, class_bias=[0.0, 0.1, -0.1])
     with pytest.raises(ValueError, match="class_bias"):
         zoo.EnsembleConfig(num_classes=2, class_bias=[float("nan"), 0.0])
+
+
+def test_calibrate_and_evaluate_reports_validation_top1_of_ensemble_and_experts():
+    """Runs are chosen on the val split: its top-1 (ensemble, each expert) is in the results."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from ltzoo.training.evaluate import calibrate_and_evaluate, collect_logits
+
+    counts = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
+    torch.manual_seed(0)
+    model = zoo.Ensemble(zoo.EnsembleConfig(class_counts=counts)).eval()
+
+    def data(n: int) -> TensorDataset:
+        return TensorDataset(torch.randn(n, 1, 28, 28), torch.arange(n) % 10)
+
+    split = SimpleNamespace(test=data(40), val=data(30), class_counts=counts)
+    results = calibrate_and_evaluate(model, split, batch_size=16)
+    logits, labels = collect_logits(model, split.val)
+    top1 = [float((z.argmax(1) == labels).float().mean() * 100) for z in logits]
+    ensemble = float((logits.mean(0).argmax(1) == labels).float().mean() * 100)
+    assert results["val"] == {"top1": pytest.approx(ensemble), "experts": pytest.approx(top1)}

@@ -98,7 +98,8 @@ def calibrate_and_evaluate(
     """Fit the calibration on the balanced val split (after the balanced prior adjustment):
     the temperature and, with ``class_bias``, a per-class bias (bias-corrected temperature
     scaling); store it in ``model.config`` and report test accuracy and calibration
-    before/after. Without a val split the model stays uncalibrated (T = 1, no bias)."""
+    before/after, and the val split's top-1 (ensemble and per expert: the numbers to choose
+    runs by). Without a val split the model stays uncalibrated (T = 1, no bias)."""
     counts = split.class_counts
     test_logits, test_labels = collect_logits(model, split.test, batch_size, device)
     combined = test_logits.mean(0)
@@ -114,6 +115,11 @@ def calibrate_and_evaluate(
     temperature, bias = 1.0, list[float]()
     if split.val is not None and len(split.val) > 0:
         val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
+        # what choices between runs are made on (never the test set)
+        results["val"] = {
+            "top1": accuracy_report(val_logits.mean(0), val_labels, counts)["top1"],
+            "experts": [accuracy_report(z, val_labels, counts)["top1"] for z in val_logits],
+        }
         balanced_val = val_logits.mean(0) + balanced
         if class_bias:
             temperature, bias = cal.fit_temperature_and_bias(balanced_val, val_labels)
