@@ -25,13 +25,18 @@ Writes benchmarks/results/train_step_<device>.json.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# A cold inductor cache, so compile_s is what a user pays the first time. Set before torch
+# is imported: torch reads (and fixes) the cache folder while it loads.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ltzoo-inductor-"))
+
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,19 +53,17 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# a cold inductor cache, so compile_s is what a user pays the first time
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ltzoo-inductor-"))
 
-from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
-from ltzoo.training.config import load_recipe  # noqa: E402
-from ltzoo.training.data import ArrayImageDataset, build_transforms, lt_counts  # noqa: E402
-from ltzoo.training.engine import Trainer  # noqa: E402
-from ltzoo.training.methods import METHODS  # noqa: E402
-from ltzoo.training.methods.ncl import NCLLoss  # noqa: E402
-from ltzoo.zoo import Ensemble  # noqa: E402
-from ltzoo.zoo.config import PreprocessConfig  # noqa: E402
-from ltzoo.zoo.models.resnet_cifar import resnet32_stages  # noqa: E402
-from ltzoo.zoo.registry import get_entry  # noqa: E402
+from benchmarks.machine import LoadGuard, add_allow_busy
+from ltzoo.training.config import load_recipe
+from ltzoo.training.data import ArrayImageDataset, build_transforms, lt_counts
+from ltzoo.training.engine import Trainer
+from ltzoo.training.methods import METHODS
+from ltzoo.training.methods.ncl import NCLLoss
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.config import PreprocessConfig
+from ltzoo.zoo.models.resnet_cifar import resnet32_stages
+from ltzoo.zoo.registry import get_entry
 
 BATCH = 64
 SHAPES = {

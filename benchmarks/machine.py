@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 BUSY_FRACTION = 0.75
 UNDER_LOAD = "measured under load"
@@ -37,6 +38,26 @@ def add_allow_busy(parser: argparse.ArgumentParser) -> None:
         help=f"run even when the 1-minute load average is above {busy_limit():.2f}; the "
         f"results are then labelled '{UNDER_LOAD}'",
     )
+
+
+#: instruction-set extensions that change which kernels (fp32, INT8, bf16) are fast
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_model_and_isa(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
+    """The CPU's model name and which of :data:`ISA_FLAGS` it has (Linux; empty elsewhere):
+    ratios measured on an AVX2-only CPU and on one with VNNI/AMX differ, INT8's above all."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n")[0].splitlines():  # the first processor's block
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", ""), "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 @dataclass
@@ -65,6 +86,7 @@ class LoadGuard:
         busy = self.before[0] > busy_limit()
         return {
             "cpu": platform.processor() or platform.machine(),
+            **cpu_model_and_isa(),
             "cores": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in self.before],
             "loadavg_after": [round(x, 2) for x in after],

@@ -154,6 +154,7 @@ def test_reweighting_moves_toward_classes_where_distillation_lags():
         )
         feats = [F.one_hot(labels, m.model.feature_dim).float() for _ in range(3)]
         m.terms(feats, labels)
+        m.after_step()  # the EMA update of the class weights
     w = m.class_weights
     seen_ok = [0, 2, 3, 4]
     assert min(w[k] for k in lagging) > 1.0 > max(w[k] for k in seen_ok)
@@ -166,6 +167,7 @@ def test_reweighting_moves_toward_classes_where_distillation_lags():
     m.eval()
     labels = torch.tensor([0, 1])
     m.terms([F.one_hot(labels, m.model.feature_dim).float()] * 3, labels)
+    m.after_step()
     assert torch.equal(m.class_gap, before)
 
 
@@ -193,7 +195,9 @@ def test_full_terms_match_hand_computation():
     feat = 0.3 * sum((1 - (uk * ens).sum(1)).mean() for uk in u) / 3
     for name, ref in {"ce": ce, "mutual_kl": mkl, "dist_head": dist, "feature": feat}.items():
         assert torch.allclose(terms[name], ref, atol=1e-5), name
-    # the step used the previous weights, then updated them from this batch's gap
+    # the step used the previous weights; after the step they move with this batch's gap
+    assert torch.equal(m.class_weights, w_prev)
+    m.after_step()
     gap = true_class_gap(zb, zd, labels)
     expected_gap = torch.zeros(10)
     for c in labels.unique():

@@ -156,6 +156,10 @@ class RunSettings:
     #: in-memory datasets: augment whole uint8 batches on the device (training/data/batched.py)
     #: instead of per-sample PIL transforms, where the augmentations allow it
     batched_augment: bool = True
+    #: run the method's forward (experts + loss) under torch.compile (inductor): about 1.1x
+    #: the images/s on this project's CPU for NCL, ECL and CE, for a one-off compile of
+    #: 15-60 s (benchmarks/bench_train_step.py --compile); same weights and checkpoints
+    compile: bool = False
 
     def validate(self) -> None:
         if not _DEVICE.fullmatch(self.device):

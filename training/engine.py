@@ -304,6 +304,8 @@ class Trainer:
             if self.dist.enabled
             else method
         )
+        # compiles on the first steps; state_dicts and checkpoints stay those of `method`
+        forward = torch.compile(ddp) if cfg.run.compile else ddp
 
         start_epoch = 0
         ckpt_path = self.run_dir / CHECKPOINT
@@ -322,7 +324,7 @@ class Trainer:
             loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             ddp.train()
             logs = self._train_epoch(
-                ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
+                forward, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
             )
             if (
                 cfg.run.eval_every
@@ -381,11 +383,12 @@ class Trainer:
         return images, labels
 
     def train_step(
-        self, ddp, method, optimizer, scaler, use_amp, images, labels, where: str = ""
+        self, forward, method, optimizer, scaler, use_amp, images, labels, where: str = ""
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """One optimisation step (forward, non-finite check, backward, clip, step, EMA hooks)."""
+        """One optimisation step (forward, non-finite check, backward, clip, step, EMA hooks);
+        ``forward`` is ``method`` itself, its DDP wrapper, or either one compiled."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
-            loss, parts = ddp(images, labels)
+            loss, parts = forward(images, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at {where}: {parts}")
         optimizer.zero_grad(set_to_none=True)
@@ -399,7 +402,7 @@ class Trainer:
         return loss, parts
 
     def _train_epoch(
-        self, ddp, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
+        self, forward, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
     ) -> dict[str, Any]:
         totals: dict[str, float] = {}
         seen = 0
@@ -416,7 +419,7 @@ class Trainer:
                 break
             images, labels = self.device_batch(images, labels)
             loss, parts = self.train_step(
-                ddp,
+                forward,
                 method,
                 optimizer,
                 scaler,

@@ -193,6 +193,8 @@ class ECL(Method):
             )
         self.register_buffer("class_gap", torch.zeros(num_classes))
         self.register_buffer("class_weights", torch.ones(num_classes))
+        #: (per-sample gap, labels) of the last training batch, for after_step
+        self.pending_gap: tuple[torch.Tensor, torch.Tensor] | None = None
         self.moco = optional_moco(model, params)
 
     # -- re-weighting ----------------------------------------------------------------------
@@ -243,8 +245,8 @@ class ECL(Method):
             terms["dist_head"] = p.dist_head_weight * distillation_head_loss(
                 dist, peer_teachers(full), sample_w
             )
-            if self.training:
-                self.update_class_weights(true_class_gap(full, dist, labels), labels)
+            if self.training:  # applied in after_step: forward mutates no buffer it reads
+                self.pending_gap = (true_class_gap(full, dist, labels), labels.detach())
         if p.feature_distill_weight > 0 and len(feats) > 1:
             terms["feature"] = feature_distillation(feats, p.feature_distill_weight)
         return terms
@@ -265,5 +267,10 @@ class ECL(Method):
         return loss, logs
 
     def after_step(self) -> None:
+        """The class weights' EMA update from the last training batch's gaps (the step used
+        the weights from before it), then the MoCo key encoder's momentum update."""
+        if self.pending_gap is not None:
+            self.update_class_weights(*self.pending_gap)
+            self.pending_gap = None
         if self.moco is not None:
             self.moco.momentum_update(self.model)

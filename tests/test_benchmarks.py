@@ -1,0 +1,56 @@
+"""Benchmarks a reader can trust: the idle-machine guard, and README's results section is
+what benchmarks/report.py renders from the committed results JSON (never hand-edited)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import machine, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(monkeypatch: pytest.MonkeyPatch, one_minute: float) -> None:
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (one_minute, 1.0, 1.0))
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+
+
+def test_guard_refuses_a_busy_machine_with_a_clear_message(monkeypatch):
+    _load(monkeypatch, 1.6)
+    with pytest.raises(SystemExit) as exc:
+        machine.LoadGuard.start()
+    assert "refusing to benchmark: 1-minute load average 1.60 > 1.50" in str(exc.value)
+    assert "--allow-busy" in str(exc.value)
+
+
+def test_guard_labels_busy_runs_and_idle_runs(monkeypatch):
+    _load(monkeypatch, 1.6)
+    assert machine.LoadGuard.start(allow_busy=True).finish()["label"] == machine.UNDER_LOAD
+    _load(monkeypatch, 0.4)
+    result = machine.LoadGuard.start().finish()
+    assert result["label"] == machine.IDLE and result["loadavg_before"][0] == 0.4
+    assert result["busy_limit_1m"] == 1.5
+
+
+def test_readme_results_section_is_rendered_from_the_results_json():
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"<!-- results:start -->\n(.*)\n<!-- results:end -->", text, re.S)
+    assert section is not None, "README lost its results markers"
+    assert section.group(1) == report.build_section(), (
+        "README's results differ from benchmarks/results/*.json: run python benchmarks/report.py"
+    )
+
+
+def test_every_committed_speed_figure_was_measured_on_an_idle_machine():
+    """A timing JSON without the guard's record, or measured under load, must say so in
+    README; none of ours is: each was measured idle."""
+    timed = ["train_step_cpu", "expert_layout_cpu", "export_cpu", "serve_cpu", "cost_fmnistlt"]
+    for name in timed:
+        path = ROOT / "benchmarks" / "results" / f"{name}.json"
+        if path.is_file():
+            label = json.loads(path.read_text()).get("machine", {}).get("label")
+            assert label == machine.IDLE, f"{name}.json: {label!r}"
