@@ -369,6 +369,35 @@ def _study_lines(fm: dict[str, Any]) -> list[str]:
     return lines if len(lines) > 2 else ["(the schedule study was not run in this release)"]
 
 
+#: the ECL diversity study: tag -> what changed (all other settings are the shipped recipe's)
+ECL_STUDY = {
+    "study_ecl_shared": "shared conv stem + stage 1 (the previous release's recipe)",
+    "study_ecl_fd03": "shared stem, feature distillation weight 0.3 instead of 1.0",
+    "ecl": "independent experts (the recipe as shipped now)",
+}
+
+
+def _ecl_study_lines(fm: dict[str, Any]) -> list[str]:
+    """Validation and test top-1 of ECL variants, with every expert's top-1 (seed by seed)."""
+    lines = [
+        "| ECL (reconstruction) variant | seeds | val top-1 (seed 0) | test top-1 | experts' test "
+        "top-1, per seed | ensemble > best expert |",
+        "|---|---|---|---|---|---|",
+    ]
+    for tag, what in ECL_STUDY.items():
+        if tag not in fm:
+            continue
+        e = fm[tag]
+        val = e.get("val_top1", {}).get("runs", [e.get("val_top1_seed0")])[0]
+        experts = "; ".join(" / ".join(f"{x:.2f}" for x in row) for row in e["experts_top1"])
+        wins = sum(t > max(row) for t, row in zip(e["top1"]["runs"], e["experts_top1"]))
+        lines.append(
+            f"| {what} | {e['seeds']} | {val:.2f} | {_pm(e, 'top1')} | {experts} | "
+            f"{wins} of {e['seeds']} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def _mean_std(values: list[float], signed: bool = False) -> str:
     sign = "+" if signed else ""
     if len(values) == 1:
@@ -459,6 +488,16 @@ def build_section() -> str:
         "",
         "![per-class accuracy](docs/img/ncl_per_class_accuracy.png) ![reliability](docs/img/ncl_reliability.png)",
         "",
+        *(
+            [
+                "### ECL diversity study (reconstruction; 40 epochs, chosen on the validation split)",
+                "",
+                *_ecl_study_lines(fm),
+                "",
+            ]
+            if _ecl_study_lines(fm)
+            else []
+        ),
         "### ECL ablation (reconstruction; previous release's 10-epoch budget, not re-run)",
         "",
         *_accuracy_table(ablation, ["ecl_plain", "ecl_rw", "ecl_fd", "ecl_full"]),

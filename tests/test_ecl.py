@@ -43,9 +43,9 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (p.log() - q.log())).sum(1)
 
 
-def _method(**params) -> ECL:
+def _method(config: dict | None = None, **params) -> ECL:
     torch.manual_seed(0)
-    cfg = get_entry("ecl-resnet32-fmnistlt").build_config(class_counts=COUNTS)
+    cfg = get_entry("ecl-resnet32-fmnistlt").build_config(class_counts=COUNTS, **(config or {}))
     return ECL(Ensemble(cfg), COUNTS, ECLParams(**params))
 
 
@@ -230,7 +230,7 @@ def test_all_parts_off_is_balanced_ce_plus_mutual_kl():
 
 
 def test_gradients_reach_every_expert_stem_and_branches():
-    m = _method(contrastive_weight=0.5, moco_queue=32)
+    m = _method({"layout": "shared", "shared_stages": 2}, contrastive_weight=0.5, moco_queue=32)
     m.train()
     images, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 9, 4])
     loss, logs = m(images, labels)

@@ -98,6 +98,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"top-1 {acc['top1']:.2f}  many {_pct(acc['many'])}  medium {_pct(acc['medium'])}  "
         f"few {_pct(acc['few'])}  "
         f"ECE {results['calibration']['ece_before']:.2f}% -> {results['calibration']['ece_after']:.2f}% (T={results['calibration']['temperature']:.3f})"
+        + (f"  val top-1 {results['val']['top1']:.2f}" if "val" in results else "")
     )
     return 0
 

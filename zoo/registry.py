@@ -213,8 +213,9 @@ register(
         "ecl-resnet32-fmnistlt",
         "ecl",
         recipe="fmnistlt_ecl",
-        layout="shared",
-        shared_stages=2,
+        # independent experts, chosen on the validation split: with a shared stem + stage 1
+        # the experts ended within 0.5 points of each other and 2 points lower (README)
+        layout="independent",
         **_FM,
     )
 )
