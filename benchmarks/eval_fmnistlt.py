@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
+from benchmarks.report import REGISTRY_NAMES  # noqa: E402
 from ltzoo import zoo  # noqa: E402
 from ltzoo.cost import cost_report  # noqa: E402
 from ltzoo.training.data import split_for_model  # noqa: E402
@@ -32,14 +33,15 @@ from ltzoo.training.shifted import shifted_prior_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS_IMG = ROOT / "docs" / "img"
-MODELS = [f"{m}-resnet32-fmnistlt" for m in ("ce", "bs", "ncl", "cbd", "ecl")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--models", nargs="+", default=MODELS, help="registry names")
+    ap.add_argument(
+        "--models", nargs="+", default=list(REGISTRY_NAMES.values()), help="registry names"
+    )
     ap.add_argument("--repeats", type=int, default=20, help="latency repeats per measurement")
     add_allow_busy(ap)
     args = ap.parse_args()

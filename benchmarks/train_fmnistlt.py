@@ -41,6 +41,15 @@ def run_one(recipe: str, seed: int, overrides: list[str], tag: str) -> dict:
     return json.loads(results_path.read_text())
 
 
+def _spread(values: list[float]) -> dict:
+    """Mean, standard deviation (0 for one run) and the values themselves."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "runs": values,
+    }
+
+
 def summarise(runs: list[dict]) -> dict:
     """Mean / spread over seeds. A shot group with no class (CIFAR-10-LT rho 100 has no
     few-shot class: its tail keeps 50 images) is ``None`` in every run and stays ``None``."""
@@ -55,18 +64,10 @@ def summarise(runs: list[dict]) -> dict:
         }
     calibrated = [r["accuracy_calibrated"]["top1"] for r in runs if "accuracy_calibrated" in r]
     if len(calibrated) == len(runs):  # top-1 of the calibrated predictions (T + class bias)
-        out["top1_calibrated"] = {
-            "mean": statistics.fmean(calibrated),
-            "std": statistics.stdev(calibrated) if len(calibrated) > 1 else 0.0,
-            "runs": calibrated,
-        }
+        out["top1_calibrated"] = _spread(calibrated)
     val = [r["val"]["top1"] for r in runs if "val" in r]
     if len(val) == len(runs):  # what runs are chosen by (never the test set)
-        out["val_top1"] = {
-            "mean": statistics.fmean(val),
-            "std": statistics.stdev(val) if len(val) > 1 else 0.0,
-            "runs": val,
-        }
+        out["val_top1"] = _spread(val)
         out["val_experts_top1"] = [r["val"]["experts"] for r in runs]
     out["calibration_method"] = sorted(
         {r["calibration"].get("method", "temperature") for r in runs}

@@ -158,7 +158,7 @@ class RunSettings:
     batched_augment: bool = True
     #: run the method's forward (experts + loss) under torch.compile (inductor): about 1.1x
     #: the images/s on this project's CPU for NCL, ECL and CE, for a one-off compile of
-    #: 15-60 s (benchmarks/bench_train_step.py --compile); same weights and checkpoints
+    #: 16-68 s (benchmarks/bench_train_step.py --compile); same weights and checkpoints
     compile: bool = False
 
     def validate(self) -> None:

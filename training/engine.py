@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -304,8 +305,7 @@ class Trainer:
             if self.dist.enabled
             else method
         )
-        # compiles on the first steps; state_dicts and checkpoints stay those of `method`
-        forward = torch.compile(ddp) if cfg.run.compile else ddp
+        forward = self.forward_for(ddp)
 
         start_epoch = 0
         ckpt_path = self.run_dir / CHECKPOINT
@@ -381,6 +381,12 @@ class Trainer:
         if self.cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels
+
+    def forward_for(self, module: torch.nn.Module) -> Callable[..., Any]:
+        """What a training step calls: ``module``, or with ``run.compile`` the module under
+        ``torch.compile`` (static shapes, compiled on the first steps); state dicts and
+        checkpoints stay those of the module."""
+        return torch.compile(module, dynamic=False) if self.cfg.run.compile else module
 
     def train_step(
         self, forward, method, optimizer, scaler, use_amp, images, labels, where: str = ""

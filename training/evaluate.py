@@ -116,11 +116,12 @@ def calibrate_and_evaluate(
     if split.val is not None and len(split.val) > 0:
         val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
         # what choices between runs are made on (never the test set)
+        val_combined = val_logits.mean(0)
         results["val"] = {
-            "top1": accuracy_report(val_logits.mean(0), val_labels, counts)["top1"],
+            "top1": accuracy_report(val_combined, val_labels, counts)["top1"],
             "experts": [accuracy_report(z, val_labels, counts)["top1"] for z in val_logits],
         }
-        balanced_val = val_logits.mean(0) + balanced
+        balanced_val = val_combined + balanced
         if class_bias:
             temperature, bias = cal.fit_temperature_and_bias(balanced_val, val_labels)
         else:

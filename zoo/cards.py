@@ -54,8 +54,8 @@ _SUMMARIES = {
     "ecl": "ECL (Effective Collaborative Learning, Xu et al. IEEE TMM 2023), **reconstructed from the "
     "paper's abstract; there is no official code and these numbers are ours.** Experts "
     "(independent, or on a shared stem: see the config's layout) learn with balanced CE, online "
-    "distillation re-weighted by comparing a label "
-    "classifier with a distillation classifier, feature-level distillation to the ensemble feature, "
+    "distillation re-weighted by comparing a label classifier with a distillation classifier, "
+    "feature-level distillation to the ensemble feature, "
     "and a contrastive proxy branch. Inference averages the label classifiers' logits.",
     "cbd": "CBD (Class-Balanced Distillation, Iscen et al. BMVC 2021): a student trained from scratch "
     "with class-balanced sampling, distilling the normalised, concatenated features of "

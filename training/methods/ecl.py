@@ -250,7 +250,7 @@ class ECL(Method):
                 dist, peer_teachers(full), sample_w
             )
             if self.training:  # applied in after_step: forward mutates no buffer it reads
-                self.pending_gap = (true_class_gap(full, dist, labels), labels.detach())
+                self.pending_gap = (true_class_gap(full, dist, labels), labels)
         if p.feature_distill_weight > 0 and len(feats) > 1:
             terms["feature"] = feature_distillation(feats, p.feature_distill_weight)
         return terms
