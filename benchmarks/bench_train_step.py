@@ -1,23 +1,24 @@
-"""Training throughput, side by side in one run: the engine's layout before this change vs
-now, and the plain reference a user would write, for NCL, ECL and CE.
+"""Training throughput by precision, side by side in one run, for NCL, ECL, CE and CBD's
+student, at Fashion-MNIST and CIFAR-100 shapes.
 
 * ``reference``: what the official NCL code does: K separate ResNet-32 networks in a Python
   loop, torchvision per-sample transforms (RandomCrop(pad 4) + flip + ToTensor + Normalize)
-  in a DataLoader, NCL's loss (CE: one network, cross-entropy). No ECL reference (ECL has no
-  public code).
-* ``before``: the ltzoo engine as it was: NCHW tensors, per-sample PIL augmentation.
-* ``batched``: NCHW, whole uint8 batches augmented in one vectorised pass on the device
-  (training/data/batched.py): the data-path change alone.
-* ``engine``: the ltzoo engine as it is: ``batched`` plus channels-last model and batches.
-* ``compiled`` (``--compile``): ``engine`` with ``run.compile``: the method's forward
-  (experts + loss) under ``torch.compile`` (inductor); its cold compile time is reported.
+  in a DataLoader, NCL's loss, fp32 (CE and CBD's student: one network, cross-entropy). No
+  ECL reference (ECL has no public code).
+* ``fp32``: the ltzoo engine (channels-last, batched uint8 augmentation) with
+  ``run.precision=fp32``.
+* ``bf16``: the same with ``run.precision=bf16``: the forward under CPU autocast, losses in
+  fp32 (training/precision.py). What ``auto`` picks on a CPU with AVX512-BF16 or AMX.
+* ``bf16+compile`` (``--compile``): ``bf16`` with ``run.compile`` (inductor); its cold
+  compile time is reported.
 
 A step is what a training loop does per batch: fetch it from the loader, augment, forward,
 backward, optimiser step. Variants are interleaved (a few steps each, rotating order) so
 machine noise hits them alike; peak memory (RSS) is measured for each variant in its own
-subprocess. Shapes: Fashion-MNIST (1x28x28, 10 classes) and CIFAR-100 (3x32x32, 100 classes).
+subprocess. ``--parallel`` adds, for planning long runs, the aggregate images/s of one NCL
+run on 2 threads against two runs on 1 thread each (separate processes, at the same time).
 
-    python benchmarks/bench_train_step.py [--rounds 6] [--steps 4] [--allow-busy]
+    python benchmarks/bench_train_step.py [--rounds 6] [--steps 4] [--compile] [--parallel]
 
 Writes benchmarks/results/train_step_<device>.json.
 """
@@ -40,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import PIPE
 from types import SimpleNamespace
 
 import numpy as np
@@ -58,7 +60,9 @@ from ltzoo.training.config import load_recipe
 from ltzoo.training.data import ArrayImageDataset, build_transforms, lt_counts
 from ltzoo.training.engine import Trainer
 from ltzoo.training.methods import METHODS
+from ltzoo.training.methods.cbd import CBDParams, teacher_run_config
 from ltzoo.training.methods.ncl import NCLLoss
+from ltzoo.training.precision import resolve_precision
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.config import PreprocessConfig
 from ltzoo.zoo.models.resnet_cifar import resnet32_stages
@@ -69,11 +73,11 @@ SHAPES = {
     "fmnist": dict(channels=1, size=28, classes=10, n_max=1000, num_hard=3),
     "cifar100": dict(channels=3, size=32, classes=100, n_max=500, num_hard=30),
 }
-METHOD_NAMES = ("ncl", "ecl", "ce")
-#: engine variants: (channels_last, batched_augment)
-ENGINE_VARIANTS = {"before": (False, False), "batched": (False, True), "engine": (True, True)}
-VARIANTS = ("reference", *ENGINE_VARIANTS)
-COMPILED = "compiled"
+METHOD_NAMES = ("ncl", "ecl", "ce", "cbd")
+#: engine variants: the run.precision each one trains with
+PRECISION_VARIANTS = {"fp32": "fp32", "bf16": "bf16"}
+VARIANTS = ("reference", *PRECISION_VARIANTS)
+COMPILED = "bf16+compile"
 
 
 @dataclass
@@ -99,6 +103,16 @@ class Setting:
         shape = (len(labels), s, s) if c == 1 else (len(labels), s, s, c)
         return torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)), labels, counts
 
+    def model_config(self, model: str, counts: list[int], **overrides):
+        classes = self.spec["classes"]
+        return get_entry(model).build_config(
+            **overrides,
+            num_classes=classes,
+            class_names=[f"c{i}" for i in range(classes)],
+            class_counts=counts,
+            preprocess=self.preprocess,
+        )
+
 
 def _cycle(loader: DataLoader) -> Iterator:
     while True:
@@ -106,37 +120,29 @@ def _cycle(loader: DataLoader) -> Iterator:
 
 
 class EngineRunner:
-    """The ltzoo engine's own build_loader / device_batch / train_step."""
+    """The ltzoo engine's own build_loader / device_batch / train_step, in one precision."""
 
-    def __init__(
-        self, setting: Setting, channels_last: bool, batched: bool, compiled: bool = False
-    ) -> None:
+    def __init__(self, setting: Setting, precision: str, compiled: bool = False) -> None:
         recipe = load_recipe(f"fmnistlt_{setting.method}")
-        recipe.run.channels_last, recipe.run.batched_augment = channels_last, batched
-        recipe.run.compile = compiled
+        recipe.run.precision, recipe.run.compile = precision, compiled
         recipe.run.device = "cpu" if not torch.cuda.is_available() else "cuda"
         recipe.optim.batch_size = BATCH
         if "num_hard" in recipe.method_params:
             recipe.method_params["num_hard"] = setting.spec["num_hard"]
         self.trainer = Trainer(recipe, run_dir="/nonexistent")
         images, labels, counts = setting.data()
-        config = get_entry(recipe.model).build_config(
-            num_classes=setting.spec["classes"],
-            class_names=[f"c{i}" for i in range(setting.spec["classes"])],
-            class_counts=counts,
-            preprocess=setting.preprocess,
-        )
         cls = METHODS[recipe.method]
-        self.method = cls(Ensemble(config), counts, cls.Params.from_dict(recipe.method_params))
-        self.method.to(self.trainer.device)
-        if channels_last:
-            self.method.to(memory_format=torch.channels_last)
+        model = Ensemble(setting.model_config(recipe.model, counts))
+        self.method = cls(model, counts, cls.Params.from_dict(recipe.method_params))
+        if recipe.method == "cbd":  # the student distils frozen teachers (random ones here)
+            self.method.set_teachers(_cbd_teachers(recipe, setting, counts))
+        self.method.to(self.trainer.device).to(memory_format=torch.channels_last)
         tf = build_transforms(setting.preprocess, recipe.data.augment, train=True)
         train = ArrayImageDataset(images, labels, tf, preprocess=setting.preprocess)
         split = SimpleNamespace(train=train, train_labels=labels)
         self.batches = _cycle(self.trainer.build_loader(split, self.method))
         self.optimizer = self.trainer.build_optimizer(self.method)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.trainer.device.type == "cuda")
+        self.scaler = self.trainer.grad_scaler()
         self.forward = self.trainer.forward_for(self.method)
         self.compile_s: float | None = None
         if compiled:  # the first steps compile forward and backward graphs
@@ -148,8 +154,14 @@ class EngineRunner:
     def step(self) -> None:
         t = self.trainer
         images, labels = t.device_batch(*next(self.batches))
-        amp = t.device.type == "cuda"
-        t.train_step(self.forward, self.method, self.optimizer, self.scaler, amp, images, labels)
+        t.train_step(self.forward, self.method, self.optimizer, self.scaler, images, labels)
+
+
+def _cbd_teachers(recipe, setting: Setting, counts: list[int]) -> list[Ensemble]:
+    """Randomly initialised teachers shaped as CBD's stage 1 trains them."""
+    specs = CBDParams.from_dict(recipe.method_params).specs()
+    configs = [teacher_run_config(recipe, i, spec) for i, spec in enumerate(specs)]
+    return [Ensemble(setting.model_config(t.model, counts, **t.model_overrides)) for t in configs]
 
 
 class _PILDataset(Dataset):
@@ -169,7 +181,7 @@ class ReferenceRunner:
     def __init__(self, setting: Setting) -> None:
         spec, pre = setting.spec, setting.preprocess
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        experts = 3 if setting.method == "ncl" else 1
+        experts = 3 if setting.method == "ncl" else 1  # CBD's student: one network
 
         def network() -> nn.Module:
             stages, width = resnet32_stages(spec["channels"])
@@ -205,9 +217,8 @@ def make_runner(variant: str, setting: Setting):
     if variant == "reference":
         return ReferenceRunner(setting)
     if variant == COMPILED:
-        return EngineRunner(setting, channels_last=True, batched=True, compiled=True)
-    channels_last, batched = ENGINE_VARIANTS[variant]
-    return EngineRunner(setting, channels_last, batched)
+        return EngineRunner(setting, "bf16", compiled=True)
+    return EngineRunner(setting, PRECISION_VARIANTS[variant])
 
 
 def _sync() -> None:
@@ -263,6 +274,61 @@ def peak_rss_mb(variant: str, setting: Setting) -> float:
     return round(int(out.stdout.split()[-1]) / 1024, 1)
 
 
+def _throughput_child(variant: str, setting: Setting, threads: int, steps: int) -> list[str]:
+    """argv of a process that trains ``variant`` on ``threads`` threads and prints images/s."""
+    code = (
+        f"import sys, time, torch; sys.path.insert(0, {str(ROOT)!r}); "
+        f"torch.set_num_threads({threads}); "
+        "from benchmarks.bench_train_step import BATCH, Setting, make_runner; "
+        f"r = make_runner({variant!r}, Setting({setting.method!r}, {setting.shape!r})); "
+        "[r.step() for _ in range(3)]; t0 = time.perf_counter(); "
+        f"[r.step() for _ in range({steps})]; "
+        f"print(BATCH * {steps} / (time.perf_counter() - t0))"
+    )
+    return [sys.executable, "-c", code]
+
+
+def parallel_runs(variant: str, setting: Setting, steps: int) -> dict:
+    """Aggregate images/s of one run on 2 threads vs two runs on 1 thread each, at once."""
+
+    def run_together(n: int, threads: int) -> list[float]:
+        procs = [
+            subprocess.Popen(_throughput_child(variant, setting, threads, steps), stdout=PIPE)
+            for _ in range(n)
+        ]
+        return [float(proc.communicate()[0].split()[-1]) for proc in procs]
+
+    one = run_together(1, 2)
+    two = run_together(2, 1)
+    return {
+        "variant": variant,
+        "method": setting.method,
+        "shape": setting.shape,
+        "one_run_2_threads_images_per_s": round(one[0], 1),
+        "two_runs_1_thread_images_per_s": [round(v, 1) for v in two],
+        "two_runs_total_images_per_s": round(sum(two), 1),
+        "gain_two_runs_vs_one": round(sum(two) / one[0], 2),
+    }
+
+
+def measure(setting: Setting, args: argparse.Namespace, device: str) -> dict:
+    """One row: every variant's speed (and memory), with the ratios README shows."""
+    row: dict = {"method": setting.method, "shape": setting.shape, "batch": BATCH}
+    row["variants"] = time_interleaved(setting, args.rounds, args.steps, args.compile)
+    if not args.no_memory and device == "cpu":
+        for v, stats in row["variants"].items():
+            if v != COMPILED:  # a fresh process would measure the compiler's memory
+                stats["peak_rss_mb"] = peak_rss_mb(v, setting)
+    speed = {v: s["images_per_s"] for v, s in row["variants"].items()}
+    row["speedup_bf16_vs_fp32"] = round(speed["bf16"] / speed["fp32"], 2)
+    if "reference" in speed:
+        row["speedup_fp32_vs_reference"] = round(speed["fp32"] / speed["reference"], 2)
+        row["speedup_bf16_vs_reference"] = round(speed["bf16"] / speed["reference"], 2)
+    if COMPILED in speed:
+        row["speedup_compiled_vs_bf16"] = round(speed[COMPILED] / speed["bf16"], 2)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -273,40 +339,37 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument(
-        "--compile", action="store_true", help="add the torch.compile variant (minutes to compile)"
+        "--compile", action="store_true", help="add bf16 + torch.compile (minutes to compile)"
+    )
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="add one NCL run on 2 threads vs two runs on 1 thread (CIFAR shape, auto precision)",
     )
     ap.add_argument("--out", type=Path, default=None)
     add_allow_busy(ap)
     args = ap.parse_args()
     guard = LoadGuard.start(args.allow_busy)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = resolve_precision("auto", torch.device(device)).used
     results = []
     for shape in args.shapes:
         for method in args.methods:
-            setting = Setting(method, shape)
-            row = {"method": method, "shape": shape, "batch": BATCH}
-            row["variants"] = time_interleaved(setting, args.rounds, args.steps, args.compile)
-            if not args.no_memory and device == "cpu":
-                for v, stats in row["variants"].items():
-                    if v != COMPILED:  # a fresh process would measure the compiler's memory
-                        stats["peak_rss_mb"] = peak_rss_mb(v, setting)
-            speed = {v: s["images_per_s"] for v, s in row["variants"].items()}
-            row["speedup_engine_vs_before"] = round(speed["engine"] / speed["before"], 2)
-            row["speedup_batched_vs_before"] = round(speed["batched"] / speed["before"], 2)
-            if "reference" in speed:
-                row["speedup_engine_vs_reference"] = round(speed["engine"] / speed["reference"], 2)
-            if COMPILED in speed:
-                row["speedup_compiled_vs_engine"] = round(speed[COMPILED] / speed["engine"], 2)
+            row = measure(Setting(method, shape), args, device)
             print(json.dumps(row), flush=True)
             results.append(row)
-    report = {
+    report: dict = {
         "device": device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "auto_precision": auto,
         "results": results,
         "peak_rss_note": "VmHWM of a fresh process per variant (build + 3 steps); CPU only",
-        "machine": guard.finish(),
     }
+    if args.parallel:
+        report["parallel"] = parallel_runs(auto, Setting("ncl", "cifar100"), 8 * args.steps)
+        print(json.dumps(report["parallel"]), flush=True)
+    report["machine"] = guard.finish()
     out = args.out or ROOT / "benchmarks" / "results" / f"train_step_{device}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

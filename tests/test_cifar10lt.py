@@ -186,7 +186,7 @@ def test_cuda_amp_training_step_and_device_agnostic_eval(tmp_path):
 
     tree = _fake_tree(tmp_path / "tree", 20, 4)
     over = [*TINY, "optim.epochs=2", f"data.root={tree}", "data.n_max=16", "data.rho=4"]
-    cfg = load_recipe("cifar10lt_r100_ncl", [*over, "run.device=cuda", "run.amp=true"])
+    cfg = load_recipe("cifar10lt_r100_ncl", [*over, "run.device=cuda", "run.precision=auto"])
     run = train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

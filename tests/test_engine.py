@@ -45,7 +45,7 @@ TINY = [
         ("model=nope", "no registered model"),
         ("method_params.num_hardd=3", "unknown key(s) ['method_params.num_hardd']"),
         ("bogus=1", "unknown top-level key"),
-        ("run.amp=3", "run.amp must be true or false"),
+        ("run.precision=fp16", "run.precision must be one of auto, fp32, bf16"),
     ],
 )
 def test_bad_recipe_values_fail_before_training(override, message):

@@ -25,6 +25,7 @@ import tomllib
 from ltzoo.zoo.models import IMAGENET
 from ltzoo.zoo.registry import get_entry
 
+from .precision import PRECISIONS
 from .registry import registered_methods
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -142,7 +143,10 @@ class RunSettings:
     seed: int = 0
     out: str = ""  # default: runs/<recipe>
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # mixed precision on CUDA only
+    #: "auto" | "fp32" | "bf16": what the method's forward computes in (training/precision.py);
+    #: auto is bf16 on CPUs with AVX512-BF16 or AMX and on GPUs (fp16 + scaler on GPUs
+    #: without bf16), fp32 elsewhere. Losses, weights and checkpoints stay fp32 in every mode
+    precision: str = "auto"
     sync_bn: bool = True  # SyncBatchNorm under torchrun with >1 process
     eval_every: int = 0  # epochs; 0: only at the end
     max_steps_per_epoch: int = 0  # 0: full epochs (CI uses a few steps)
@@ -172,6 +176,10 @@ class RunSettings:
                     f"run.device={self.device!r} but no CUDA device is available here; "
                     "use run.device=cpu (or auto)"
                 )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"run.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.eval_batch_size < 1:
             raise ConfigError(f"run.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         for key in ("max_steps_per_epoch", "eval_every", "eval_subset", "threads"):

@@ -1,7 +1,7 @@
 """The one training loop every method shares.
 
-Single process or ``torchrun`` (DDP, gloo on CPU / nccl on CUDA), AMP on CUDA,
-warm-up + multistep/cosine schedules, tqdm progress, JSON-lines metrics, periodic
+Single process or ``torchrun`` (DDP, gloo on CPU / nccl on CUDA), bf16 autocast on CPUs
+that have it and AMP on CUDA (``run.precision``, training/precision.py), warm-up + multistep/cosine schedules, tqdm progress, JSON-lines metrics, periodic
 evaluation, and atomic per-epoch checkpoints: ``--resume`` continues from the last
 one with model, optimiser, scheduler, scaler and RNG states, so a run killed with
 SIGKILL and resumed ends with the same weights as an uninterrupted run (CPU).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import random
@@ -33,8 +34,12 @@ from .config import RunConfig, check_same_run
 from .data.batched import BatchAugment, UInt8Batches, batched_augment_for, collate_uint8
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .methods import METHODS, Method, StageRun
+from .precision import Precision, resolve_precision
 
 CHECKPOINT = "checkpoint.pt"
+#: a run stops after this many non-finite losses in a row (each one's step is skipped)
+MAX_NONFINITE_STEPS = 20
+logger = logging.getLogger("ltzoo.training")
 
 
 def seed_everything(seed: int) -> None:
@@ -150,7 +155,9 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, self.dist)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        self.precision: Precision = resolve_precision(cfg.run.precision, self.device)
         self.batch_augment: BatchAugment | None = None  # set by build_loader
+        self.nonfinite_in_a_row = 0
 
     # -- building -------------------------------------------------------------------
     def build_data(self):
@@ -178,7 +185,11 @@ class Trainer:
         the method (which decides the logit prior) and the initial backbone weights."""
         cfg, method_cls = self.cfg, METHODS[self.cfg.method]
         overrides = dict(cfg.model_overrides)
-        extra = {**overrides.pop("extra", {}), "data": split.info}
+        extra = {
+            **overrides.pop("extra", {}),
+            "data": split.info,
+            "precision": self.precision.record(),
+        }
         if method_cls.card_notes:
             extra["card_notes"] = method_cls.card_notes
         config = get_entry(cfg.model).build_config(
@@ -294,8 +305,7 @@ class Trainer:
         )
         optimizer = self.build_optimizer(method)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-        use_amp = cfg.run.amp and self.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        scaler = self.grad_scaler()
         ddp = (
             DistributedDataParallel(
                 method,
@@ -324,7 +334,7 @@ class Trainer:
             loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             ddp.train()
             logs = self._train_epoch(
-                forward, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
+                forward, method, loader, steps, optimizer, scheduler, scaler, epoch
             )
             if (
                 cfg.run.eval_every
@@ -366,7 +376,15 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run.json").write_text(
-                json.dumps({"config": self.cfg.to_dict(), "data": data_info}, indent=2, default=str)
+                json.dumps(
+                    {
+                        "config": self.cfg.to_dict(),
+                        "precision": self.precision.record(),
+                        "data": data_info,
+                    },
+                    indent=2,
+                    default=str,
+                )
             )
 
     def device_batch(
@@ -388,15 +406,22 @@ class Trainer:
         checkpoints stay those of the module."""
         return torch.compile(module, dynamic=False) if self.cfg.run.compile else module
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler: active for fp16 autocast on CUDA only (a no-op otherwise)."""
+        return torch.amp.GradScaler("cuda", enabled=self.precision.needs_grad_scaler)
+
     def train_step(
-        self, forward, method, optimizer, scaler, use_amp, images, labels, where: str = ""
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """One optimisation step (forward, non-finite check, backward, clip, step, EMA hooks);
-        ``forward`` is ``method`` itself, its DDP wrapper, or either one compiled."""
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+        self, forward, method, optimizer, scaler, images, labels, where: str = ""
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """One optimisation step (forward in the run's precision, non-finite check, backward,
+        clip, step, EMA hooks); ``forward`` is ``method`` itself, its DDP wrapper, or either
+        one compiled. A non-finite loss skips the step (None; see :meth:`skip_nonfinite`)."""
+        with self.precision.autocast():
             loss, parts = forward(images, labels)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at {where}: {parts}")
+            self.skip_nonfinite(loss, parts, where)
+            return None
+        self.nonfinite_in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip:
@@ -407,11 +432,29 @@ class Trainer:
         method.after_step()
         return loss, parts
 
+    def skip_nonfinite(self, loss: torch.Tensor, parts: dict[str, float], where: str) -> None:
+        """Log a skipped step; :data:`MAX_NONFINITE_STEPS` in a row stop the run with a
+        message naming the setting to change."""
+        self.nonfinite_in_a_row += 1
+        logger.warning("non-finite loss %s at %s %s: step skipped", loss.item(), where, parts or "")
+        if self.nonfinite_in_a_row < MAX_NONFINITE_STEPS:
+            return
+        fix = (
+            "run.precision=fp32 (this run computes in "
+            f"{self.precision.used}), or a lower optim.lr / an optim.grad_clip"
+            if self.precision.used != "fp32"
+            else "a lower optim.lr, or optim.grad_clip (e.g. 5.0)"
+        )
+        raise FloatingPointError(
+            f"{self.nonfinite_in_a_row} non-finite losses in a row (last at {where}): the run "
+            f"diverged. Try {fix}, then resume with --resume"
+        )
+
     def _train_epoch(
-        self, forward, method, loader, steps, optimizer, scheduler, scaler, use_amp, epoch
+        self, forward, method, loader, steps, optimizer, scheduler, scaler, epoch
     ) -> dict[str, Any]:
         totals: dict[str, float] = {}
-        seen = 0
+        seen = skipped = 0
         t0 = time.perf_counter()
         bar = tqdm(
             total=steps,
@@ -424,18 +467,16 @@ class Trainer:
             if step >= steps:
                 break
             images, labels = self.device_batch(images, labels)
-            loss, parts = self.train_step(
-                forward,
-                method,
-                optimizer,
-                scaler,
-                use_amp,
-                images,
-                labels,
-                f"epoch {epoch} step {step}",
+            stepped = self.train_step(
+                forward, method, optimizer, scaler, images, labels, f"epoch {epoch} step {step}"
             )
-            scheduler.step()
+            scheduler.step()  # the schedule moves on over a skipped step, as with AMP's scaler
             seen += images.shape[0]
+            if stepped is None:
+                skipped += 1
+                bar.update()
+                continue
+            loss, parts = stepped
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v
             bar.set_postfix(
@@ -445,9 +486,10 @@ class Trainer:
             )
             bar.update()
         bar.close()
-        n = max(1, min(steps, len(loader)))
+        n = max(1, min(steps, len(loader)) - skipped)
         return {
             **{k: v / n for k, v in totals.items()},
+            **({"skipped_steps": skipped} if skipped else {}),
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0),
         }
@@ -519,6 +561,7 @@ class Trainer:
             self.device,
             plots_dir=self.run_dir / "plots",
         )
+        results["precision"] = self.precision.record()
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         # published weights are plain contiguous tensors whatever layout trained them
         model.cpu().to(memory_format=torch.contiguous_format).save_pretrained(

@@ -89,6 +89,18 @@ def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
     ) or "Not measured yet: train it with the recipe below."
 
 
+def _precision_desc(record: dict[str, str] | None) -> str:
+    """How the weights were trained: ``extra["precision"]`` as the engine recorded it."""
+    if not record:
+        return "fp32 (not recorded: trained before ltzoo recorded it)"
+    if record.get("used") == "fp32":
+        return f"fp32 ({record.get('reason', '')})"
+    return (
+        f"{record.get('used')} autocast for the experts, losses and weights in fp32 "
+        f"({record.get('reason', '')}); the published weights are fp32"
+    )
+
+
 def render_card(config: EnsembleConfig, extra: str = "") -> str:
     """The model card (README.md) of ``config``: Hub metadata, provenance, metrics, usage."""
     metrics_yaml, table = _metric_rows(config.metrics)
@@ -111,6 +123,7 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
         layout=config.layout,
         num_classes=config.num_classes,
         recipe=config.recipe or "-",
+        training_precision=_precision_desc(config.extra.get("precision")),
         input_desc=f"{pre.channels}x{pre.input_size[0]}x{pre.input_size[1]}, mean {pre.mean}, std {pre.std}, {pre.resize}",
         temperature=f"{config.temperature:.4f}"
         + (

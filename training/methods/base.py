@@ -20,6 +20,7 @@ from ltzoo.zoo import Ensemble
 from ltzoo.zoo.config import LogitPrior, logit_prior_for
 
 from ..config import RunConfig, build_section
+from ..precision import float32_loss
 
 
 @dataclass
@@ -104,6 +105,8 @@ def sum_tensors(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+@float32_loss
 def balanced_logits(logits: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
-    """Balanced Softmax / logit adjustment: z + log(n_c), broadcast over the batch."""
+    """Balanced Softmax / logit adjustment: z + log(n_c), broadcast over the batch (in fp32
+    at least: log(n_c) up to ~9 does not survive bf16's 8-bit mantissa)."""
     return logits + log_counts.to(logits.dtype)

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..precision import float32_loss
 from .base import Method, MethodParams, balanced_logits
+
+cross_entropy = float32_loss(F.cross_entropy)
 
 
 @dataclass
@@ -25,7 +28,7 @@ class CrossEntropy(Method):
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.model(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = cross_entropy(logits, labels)
         return loss, {"ce": loss.item()}
 
 
@@ -39,5 +42,5 @@ class BalancedSoftmax(Method):
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.model(images)
-        loss = F.cross_entropy(balanced_logits(logits, self.log_counts), labels)
+        loss = cross_entropy(balanced_logits(logits, self.log_counts), labels)
         return loss, {"bs": loss.item()}

@@ -61,6 +61,7 @@ from ltzoo.zoo.files import CONFIG_NAME, WEIGHTS_NAME
 
 from ..config import ConfigError, RunConfig, check_same_run
 from ..evaluate import accuracy_report, collect_logits
+from ..precision import float32_loss
 from .base import Method, MethodParams, StageRun
 
 JITTER = "simclr_jitter"
@@ -153,6 +154,7 @@ def teacher_feature(teachers: Sequence[Ensemble], images: torch.Tensor) -> torch
         return F.normalize(torch.cat(parts, dim=1), dim=1)
 
 
+@float32_loss
 def cbd_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

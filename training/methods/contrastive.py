@@ -21,6 +21,7 @@ from torch import nn
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.models import as_experts
 
+from ..precision import float32_loss
 from .base import MethodParams
 
 
@@ -55,6 +56,7 @@ def key_view(images: torch.Tensor, max_shift: float = 0.125) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
 
 
+@float32_loss
 def info_nce(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
 ) -> torch.Tensor:

@@ -65,6 +65,7 @@ from torch import nn
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.models import build_head
 
+from ..precision import float32_loss
 from .base import Method, balanced_logits, sum_tensors
 from .contrastive import MoCoParams, optional_moco
 from .ncl import hard_category_mask, mutual_kl
@@ -115,6 +116,7 @@ class ECLParams(MoCoParams):
     contrastive_weight: float = 0.5
 
 
+@float32_loss
 def feature_distillation(features: Sequence[torch.Tensor], weight: float) -> torch.Tensor:
     """``weight * mean_k mean_i (1 - cos(f_k_i, e_i))``, ``e = normalize(mean_k normalize(f_k))`` detached."""
     units = [F.normalize(f.float(), dim=1) for f in features]
@@ -131,6 +133,7 @@ def peer_teachers(balanced: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [(total - probs[i]) / (k - 1) for i in range(k)]
 
 
+@float32_loss
 def distillation_head_loss(
     dist_balanced: Sequence[torch.Tensor],
     teachers: Sequence[torch.Tensor],

@@ -26,6 +26,7 @@ from torch import nn
 
 from ltzoo.zoo import Ensemble
 
+from ..precision import float32_loss
 from .base import Method, balanced_logits, sum_tensors
 from .contrastive import MoCoParams, optional_moco
 
@@ -40,6 +41,7 @@ def hard_category_mask(
     return torch.zeros_like(first_expert_logits).scatter(1, hard, 1.0)
 
 
+@float32_loss
 def mutual_kl(
     logits: Sequence[torch.Tensor], weight: float, sample_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -90,6 +92,7 @@ class NCLLoss(nn.Module):
         self.nbod_weight_hcm = nbod_weight if nbod_weight_hcm is None else nbod_weight_hcm
         self.ce_ratio, self.hcm_ratio = ce_ratio, hcm_ratio
 
+    @float32_loss
     def terms(
         self, expert_logits: Sequence[torch.Tensor], target: torch.Tensor
     ) -> dict[str, torch.Tensor]:
