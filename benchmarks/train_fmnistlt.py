@@ -30,8 +30,10 @@ RECIPES = {
 KEYS = ("top1", "many", "medium", "few")
 
 
-def run_one(recipe: str, seed: int, overrides: list[str], tag: str) -> dict:
-    run_dir = Path("runs/bench") / f"{tag}-s{seed}"
+def run_one(
+    recipe: str, seed: int, overrides: list[str], tag: str, root: Path = Path("runs/bench")
+) -> dict:
+    run_dir = root / f"{tag}-s{seed}"
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         t0 = time.time()
@@ -69,6 +71,8 @@ def summarise(runs: list[dict]) -> dict:
     if len(val) == len(runs):  # what runs are chosen by (never the test set)
         out["val_top1"] = _spread(val)
         out["val_experts_top1"] = [r["val"]["experts"] for r in runs]
+    # runs from before precision was recorded trained in fp32 (the engine had no bf16 then)
+    out["precision"] = sorted({r.get("precision", {}).get("used", "fp32") for r in runs})
     out["calibration_method"] = sorted(
         {r["calibration"].get("method", "temperature") for r in runs}
     )

@@ -22,8 +22,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     rows = list_models(args.filter)
     if not rows:
-        print(f"ltzoo list: no registered model matches {args.filter!r}", file=sys.stderr)
-        return 1
+        print(
+            f"ltzoo list: error: no registered model matches {args.filter!r} "
+            "(a method, backbone, dataset or part of a name; `ltzoo list` shows them all)",
+            file=sys.stderr,
+        )
+        return 2
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -50,6 +54,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if registered and not (args.cost or args.pretrained):
         entry = get_entry(args.model)
         row = {k: v for k, v in vars(entry).items()}
+        row["config"] = dict(entry.config)  # a read-only mapping: printed as JSON, not repr
         row.update(
             hub_id=entry.resolved_hub_id(), provenance=entry.provenance, measured=entry.measured
         )
@@ -119,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("list", help="list registered models")
-    p.add_argument("filter", nargs="?", default="", help="only names containing this text")
+    p.add_argument(
+        "filter",
+        nargs="?",
+        default="",
+        help="only models with this method, backbone or dataset, or this part of the name "
+        "(e.g. ce, resnet32, fmnistlt, ncl-cifar100lt)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=_cmd_list)
 
@@ -204,16 +215,39 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _stdout_closed() -> bool:
+    """Whether nothing reads our stdout any more (``| head`` exited): a broken pipe there is
+    the reader's choice, not an error; one on a socket (a Hub upload) still is."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), stdout replaced
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ltzoo`` console script.
 
     User errors (see :func:`_user_error_types`) end in one line on stderr and exit code 2;
-    anything else is a bug and keeps its traceback.
+    anything else is a bug and keeps its traceback. Ctrl+C ends in one line and exit code
+    130; a closed pipe (``ltzoo list --json | head -1``) ends quietly, as ``SIGPIPE`` would.
     """
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe is found here, not at exit
+        return code
+    except KeyboardInterrupt:
+        print(f"ltzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            # what is still buffered goes nowhere: Python's flush at exit would report it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE: the status of a command the pipe's signal ended
         if not isinstance(exc, _user_error_types()):
             raise
         print(f"ltzoo {args.command}: error: {_one_line(exc)}", file=sys.stderr)

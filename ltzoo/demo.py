@@ -143,6 +143,10 @@ def run_demo(
         _step(9, total, "the same test images with the NCL model that ships with ltzoo")
         _compare_with_shipped(model, split.test, eval_subset or 10000)
         print("\ndemo finished: every step passed.")
+        print(
+            f"to see it in a browser: ltzoo serve {onnx_path} --backend onnxruntime --port 8000\n"
+            "  then open the page at http://127.0.0.1:8000/"
+        )
         return 0
     finally:
         hub.stop()
@@ -201,7 +205,7 @@ def _serve_and_classify(onnx_path: Path, num_images: int) -> None:
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         _wait_healthy(url, proc)
-        print(f"  serving at {url} (POST /predict, GET /info, /docs)")
+        print(f"  serving at {url} (POST /predict, GET /info, /docs; page: {url}/)")
         rng = np.random.default_rng(0)
         for i in rng.choice(len(labels), num_images, replace=False):
             buf = io.BytesIO()

@@ -35,6 +35,7 @@ import asyncio
 import contextvars
 import importlib.resources
 import logging
+import math
 import multiprocessing as mp
 import os
 import secrets
@@ -42,7 +43,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import litserve as ls
 import numpy as np
@@ -61,7 +62,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ltzoo.zoo.config import EnsembleConfig
+from ltzoo.zoo.config import FEW_SHOT_MAX, MANY_SHOT_MIN, EnsembleConfig
 
 from . import DEFAULT_BATCH_TIMEOUT_S
 from .backends import BackendSpec
@@ -75,11 +76,12 @@ from .decoding import (
     top_k_predictions,
 )
 from .supervisor import die_with_parent
+from .ui import add_ui
 
 logger = logging.getLogger("ltzoo.serve")
 
-#: paths that never need the API key (load-balancer probes, API docs)
-OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc"})
+#: paths that never need the API key (load-balancer probes, API docs, the page at /)
+OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc", "/"})
 #: where the Swagger UI / ReDoc assets shipped by ``fastapi-offline`` are served (no CDN)
 DOCS_ASSETS = "/docs-assets"
 
@@ -560,7 +562,6 @@ def openapi_document(
         "503": _text("workers not ready"),
     }
     paths["/metrics"]["get"]["responses"] = {"200": _text("Prometheus text format")}
-    paths["/"]["get"]["responses"] = {"200": _text("server running")}
     if auth:
         doc.setdefault("components", {})["securitySchemes"] = {
             "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -640,8 +641,10 @@ def build_server(
     read_timeout: float = 10.0,
     decode_threads: int = 2,
     fast_queue: bool = False,
+    ui: bool = True,
 ) -> ls.LitServer:
-    """A ready-to-``run`` LitServer with /predict, /health, /info, /metrics and /docs."""
+    """A ready-to-``run`` LitServer with /predict, /health, /info, /metrics and /docs, and
+    with ``ui`` the page at / (:mod:`serve.ui`; without it / is not a route)."""
     api = EnsembleAPI(
         spec,
         config,
@@ -685,6 +688,7 @@ def build_server(
         dependencies=[Depends(server.setup_auth(api))],
     )
     _offline_docs(app)
+    add_ui(app, ui)
     document = openapi_document(
         app, auth=api_key is not None, num_classes=config.num_classes, max_images=max_images
     )
@@ -719,6 +723,8 @@ def _metadata(
         "class_names": list(config.class_names),
         "class_counts": list(config.class_counts),
         "groups": list(config.shot_groups),
+        "shot_groups": {"many_min": MANY_SHOT_MIN, "few_max": FEW_SHOT_MAX},
+        "card": card_headline(config.metrics),
         "logit_prior": config.logit_prior,
         "default_prior": config.default_prior,
         "input": {
@@ -738,3 +744,33 @@ def _metadata(
         },
         "auth": api.api_key is not None,
     }
+
+
+def _finite(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def card_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The model card's headline numbers, as GET /info gives them (and the page at / shows).
+
+    Top-1 and many / medium / few accuracy on the balanced test set and the expected
+    calibration error after and before calibration, all in %, plus each expert's top-1;
+    what the config's ``metrics`` lack (or holds as something other than a finite number)
+    is left out.
+
+    Example:
+        >>> card_headline({"accuracy": {"top1": 84.5, "few": 91.4}, "calibration": {}})
+        {'top1': 84.5, 'few': 91.4}
+    """
+    accuracy = metrics.get("accuracy")
+    accuracy = accuracy if isinstance(accuracy, dict) else {}
+    calibration = metrics.get("calibration")
+    calibration = calibration if isinstance(calibration, dict) else {}
+    picked = {key: accuracy.get(key) for key in ("top1", "many", "medium", "few")}
+    picked["ece"] = calibration.get("ece_after")
+    picked["ece_before"] = calibration.get("ece_before")
+    headline: dict[str, Any] = {k: float(v) for k, v in picked.items() if _finite(v)}
+    experts = metrics.get("experts_top1")
+    if isinstance(experts, list) and experts and all(_finite(v) for v in experts):
+        headline["experts_top1"] = [float(v) for v in experts]
+    return headline

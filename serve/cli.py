@@ -51,6 +51,16 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return os.environ.get("LTZOO_API_KEY") or None
 
 
+def server_url(host: str, port: int) -> str:
+    """``http://HOST:PORT`` for printing (an IPv6 host in brackets).
+
+    Example:
+        >>> server_url("::", 8000)
+        'http://[::]:8000'
+    """
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ltzoo.zoo.resolve import resolve_model
 
@@ -85,10 +95,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         read_timeout=args.read_timeout,
         decode_threads=args.decode_threads,
         fast_queue=args.fast_queue,
+        ui=args.ui,
     )
+    url = server_url(args.host, args.port)
+    page = f"page: {url}/, " if args.ui else ""
     print(
         f"ltzoo serve: {config.name or args.model} on {spec.kind}/{spec.device} at "
-        f"http://{args.host}:{args.port}/predict (docs: /docs, auth: {'on' if api_key else 'off'})",
+        f"{url}/predict ({page}docs: /docs, auth: {'on' if api_key else 'off'})",
         flush=True,
     )
     run_supervised(  # exits the process
@@ -110,7 +123,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description=(
             "POST /predict takes a multipart image upload (field 'file' or several 'files') or JSON "
             '{"image": base64} / {"images": [...]} with options top_k and prior '
-            "('balanced', 'train' or a list of class weights). Also GET /health, /info, /metrics, /docs."
+            "('balanced', 'train' or a list of class weights). Also GET /health, /info, /metrics, /docs, "
+            "and a page for the browser at / (--no-ui turns it off)."
         ),
     )
     p.add_argument(
@@ -192,6 +206,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="concurrent connections per HTTP process; more get 503",
     )
     p.add_argument("--fast-queue", action="store_true", help="ZeroMQ response transport")
+    p.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        help="do not serve the browser page at / (served by default, open like /docs; with "
+        "auth on it asks for the key)",
+    )
     p.add_argument(
         "--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug")
     )

@@ -89,6 +89,47 @@ def test_invalid_priors_raise_clear_errors(prior, message):
         cal.resolve_prior(prior, [3, 2, 1], 3)
 
 
+OVERFLOW_PRIOR = [0, 0, 0, 0, 0, 1e308, 0, 1e308, 0, 0]  # finite, but the sum is inf
+
+
+def test_prior_whose_sum_overflows_is_normalised():
+    """Issue 28: divided by its sum the prior was all zeros (then the balanced answer)."""
+    prior = cal.resolve_prior(OVERFLOW_PRIOR, None, 10)
+    expected = torch.zeros(10, dtype=torch.float64)
+    expected[[5, 7]] = 0.5
+    assert torch.equal(prior, expected)
+    tiny = cal.resolve_prior([5e-324, 0, 5e-324], None, 3)  # subnormal weights
+    assert torch.equal(tiny, torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    cfg = zoo.EnsembleConfig(
+        class_counts=[1000, 599, 359, 215, 129, 77, 46, 27, 16, 10], temperature=1e4
+    )
+    torch.manual_seed(0)
+    model = zoo.Ensemble(cfg).eval()
+    x = torch.randn(4, 1, 28, 28)
+    got = model.predict(x, top_k=2, prior=OVERFLOW_PRIOR)
+    assert set(got.top_indices.flatten().tolist()) == {5, 7}
+    same = model.predict(x, top_k=2, prior=[0, 0, 0, 0, 0, 1, 0, 1, 0, 0])
+    assert torch.allclose(got.probs, same.probs)
+    assert not torch.allclose(got.probs, model.predict(x, top_k=2).probs)
+
+
+@pytest.mark.parametrize(
+    "prior, message",
+    [
+        ([1e308, float("inf"), 1e308], "NaN or infinite"),
+        ([1e308, -1e308, 1e308], ">= 0"),
+        ([0.0, -0.0, 0.0], "positive sum"),
+        ([10**400, 1, 1], "list of 3 numbers"),  # too large for a float
+    ],
+)
+def test_extreme_priors_stay_clear_errors(prior, message):
+    with pytest.raises(ValueError, match=message):
+        cal.resolve_prior(prior, None, 3)
+    model = zoo.Ensemble(zoo.EnsembleConfig(num_classes=3, num_experts=1, layout="single"))
+    with pytest.raises(ValueError, match=message):
+        model.predict(torch.randn(2, 1, 28, 28), top_k=1, prior=prior)
+
+
 def test_train_prior_needs_counts():
     with pytest.raises(ValueError, match="training class counts"):
         cal.resolve_prior("train", [], 3)

@@ -133,6 +133,30 @@ def test_shared_jpeg_copy_gives_the_papers_profile():
     assert not set(r50.train.indices) & set(r50.val.indices)
 
 
+def test_val_from_train_keeps_the_papers_profile_but_the_heads_20():
+    """The recipes' validation split: 20 images per class; only the head, which has no unused
+    image, gives them from its training images (5,000 -> 4,980)."""
+    root = _shared_cifar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = build_lt_dataset(
+            "cifar10_lt", root=root, rho=100, val_per_class=20, val_from_train=True
+        )
+    assert split.class_counts == [4980, *PAPER_R100[1:]]
+    assert np.bincount(split.train_labels).tolist() == split.class_counts
+    assert np.bincount(split.val.labels).tolist() == [20] * 10
+    assert not set(split.train.indices) & set(split.val.indices)
+    assert split.info["val_from_train"] is True and split.info["class_counts"][0] == 4980
+
+
+def test_val_from_train_refuses_to_empty_a_class(tmp_path):
+    tree = _fake_tree(tmp_path / "tree", 3, 1)
+    with pytest.raises(ValueError, match="leaves a class no training image"):
+        build_lt_dataset(
+            "cifar10_lt", root=str(tree), rho=1, n_max=3, val_per_class=3, val_from_train=True
+        )
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_cifar10lt_recipes_validate(recipe):
     cfg = load_recipe(recipe)
@@ -175,7 +199,9 @@ def test_smoke_train_a_few_batches_on_the_shared_copy(tmp_path):
         results = json.loads((run / "results.json").read_text())
         assert 0 <= results["accuracy"]["top1"] <= 100
         data = json.loads((run / "run.json").read_text())["data"]
-        assert data["counts"] == PAPER_R100 and data["variant"] == CIFAR10_JPEG_VARIANT
+        # the papers' profile but the head, which gives its 2 validation images (TINY)
+        assert data["counts"] == [4998, *PAPER_R100[1:]]
+        assert data["variant"] == CIFAR10_JPEG_VARIANT and data["val_from_train"] is True
 
 
 @pytest.mark.gpu

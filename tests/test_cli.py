@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from PIL import Image
 
 from ltzoo import zoo
 from ltzoo.cli import main
+from ltzoo.zoo import calibration as cal
 from ltzoo.zoo.resolve import resolve_model
 
 
@@ -84,8 +86,8 @@ def test_help_and_list_do_not_import_torch():
 
 
 def test_list_without_match_says_so(capsys):
-    assert main(["list", "nonexistent"]) == 1
-    assert "no registered model matches 'nonexistent'" in capsys.readouterr().err
+    assert main(["list", "nonexistent"]) == 2  # a user error, like every other one
+    assert "no registered model matches 'nonexistent'" in _one_line_error(capsys, "list")
 
 
 # --- 18.5: one resolver ----------------------------------------------------------------------
@@ -194,3 +196,118 @@ def test_estimate_prior_needs_a_batch():
     assert pred.probs.shape == (32, 10)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert 'pil_image, top_k=3, prior="balanced")  # or "train", [weights...]' in readme
+
+
+# --- issue 27: what a user is shown is what a user gets ----------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ltzoo(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ltzoo", *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_eval_shifted_runs_the_test_set_once(run_dir, image_folder, monkeypatch, capsys):
+    import ltzoo.training.evaluate as evaluate
+    import ltzoo.training.shifted as shifted
+
+    real, seen = evaluate.collect_logits, []
+
+    def spy(model, dataset, *args, **kwargs):
+        seen.append(dataset)
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "collect_logits", spy)
+    monkeypatch.setattr(shifted, "collect_logits", spy)
+    argv = ["--data", "imagefolder_lt", "--data-root", str(image_folder), "--shifted"]
+    assert main(["eval", str(run_dir), *argv]) == 0
+    assert re.search(r"^backward\s+50\s", capsys.readouterr().out, re.M)
+    assert len(seen) == 2 and seen[0] is not seen[1]  # the test set once, the val set once
+
+
+@pytest.mark.parametrize("bound", [100.0, 0.05])
+def test_calibration_fit_at_a_bound_warns(bound, caplog):
+    g = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(300, 10, generator=g)
+    # the label is always the least likely class (the NLL falls as T grows without end)
+    # or always the most likely one by a wide margin (it falls as T shrinks to 0)
+    labels = logits.argmin(1) if bound == 100.0 else logits.argmax(1)
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        assert cal.fit_temperature(logits, labels) == bound
+    warned = [r.getMessage() for r in caplog.records if r.name == "zoo"]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert f"stopped at its bound T={bound:g}" in warned[0] and "unreliable" in warned[0]
+
+
+def test_calibration_fit_that_helps_says_nothing(caplog):
+    g = torch.Generator().manual_seed(0)
+    logits = 6 * torch.randn(1000, 10, generator=g)
+    labels = torch.multinomial(torch.softmax(logits / 3, 1), 1, generator=g).flatten()
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        temperature, _ = cal.fit_temperature_and_bias(logits, labels)
+    assert 2 < temperature < 4  # overconfident by 3: the fit finds it and lowers the ECE
+    assert not [r for r in caplog.records if r.name == "zoo"]
+
+
+def test_list_into_a_closed_pipe_is_quiet():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ltzoo", "list", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # `| head -1` that has exited before ltzoo writes
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_list_user_errors_and_field_filter():
+    done = _ltzoo("list", "nosuch")
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.startswith("ltzoo list: error: no registered model matches 'nosuch'")
+    assert len(done.stderr.splitlines()) == 1
+    done = _ltzoo("list", "ce", "--json")
+    rows = json.loads(done.stdout)
+    assert rows and all(r["method"] == "ce" for r in rows)  # not ncl-resnet152-placeslt
+    names = {r["name"] for r in zoo.list_models("ncl-cifar100lt-r100")}
+    assert names == {"ncl-resnet32-cifar100lt-r100"}  # not -r50: every part must match
+    assert {r["backbone"] for r in zoo.list_models("resnet32")} == {"resnet32"}
+    assert [r["name"] for r in zoo.list_models("ecl-resnet32-fmnistlt")] == [
+        "ecl-resnet32-fmnistlt"
+    ]
+
+
+def test_info_prints_the_registry_config_as_json():
+    done = _ltzoo("info", "ncl-resnet32-fmnistlt")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["config"]["backbone"] == "resnet32"
+    assert '\n  "config": {\n    "backbone": "resnet32"\n  },\n' in done.stdout  # not a repr
+
+
+def test_unknown_prior_lists_estimate():
+    with pytest.raises(ValueError, match="'balanced', 'train', 'estimate'"):
+        cal.resolve_prior("nosuch", None, 3)
+    with pytest.raises(ValueError, match=r"Ensemble\.predict"):
+        _small_model().calibrated_probs(torch.zeros(2, 10), "estimate")
+
+
+def test_zoo_load_takes_a_run_directory(run_dir):
+    assert zoo.load(str(run_dir)).config.name == "cli-test"
+    assert zoo.load(str(run_dir / "model")).config.name == "cli-test"
+
+
+def test_report_help_writes_nothing():
+    outputs = [ROOT / "zoo" / "data" / "measured.json", *(ROOT / "model_cards").rglob("*")]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/report.py", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: report.py") and "model cards" in done.stdout
+    assert "updated" not in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before

@@ -85,6 +85,38 @@ def test_warmup_then_multistep_schedule():
     assert fn(59) == 1.0 and fn(60) == pytest.approx(0.1) and fn(80) == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize(
+    "warmup_epochs, steps_per_epoch, warmup_steps",
+    [(0.25, 5, 2), (0.1, 30, 3), (1.5, 7, 11), (2, 10, 20)],
+)
+def test_fractional_warmup_never_exceeds_the_lr(warmup_epochs, steps_per_epoch, warmup_steps):
+    cfg = load_recipe(
+        "fmnistlt_ce",
+        ["optim.epochs=4", f"optim.warmup_epochs={warmup_epochs}", "optim.milestones=[]"],
+    )
+    fn = lr_lambda(cfg, steps_per_epoch)
+    values = [fn(step) for step in range(4 * steps_per_epoch)]
+    warm, after = values[:warmup_steps], values[warmup_steps:]
+    assert warm == sorted(warm) and max(warm) <= 1.0
+    assert warm[-1] == 1.0 and warm[-2] < 1.0  # the warm-up ends exactly on the recipe's lr
+    assert after == [1.0] * len(after)
+
+
+def test_issue_27_scaled_warmup_keeps_the_recipe_lr():
+    """``optim.epochs=2 run.max_steps_per_epoch=5`` on fmnistlt_ce (lr 0.05, 5 of 40 epochs of
+    warm-up, scaled to 0.25 epochs = 1.25 steps) once ran its second step at lr 0.08."""
+    cfg = load_recipe("fmnistlt_ce", ["optim.epochs=2", "run.max_steps_per_epoch=5"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, 5))
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(cfg.optim.lr) == 0.05
+    assert lrs[:2] == pytest.approx([0.025, 0.05])
+
+
 def _train_cmd(run_dir: Path, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -244,6 +276,54 @@ def test_resume_takes_the_settings_of_run_json(tmp_path, capsys):
     (run / "checkpoint.pt").unlink()
     assert main(["train", "fmnistlt_ce", *opts]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path):
+    run = _recorded_run(tmp_path, TINY)  # an empty checkpoint: resuming would fail on it
+    (run / "results.json").write_text('{"accuracy": {}}')
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    stamp = (run / "results.json").stat().st_mtime_ns
+    done = subprocess.run(
+        [sys.executable, "-m", "ltzoo", "train", "fmnistlt_ce", "--out", str(run), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{run} is already complete: the model is in {run / 'model'} and its results in "
+        f"{run / 'results.json'} (nothing to resume)"
+    ]
+    assert (run / "results.json").stat().st_mtime_ns == stamp
+
+
+@needs_fmnist
+def test_ctrl_c_during_train_says_how_to_resume(tmp_path):
+    from ltzoo.cli import main
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(run, 200),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err
+    said = [line for line in err.splitlines() if "--resume" in line]
+    assert len(said) == 1, err[-3000:]
+    assert re.search(r"ltzoo train: interrupted: epoch \d+/200 is checkpointed in ", said[0])
+    command = said[0].split("continue with: ")[1]
+    assert command == f"ltzoo train fmnistlt_ce --out {run} --resume"
+    # the command given resumes this run (--dry-run: validated, not trained)
+    assert main([*command.split()[1:], "--dry-run"]) == 0
 
 
 class _Crash(Exception):

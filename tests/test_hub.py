@@ -111,7 +111,7 @@ def test_save_pretrained_round_trip_is_bitwise(tmp_path, layout):
 
 
 def test_server_repo_id_charset_matches_hub_io():
-    assert hub_io.REPO_ID.pattern == f"^{NAME_PATTERN}/{NAME_PATTERN}$"
+    assert hub_io.REPO_ID.pattern == rf"\A{NAME_PATTERN}/{NAME_PATTERN}\Z"
 
 
 # --- push / load by repo id, revisions, branches ----------------------------------------------
@@ -287,7 +287,7 @@ HOSTILE = [
     # (method, url, kwargs, expected status, expected X-Error-Code)
     ("GET", "/api/models/%2e%2e/repo", {}, 400, None),
     ("GET", "/api/models/org/%2e%2e%2f%2e%2e%2foutside", {}, 404, None),  # decodes to more segments: no route
-    ("GET", "/api/models/org/repo/revision/%2e%2e", {}, 400, None),
+    ("GET", "/api/models/org/repo/revision/%2e%2e", {}, 404, "RevisionNotFound"),
     ("GET", "/api/models/org/repo/tree/main/%2e%2e/%2e%2e", {}, 400, None),
     ("GET", "/org/repo/resolve/main/%2e%2e/%2e%2e/outside/secret.txt", {}, 400, None),
     ("GET", "/org/repo/resolve/main/..%2f..%2foutside%2fsecret.txt", {}, 400, None),
@@ -295,7 +295,7 @@ HOSTILE = [
     ("GET", "/org/repo/resolve/main/a%5c..%5csecret.txt", {}, 400, None),
     ("GET", "/org/repo/resolve/main/a%00b", {}, 400, None),
     ("GET", "/org/repo/resolve/main/" + "a" * 2000, {}, 400, None),
-    ("HEAD", "/org/repo/resolve/%2e%2e/config.json", {}, 400, None),
+    ("HEAD", "/org/repo/resolve/%2e%2e/config.json", {}, 404, "RevisionNotFound"),
     ("GET", "/org/repo/resolve/main/missing.txt", {}, 404, "EntryNotFound"),
     ("GET", "/org/repo/resolve/no-such-branch/config.json", {}, 404, "RevisionNotFound"),
     ("GET", "/api/models/org/unknown", {}, 404, "RepoNotFound"),

@@ -1,5 +1,6 @@
 """Local Hub server: streamed uploads, no blobs left by rejected commits, bounded JSON depth,
-refused path names, tags, validate-yaml (issues 19.7 and 18.11)."""
+refused path names, tags, validate-yaml, names ending in a newline, invalid revisions
+(issues 19.7, 18.11 and 28)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import json
 import os
 import stat
 import tracemalloc
+from urllib.parse import quote
 
 import httpx
 import pytest
 import torch
-from huggingface_hub import HfApi, RepoCard
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import HfApi, RepoCard, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 from ltzoo import zoo
 from ltzoo.cli import main as cli_main
 from ltzoo.hub_server import HubServer
+from ltzoo.zoo import hub_io
 from ltzoo.zoo.cards import render_card
 from ltzoo.zoo.ensemble import WEIGHTS_NAME
 from ltzoo.zoo.registry import get_entry
@@ -206,3 +209,89 @@ def test_weights_file_gets_the_normal_umask_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / WEIGHTS_NAME).stat().st_mode) == 0o644
+
+
+# -- issue 28: validate-yaml types and depth, names ending in a newline, invalid revisions -------
+@pytest.mark.parametrize(
+    ("meta", "why"),
+    [
+        ("datasets: 5", "'datasets' must be a list of strings"),
+        ("datasets: true", "'datasets' must be a list of strings"),
+        ("datasets: {a: b}", "'datasets' must be a list of strings"),
+        ("datasets: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+        ("tags: " + "{a: " * 5000 + "1" + "}" * 5000, "nested too deeply"),
+        ("date: 2024-13-45", "invalid YAML"),  # a timestamp datetime() refuses
+        ("n: " + "1" * 5000, "invalid YAML"),  # over Python's int digit limit
+    ],
+)
+def test_validate_yaml_odd_values_are_a_400_not_a_500(hub, meta, why):
+    client, _ = hub
+    r = client.post("/api/validate-yaml", json={"content": f"---\n{meta}\n---\n# card"})
+    assert r.status_code == 400 and why in r.json()["error"], r.text[:300]
+
+
+def _files_and_dirs(store) -> list[str]:
+    return sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+
+
+@pytest.mark.parametrize(("org", "name"), [("org", "name\n"), ("org\n", "name"), ("org", "repo\n")])
+def test_repo_names_ending_in_a_newline_are_refused(hub, org, name):
+    client, store = hub
+    before = _files_and_dirs(store)
+    r = client.post("/api/repos/create", json={"organization": org, "name": name})
+    assert r.status_code == 400 and "invalid repo id" in r.json()["error"], r.text
+    assert client.get("/api/models/org/repo%0A").status_code == 400
+    assert _files_and_dirs(store) == before
+    assert [p.name for p in (store / "repos").iterdir()] == ["org"]
+    with pytest.raises(ValueError, match="invalid Hub repo id"):
+        hub_io.download(f"{org}/{name}")
+
+
+def test_tags_and_branches_ending_in_a_newline_are_refused(hub):
+    client, store = hub
+    refs = client.get("/api/models/org/repo/refs").json()
+    before = _files_and_dirs(store)
+    r = client.post("/api/models/org/repo/tag/main", json={"tag": "v1\n"})
+    assert r.status_code == 400 and "invalid branch name" in r.json()["error"], r.text
+    r = client.post("/api/models/org/repo/branch/dev%0A", json={})
+    assert r.status_code == 400 and "invalid branch name" in r.json()["error"], r.text
+    assert client.get("/api/models/org/repo/refs").json() == refs
+    assert _files_and_dirs(store) == before
+    r = client.get("/org/repo/resolve/main%0A/.gitattributes")
+    assert r.status_code == 404 and r.headers["X-Error-Code"] == "RevisionNotFound"
+    # routes match the whole path: a final newline is not dropped before the name checks
+    assert client.get("/org/repo/resolve/main/.gitattributes").status_code == 200
+    r = client.get("/org/repo/resolve/main/.gitattributes%0A")
+    assert r.status_code == 400 and "invalid file path" in r.json()["error"]
+    assert client.get("/api/models/org/repo/refs%0A").status_code == 404
+
+
+INVALID_REVISIONS = ["../main", "refs%2fpr%2f1", "refs/pr/1", "\uff4d\uff41\uff49\uff4e", "main\n"]
+
+
+@pytest.mark.parametrize("revision", INVALID_REVISIONS)
+def test_invalid_revision_is_revision_not_found_for_the_real_client(hub, tmp_path, revision):
+    """404 + X-Error-Code: RevisionNotFound, as the Hub answers: huggingface_hub raises
+    RevisionNotFoundError, not "check your connection" (a bare 400 before)."""
+    client, _ = hub
+    endpoint = str(client.base_url)
+    api = HfApi(endpoint=endpoint)
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download(
+            "org/repo",
+            ".gitattributes",
+            revision=revision,
+            endpoint=endpoint,
+            cache_dir=tmp_path / "cache",
+        )
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("org/repo", revision=revision)
+    with pytest.raises(RevisionNotFoundError):
+        api.list_repo_files("org/repo", revision=revision)
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(
+            path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="org/repo", revision=revision
+        )
+    r = client.get(f"/org/repo/resolve/{quote(revision, safe='')}/.gitattributes")
+    assert r.status_code == 404 and r.headers["X-Error-Code"] == "RevisionNotFound"
+    assert "Invalid rev id" in r.json()["error"]

@@ -439,6 +439,11 @@ def test_priors(client, reference):
             "/predict", json={"image": b64(img), "top_k": 1, "prior": prior}
         ).json()
         assert custom["predictions"][0]["index"] == target
+    # finite weights whose sum overflows (issue 28): normalised, not the balanced answer
+    huge = [0, 0, 0, 0, 0, 1e308, 0, 1e308, 0, 0]
+    r = client.post("/predict", json={"image": b64(img), "top_k": 2, "prior": huge})
+    assert r.status_code == 200, r.text
+    assert {p["index"] for p in r.json()["predictions"]} == {5, 7}
     # the multipart form takes the prior as a name or a JSON list
     form = client.post(
         "/predict",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -28,8 +31,40 @@ def _train_config(args: argparse.Namespace):  # -> tuple[RunConfig, Path]
     resumed = load_run_config(run_dir, args.overrides)
     if resumed.recipe != cfg.recipe:
         raise ConfigError(f"{run_dir} is a run of recipe {resumed.recipe!r}, not {cfg.recipe!r}")
-    print(f"resuming {run_dir} with the settings in {run_dir / 'run.json'}")
+    if not _finished(run_dir):
+        print(f"resuming {run_dir} with the settings in {run_dir / 'run.json'}")
     return resumed, run_dir
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` ran to its end (evaluated, and saved as ``model/``)."""
+    from ltzoo.zoo.files import CONFIG_NAME
+
+    return (run_dir / "results.json").is_file() and (run_dir / "model" / CONFIG_NAME).is_file()
+
+
+def _interrupted(args: argparse.Namespace, run_dir: Path) -> str:
+    """The line printed after Ctrl+C: the last checkpointed epoch and how to continue."""
+    from .engine import CHECKPOINT
+
+    resume = shlex.join(["ltzoo", "train", args.recipe, "--out", str(run_dir), "--resume"])
+    checkpoints = list(run_dir.rglob(CHECKPOINT)) if run_dir.is_dir() else []
+    if not checkpoints:
+        again = shlex.join(["ltzoo", "train", args.recipe, *args.overrides, "--out", str(run_dir)])
+        return f"interrupted before the first epoch was checkpointed; start again with: {again}"
+    # the newest: the method's own checkpoint or one of an earlier stage's runs (CBD's teachers)
+    ckpt = max(checkpoints, key=lambda p: p.stat().st_mtime)
+    where = "" if ckpt.parent == run_dir else f" of {ckpt.parent.relative_to(run_dir)}"
+    try:
+        import torch
+
+        # mmap: only the pickled epoch number is read, not the saved tensors
+        epoch = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"] + 1
+        run_json = json.loads((ckpt.parent / "run.json").read_text())
+        reached = f"epoch {epoch}/{run_json['config']['optim']['epochs']}"
+    except (OSError, RuntimeError, ValueError, KeyError):  # still there, but unreadable
+        reached = "the last epoch"
+    return f"interrupted: {reached}{where} is checkpointed in {run_dir}; continue with: {resume}"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -39,7 +74,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    run_dir = train(cfg, run_dir, resume=args.resume)
+    if args.resume and _finished(run_dir):
+        print(
+            f"{run_dir} is already complete: the model is in {run_dir / 'model'} and its results "
+            f"in {run_dir / 'results.json'} (nothing to resume)"
+        )
+        return 0
+    try:
+        run_dir = train(cfg, run_dir, resume=args.resume)
+    except KeyboardInterrupt:
+        interrupted = True  # reported below, once the traceback (and the progress bar) is gone
+    else:
+        interrupted = False
+    if interrupted:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, said once
+            print(f"ltzoo train: {_interrupted(args, run_dir)}", file=sys.stderr)
+        return 130
     print(
         f"run directory: {run_dir}\n  model: {run_dir / 'model'}\n  results: {run_dir / 'results.json'}"
     )
@@ -76,18 +126,24 @@ def _pct(value: float | None) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ltzoo.zoo.resolve import resolve_model
 
-    from .evaluate import calibrate_and_evaluate
+    from .evaluate import calibrate_and_evaluate, collect_logits
 
     model, split = _model_and_split(args, resolve_model(args.model))
     temperature = model.config.temperature
+    # the test set's logits, computed once: --shifted resamples the same ones
+    test_logits = collect_logits(model, split.test) if args.shifted else None
     results = calibrate_and_evaluate(
-        model, split, plots_dir=args.plots, class_bias=not args.temperature_only
+        model,
+        split,
+        plots_dir=args.plots,
+        class_bias=not args.temperature_only,
+        test_logits=test_logits,
     )
     results["calibration"]["stored_temperature"] = temperature
-    if args.shifted:
+    if test_logits is not None:
         from .shifted import shifted_prior_report
 
-        results["shifted"] = shifted_prior_report(model, split)
+        results["shifted"] = shifted_prior_report(model, split, test_logits=test_logits)
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

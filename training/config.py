@@ -44,6 +44,10 @@ class DataConfig:
     seed: int = 0
     class_order: list[int] = field(default_factory=list)
     val_per_class: int = 20
+    #: a class with fewer than val_per_class unused images (CIFAR-10-LT's head, which the
+    #: papers' profile trains on all 5,000 of) gives its validation images from its training
+    #: images (head 5,000 -> 4,980), instead of the validation split shrinking (to none)
+    val_from_train: bool = False
     augment: list[str] = field(default_factory=lambda: ["crop_flip"])
     train_split: str = ""
     val_split: str = ""

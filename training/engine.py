@@ -59,9 +59,14 @@ def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device
 
 
 def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
-    """Per-step multiplier: linear warm-up, then multistep decay or cosine."""
+    """Per-step multiplier: linear warm-up, then multistep decay or cosine.
+
+    The warm-up lasts a whole number of steps (a fractional ``warmup_epochs * steps_per_epoch``
+    is rounded up): its multiplier rises to exactly 1 on its last step and never exceeds 1.
+    """
     o = cfg.optim
-    warm = o.warmup_epochs * steps_per_epoch
+    # the tolerance keeps e.g. 0.1 epochs x 30 steps (3.0000000000000004) at 3 steps
+    warm = math.ceil(o.warmup_epochs * steps_per_epoch - 1e-9)
     total = o.epochs * steps_per_epoch
 
     def fn(step: int) -> float:
@@ -178,6 +183,7 @@ class Trainer:
             train_split=d.train_split or None,
             val_split=d.val_split or None,
             test_split=d.test_split or None,
+            val_from_train=d.val_from_train,
         )
 
     def build_model(self, split) -> Ensemble:
@@ -492,6 +498,7 @@ class Trainer:
             **({"skipped_steps": skipped} if skipped else {}),
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0),
+            "epoch_s": time.perf_counter() - t0,
         }
 
     def _average_buffers(self, method: Method) -> None:

@@ -94,20 +94,26 @@ def calibrate_and_evaluate(
     device: torch.device | str = "cpu",
     plots_dir: str | Path | None = None,
     class_bias: bool = True,
+    test_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Fit the calibration on the balanced val split (after the balanced prior adjustment):
     the temperature and, with ``class_bias``, a per-class bias (bias-corrected temperature
     scaling); store it in ``model.config`` and report test accuracy and calibration
     before/after, and the val split's top-1 (ensemble and per expert: the numbers to choose
-    runs by). Without a val split the model stays uncalibrated (T = 1, no bias)."""
+    runs by). Without a val split the model stays uncalibrated (T = 1, no bias).
+
+    ``test_logits``: :func:`collect_logits` of ``split.test`` when the caller has them
+    already (``ltzoo eval --shifted`` reuses them), so the test set is run once."""
     counts = split.class_counts
-    test_logits, test_labels = collect_logits(model, split.test, batch_size, device)
-    combined = test_logits.mean(0)
+    if test_logits is None:
+        test_logits = collect_logits(model, split.test, batch_size, device)
+    expert_test, test_labels = test_logits
+    combined = expert_test.mean(0)
     balanced = cal.balanced_shift(model.config)
     results: dict[str, Any] = {
         "accuracy": accuracy_report(combined, test_labels, counts),
         "accuracy_balanced_prior": accuracy_report(combined + balanced, test_labels, counts),
-        "experts": [accuracy_report(z, test_labels, counts)["top1"] for z in test_logits],
+        "experts": [accuracy_report(z, test_labels, counts)["top1"] for z in expert_test],
     }
     before = _grouped_calibration(
         cal.calibrated_probs(combined, balanced, 1.0), test_labels, counts

@@ -53,10 +53,19 @@ def _score(
 
 
 def shifted_prior_report(
-    model: Ensemble, split, seed: int = 0, plot: str | Path | None = None
+    model: Ensemble,
+    split,
+    seed: int = 0,
+    plot: str | Path | None = None,
+    test_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and ECE on forward/backward-LT test sets with balanced, true and EM priors."""
-    expert_logits, labels = collect_logits(model, split.test)
+    """Accuracy and ECE on forward/backward-LT test sets with balanced, true and EM priors.
+
+    ``test_logits``: :func:`collect_logits` of ``split.test`` if already computed (the
+    model's calibration is applied here, so logits from before it was fitted are the same)."""
+    if test_logits is None:
+        test_logits = collect_logits(model, split.test)
+    expert_logits, labels = test_logits
     logits = expert_logits.mean(0)
     counts = split.class_counts
     rows = []

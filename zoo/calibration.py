@@ -18,6 +18,7 @@ fused ONNX graph and its parity check, the serve backends and evaluation all cal
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,19 +30,23 @@ if TYPE_CHECKING:
     from .config import EnsembleConfig
 
 PriorSpec = str | Sequence[float] | torch.Tensor | None
+logger = logging.getLogger("zoo")
 
 
 def _validate_prior(prior: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The one place a prior is checked and normalised (float64 vector summing to 1)."""
     if prior.ndim != 1 or prior.numel() != num_classes:
         raise ValueError(f"prior must have {num_classes} entries, got shape {tuple(prior.shape)}")
     if not torch.isfinite(prior).all():
         raise ValueError("prior contains NaN or infinite values")
     if (prior < 0).any():
         raise ValueError("prior entries must be >= 0")
-    total = prior.sum()
-    if total <= 0:
+    peak = prior.max()
+    if peak <= 0:
         raise ValueError("prior must have a positive sum")
-    return prior / total
+    # Scale to a peak of 1 first: the sum of finite weights can overflow (2 x 1e308 = inf).
+    scaled = prior / peak
+    return scaled / scaled.sum()
 
 
 def resolve_prior(
@@ -58,12 +63,19 @@ def resolve_prior(
             if not class_counts:
                 raise ValueError("prior='train' needs the model's training class counts")
             return _validate_prior(torch.tensor(class_counts, dtype=torch.float64), num_classes)
+        if is_estimate(spec):
+            raise ValueError(
+                "prior='estimate' is estimated from a batch: pass it to Ensemble.predict "
+                f"(at least {MIN_ESTIMATE_BATCH} images), or estimate the prior once with "
+                "zoo.calibration.estimate_prior_em and pass it as a list of class weights"
+            )
         raise ValueError(
-            f"unknown prior {spec!r}; use 'balanced', 'train' or a list of {num_classes} numbers"
+            f"unknown prior {spec!r}; use 'balanced', 'train', 'estimate' (EM on a batch, in "
+            f"Ensemble.predict) or a list of {num_classes} numbers"
         )
     try:
         vec = torch.as_tensor(spec, dtype=torch.float64).flatten()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # Overflow: 10**400
         raise ValueError(f"prior must be a list of {num_classes} numbers") from exc
     return _validate_prior(vec, num_classes)
 
@@ -254,8 +266,42 @@ def _fit_nll(
 
     opt.step(closure)
     # An untrained model's NLL keeps falling as T grows (towards uniform); keep T finite.
-    temperature = float(log_t.detach().exp().clamp(*temperature_range).item())
-    return temperature, (bias - bias.mean()).detach().tolist() if with_bias else []
+    fitted = float(log_t.detach().exp().item())
+    temperature = min(max(fitted, temperature_range[0]), temperature_range[1])
+    centred = (bias - bias.mean()).detach()
+    _warn_if_unreliable(logits, labels, fitted, temperature_range, centred if with_bias else None)
+    return temperature, centred.tolist() if with_bias else []
+
+
+def _warn_if_unreliable(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    fitted: float,
+    temperature_range: tuple[float, float],
+    bias: torch.Tensor | None,
+) -> None:
+    """Warn (one line) when a fit stopped at a bound of the temperature or does not lower the
+    ECE of the split it was fitted on: what it stores then calibrates nothing (a diverged or
+    untrained model, or too few validation images)."""
+    low, high = temperature_range
+    temperature = min(max(fitted, low), high)
+    adjusted = logits / temperature + (0.0 if bias is None else bias)
+    before = expected_calibration_error(torch.softmax(logits, -1), labels) * 100
+    after = expected_calibration_error(torch.softmax(adjusted, -1), labels) * 100
+    problems = []
+    if not low < fitted < high:
+        problems.append(
+            f"the temperature stopped at its bound T={temperature:g} (range {low:g}-{high:g})"
+        )
+    if not after < before:
+        problems.append(f"the validation ECE did not improve ({before:.2f}% -> {after:.2f}%)")
+    if problems:
+        logger.warning(
+            "calibration: %s on %d validation images: the fitted calibration is unreliable "
+            "(a diverged or untrained model?)",
+            " and ".join(problems),
+            len(labels),
+        )
 
 
 def _binned(

@@ -23,13 +23,13 @@ from .errors import IntegrityError, ModelNotAvailableError
 from .hashing import file_sha256, git_blob_sha1
 from .registry import get_entry, is_registered
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REPO_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 
 
 logger = logging.getLogger("zoo")
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 class _HubSettings(TypedDict):
@@ -107,9 +107,9 @@ def corrupt_cached_files(snapshot: Path) -> list[Path]:
         if not path.is_file():
             continue
         blob = path.resolve()
-        if _HEX64.match(blob.name):
+        if _HEX64.fullmatch(blob.name):
             ok = file_sha256(blob) == blob.name
-        elif _HEX40.match(blob.name):
+        elif _HEX40.fullmatch(blob.name):
             ok = git_blob_sha1(blob) == blob.name
         else:
             continue
@@ -132,7 +132,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     fetched once more, and if that copy is corrupt too it is evicted and
     :class:`IntegrityError` is raised, so a bad download never poisons the cache.
     """
-    if not REPO_ID.match(repo_id):
+    if not REPO_ID.fullmatch(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
     path = _snapshot(repo_id, revision)
     bad = corrupt_cached_files(path)
@@ -193,7 +193,8 @@ def load(
     device: str | torch.device = "cpu",
     experts: list[int] | None = None,
 ) -> Ensemble:
-    """Load an ensemble by registry name, Hub repo id (``org/name[@rev]``) or local directory.
+    """Load an ensemble by registry name, Hub repo id (``org/name[@rev]``) or local directory:
+    a model directory, or a run directory of ``ltzoo train`` (its ``model/``).
 
     A registry name loads from the Hub (``LTZOO_HUB_ORG``, revision, cache and
     ``HF_HUB_OFFLINE`` honoured) and falls back to the copy bundled with the package;
@@ -202,7 +203,9 @@ def load(
     ``experts=[0, 1]`` keeps only those experts (cheaper inference).
     """
     if Path(name).is_dir():
-        model = Ensemble.from_pretrained(name, device)
+        from .resolve import local_model_dir  # resolve imports this module
+
+        model = Ensemble.from_pretrained(local_model_dir(name), device)
     elif is_registered(name):
         entry = get_entry(name)
         if not pretrained:
@@ -211,7 +214,7 @@ def load(
             model = _load_registered(name, revision, device)
     else:
         repo, at_rev = split_revision(name)
-        if not REPO_ID.match(repo):
+        if not REPO_ID.fullmatch(repo):
             raise ValueError(
                 f"{name!r} is not a registered model (see `ltzoo list`), an existing directory, "
                 "or a Hub repo id of the form 'organisation/name[@revision]'"
@@ -238,7 +241,7 @@ def push_to_hub(
     ``revision`` is a branch, created from main if missing (it moves with later pushes);
     ``tag`` also tags the new commit (an immutable name, e.g. ``v1.0``).
     """
-    if not REPO_ID.match(repo_id):
+    if not REPO_ID.fullmatch(repo_id):
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'organisation/name'")
     from huggingface_hub import HfApi
 

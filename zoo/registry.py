@@ -154,8 +154,19 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def list_models(filter: str = "") -> list[dict[str, Any]]:
-    """Registered models (optionally those whose name contains ``filter``) as rows."""
-    return [_row(e) for e in _ENTRIES.values() if filter in e.name]
+    """Registered models as rows; with ``filter``, those it names: every ``-``-separated
+    part of it (case-insensitive) is the model's method, backbone or dataset, or a part of
+    its name (``"ce"``, ``"resnet32"``, ``"fmnistlt"``, ``"ncl-cifar100lt"``, a full name).
+    ``"ce"`` does not match ``ncl-resnet152-placeslt``."""
+    rows = [_row(e) for e in _ENTRIES.values()]
+    wanted = {part for part in filter.lower().split("-") if part}
+    return [r for r in rows if wanted <= _filter_fields(r)]
+
+
+def _filter_fields(row: dict[str, Any]) -> set[str]:
+    """What :func:`list_models`' filter matches a row on."""
+    fields = {row["method"], row["backbone"], row["dataset"], *row["name"].split("-")}
+    return {str(f).lower() for f in fields}
 
 
 def _row(e: ModelEntry) -> dict[str, Any]:

@@ -56,6 +56,12 @@ class ModelRef:
         raise ValueError(f"{self.target} is a local {self.kind}, not a Hub model")
 
 
+def local_model_dir(directory: str | Path) -> Path:
+    """The model directory of a local ``directory``: a run directory's ``model/``, or
+    ``directory`` itself; ``FileNotFoundError`` saying what is missing otherwise."""
+    return Path(_local(Path(directory), str(directory)).target)
+
+
 def _local(path: Path, arg: str) -> ModelRef:
     if (path / "model" / CONFIG_NAME).is_file():
         return ModelRef("run", str(path / "model"))
@@ -96,7 +102,7 @@ def resolve_model(arg: str, revision: str | None = None, allow_onnx: bool = Fals
             f"{arg} does not exist (read as a local path: {path.parent} is a directory here)"
         )
     repo, at_revision = split_revision(arg)
-    if not REPO_ID.match(repo):
+    if not REPO_ID.fullmatch(repo):
         raise ValueError(
             f"{arg!r} is not a run or model directory, a registered model (see `ltzoo list`) "
             "or a Hub repo id 'organisation/name[@revision]'"
@@ -117,4 +123,4 @@ def load_model(
     return load(ref.target, revision=ref.revision, pretrained=pretrained, device=device)
 
 
-__all__ = ["ModelRef", "load_model", "resolve_model"]
+__all__ = ["ModelRef", "load_model", "local_model_dir", "resolve_model"]

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from .bodies import (
     b64_file_chunks,
@@ -95,6 +97,22 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def _revision_and_path(request: Request, rest: str, prefix_segments: int) -> tuple[str, str]:
+    """``(revision, path)`` of a ``.../{revision}/{path}`` URL after ``prefix_segments`` segments.
+
+    Clients send the revision as one percent-encoded segment (``refs%2Fpr%2F1``), so it is
+    split off the raw path: the decoded ``rest`` would cut it at its first ``/`` and look up
+    ``refs`` instead. Falls back to that split when the raw path does not line up.
+    """
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        parts = raw.decode("latin-1").split("/")[prefix_segments + 1 :]
+        if parts and unquote("/".join(parts)) == rest:
+            return unquote(parts[0]), unquote("/".join(parts[1:]))
+    revision, _, path = rest.partition("/")
+    return revision, path
+
+
 def create_app(
     storage_dir: str | Path,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -131,7 +149,22 @@ def create_app(
         _download_routes,
     ):
         add_routes(app, store, limits)
+    _match_whole_paths(app)
     return app
+
+
+def _match_whole_paths(app: FastAPI) -> None:
+    """Make every route match the whole request path, a final newline included.
+
+    Starlette anchors route patterns with ``$``, which also matches before a final newline,
+    and its ``{x:path}`` (``.*``) stops at a newline: ``POST .../branch/dev%0A`` created the
+    branch ``dev``, and ``.../resolve/main%0A/f`` matched no route (a 404 without the Hub's
+    error code). With ``\\Z`` and DOTALL the parameters keep the newline for the name
+    validators to refuse.
+    """
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.path_regex.pattern.endswith("$"):
+            route.path_regex = re.compile(route.path_regex.pattern[:-1] + r"\Z", re.DOTALL)
 
 
 def _account_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
@@ -305,10 +338,15 @@ def _listing_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
 
     @app.get("/api/models/{org}/{name}/tree/{rest:path}")
     def list_tree(
-        org: str, name: str, rest: str, recursive: str | None = None, expand: str | None = None
+        request: Request,
+        org: str,
+        name: str,
+        rest: str,
+        recursive: str | None = None,
+        expand: str | None = None,
     ) -> list[dict[str, Any]]:
         repo_id = validate_repo_id(org, name)
-        revision, _, folder = rest.partition("/")
+        revision, folder = _revision_and_path(request, rest, 5)  # /api/models/org/name/tree
         folder = validate_path(folder.rstrip("/")) if folder.rstrip("/") else ""
         commit_id, commit = store.resolve(repo_id, revision)
         tree = commit["tree"]
@@ -396,7 +434,7 @@ def _upload_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
                     raise HubError(400, "commit header needs a non-empty 'summary'")
                 parent = value.get("parentCommit")
                 if parent is not None and (
-                    not isinstance(parent, str) or not COMMIT_ID.match(parent)
+                    not isinstance(parent, str) or not COMMIT_ID.fullmatch(parent)
                 ):
                     raise HubError(400, "parentCommit must be a 40-hex commit id")
                 if not isinstance(value.get("description", ""), str):
@@ -431,7 +469,7 @@ def _upload_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
                 if (
                     value.get("algo", "sha256") != "sha256"
                     or not isinstance(oid, str)
-                    or not SHA256.match(oid)
+                    or not SHA256.fullmatch(oid)
                 ):
                     raise HubError(400, f"{path!r}: lfsFile needs a sha256 'oid'")
                 if size is not None and (not isinstance(size, int) or size < 0):
@@ -451,7 +489,7 @@ def _upload_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
         branch = validate_revision(revision)
         if _truthy(request.query_params.get("create_pr")):
             raise HubError(400, "pull requests are not supported by this server")
-        if COMMIT_ID.match(branch):
+        if COMMIT_ID.fullmatch(branch):
             raise HubError(400, "commits go to a branch, not to a commit id")
         if branch in store.tags(repo_id):
             raise HubError(400, f"{branch} is a tag: tags are immutable, commit to a branch")
@@ -480,9 +518,9 @@ def _download_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
     """Routes: file downloads (``resolve``) with ``X-Repo-Commit`` and ``ETag``."""
 
     @app.api_route("/{org}/{name}/resolve/{rest:path}", methods=["GET", "HEAD"])
-    def resolve_file(org: str, name: str, rest: str) -> Response:
+    def resolve_file(request: Request, org: str, name: str, rest: str) -> Response:
         repo_id = validate_repo_id(org, name)
-        revision, _, path = rest.partition("/")
+        revision, path = _revision_and_path(request, rest, 3)  # /org/name/resolve
         path = validate_path(path)
         commit_id, commit = store.resolve(repo_id, revision)
         entry = commit["tree"].get(path)
@@ -503,7 +541,7 @@ def _download_routes(app: FastAPI, store: Storage, limits: Limits) -> None:
                 "X-Repo-Commit": commit_id,
                 "ETag": f'"{entry["oid"]}"',
                 "Cache-Control": "no-cache"
-                if not COMMIT_ID.match(revision)
+                if not COMMIT_ID.fullmatch(revision)
                 else "max-age=31536000",
             },
         )

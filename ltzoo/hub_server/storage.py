@@ -57,7 +57,7 @@ class Storage:
         return self._inside(self.root / "repos" / org / name)
 
     def blob_path(self, sha256: str) -> Path:
-        if not SHA256.match(sha256):
+        if not SHA256.fullmatch(sha256):
             raise HubError(500, "corrupt storage: bad blob id")
         return self._inside(self.root / "blobs" / sha256[:2] / sha256)
 
@@ -199,7 +199,7 @@ class Storage:
 
     def commit(self, repo_id: str, commit_id: str) -> dict[str, Any]:
         path = self.require_repo(repo_id) / "commits" / f"{commit_id}.json"
-        if not COMMIT_ID.match(commit_id) or not path.is_file():
+        if not COMMIT_ID.fullmatch(commit_id) or not path.is_file():
             raise HubError(
                 404, f"Revision {commit_id} not found in {repo_id}", code="RevisionNotFound"
             )
@@ -207,14 +207,14 @@ class Storage:
 
     def resolve(self, repo_id: str, revision: str) -> tuple[str, dict[str, Any]]:
         """(commit id, commit) of a branch name, a tag or a commit id."""
-        revision = validate_revision(revision)
-        refs = self.refs(repo_id)
+        refs = self.refs(repo_id)  # first: an unknown repo is RepoNotFound, as on the Hub
         tags = self.tags(repo_id)
+        revision = validate_revision(revision)
         if revision in refs:
             commit_id = refs[revision]
         elif revision in tags:
             commit_id = tags[revision]
-        elif COMMIT_ID.match(revision):
+        elif COMMIT_ID.fullmatch(revision):
             commit_id = revision
         else:
             raise HubError(

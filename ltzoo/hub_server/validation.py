@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 
 #: One part of a repo id: the charset of ``zoo.hub_io.REPO_ID`` (kept in sync by a test).
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-_NAME = re.compile(f"^{NAME_PATTERN}$")
-_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-COMMIT_ID = re.compile(r"^[0-9a-f]{40}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Anchored with \A and \Z, never ^ and $ ("$" also matches before a final newline), and
+# used with fullmatch: "org/name\n" or a tag "v1\n" must not pass.
+_NAME = re.compile(rf"\A{NAME_PATTERN}\Z")
+_BRANCH = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+COMMIT_ID = re.compile(r"\A[0-9a-f]{40}\Z")
+SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
 _MAX_PATH_LEN = 1024
 _MAX_SEGMENT_LEN = 255
 MAX_OPERATIONS = 10_000
@@ -63,7 +65,7 @@ def short(value: object, n: int = 80) -> str:
 def validate_repo_id(org: str, name: str) -> str:
     """``org/name`` if both parts are valid Hub names, else a 400."""
     for part in (org, name):
-        if not isinstance(part, str) or not _NAME.match(part) or ".." in part or "--" in part:
+        if not isinstance(part, str) or not _NAME.fullmatch(part) or ".." in part or "--" in part:
             raise HubError(
                 400, f"invalid repo id {short(f'{org}/{name}')}: expected 'organisation/name'"
             )
@@ -73,24 +75,31 @@ def validate_repo_id(org: str, name: str) -> str:
 def validate_branch(branch: str) -> str:
     if (
         not isinstance(branch, str)
-        or not _BRANCH.match(branch)
+        or not _BRANCH.fullmatch(branch)
         or ".." in branch
         or branch.endswith(".lock")
-        or COMMIT_ID.match(branch)
+        or COMMIT_ID.fullmatch(branch)
     ):
         raise HubError(400, f"invalid branch name {short(branch)}")
     return branch
 
 
 def validate_revision(revision: str) -> str:
-    """A branch name or a 40-hex commit id."""
-    if isinstance(revision, str) and COMMIT_ID.match(revision):
+    """A branch or tag name or a 40-hex commit id to look up.
+
+    Anything else cannot exist, so it is answered as the Hub answers an unknown revision:
+    404 with ``X-Error-Code: RevisionNotFound`` (``huggingface_hub`` then raises
+    ``RevisionNotFoundError``; a bare 400 makes it blame the user's connection).
+    """
+    if isinstance(revision, str) and COMMIT_ID.fullmatch(revision):
         return revision
     try:
         return validate_branch(revision)
     except HubError:
         raise HubError(
-            400, f"invalid revision {short(revision)}: expected a branch name or a commit id"
+            404,
+            f"Invalid rev id: {short(revision)}: expected a branch, a tag or a commit id",
+            code="RevisionNotFound",
         ) from None
 
 
@@ -126,7 +135,7 @@ def _is_control(char: str) -> bool:
 
 
 _CARD_LISTS = ("tags", "datasets", "metrics")
-_HUB_ID = re.compile(rf"^(?:{NAME_PATTERN}/)?{NAME_PATTERN}$")
+_HUB_ID = re.compile(rf"\A(?:{NAME_PATTERN}/)?{NAME_PATTERN}\Z")
 
 
 def validate_card_metadata(content: str) -> dict[str, Any]:
@@ -145,7 +154,9 @@ def validate_card_metadata(content: str) -> dict[str, Any]:
         raise HubError(400, "YAML metadata is not closed by a '---' line")
     try:
         meta = yaml.safe_load(head)
-    except yaml.YAMLError as exc:
+    except RecursionError:  # e.g. a flow sequence [[[...]]] nested thousands deep
+        raise HubError(400, "invalid YAML metadata: nested too deeply") from None
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # Value: `date: 2024-13-45`
         raise HubError(400, f"invalid YAML metadata: {' '.join(str(exc).split())}") from None
     if meta is None:
         return {"errors": [], "warnings": ["empty YAML metadata in the model card"]}
@@ -162,10 +173,11 @@ def validate_card_metadata(content: str) -> dict[str, Any]:
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
             problems.append(f"'{key}' must be a list of strings")
+    datasets = meta.get("datasets")
     problems += [
         f"'datasets' entry {d!r} is not a Hub dataset id"
-        for d in meta.get("datasets") or []
-        if isinstance(d, str) and not _HUB_ID.match(d)
+        for d in (datasets if isinstance(datasets, list) else [])  # not `datasets: 5`
+        if isinstance(d, str) and not _HUB_ID.fullmatch(d)
     ]
     index = meta.get("model-index")
     if index is not None and not (

@@ -221,15 +221,21 @@ def _lt_from_arrays(
     eval_transform: Callable,
     source: str,
     variant: str | None = None,
+    val_from_train: bool = False,
 ) -> LTSplit:
     """Shared path of the in-memory datasets (Fashion-MNIST, CIFAR); ``variant`` labels a
     copy of the data that is not the official one (recorded in ``info["variant"]``)."""
     cfg = DATASETS[name].preprocess_config()
     num_classes = len(base_names)
     order = check_class_order(class_order, num_classes)
-    counts = lt_counts(n_max, num_classes, rho)
-    tr_idx, tr_lab, va_idx, va_lab, v = select_lt(
-        train_labels, order, counts, seed=seed, val_per_class=val_per_class, dataset=name
+    tr_idx, tr_lab, va_idx, va_lab, v, counts = select_lt(
+        train_labels,
+        order,
+        lt_counts(n_max, num_classes, rho),
+        seed=seed,
+        val_per_class=val_per_class,
+        dataset=name,
+        val_from_train=val_from_train,
     )
     inv = inverse_order(order)
     train = ArrayImageDataset(
@@ -258,6 +264,8 @@ def _lt_from_arrays(
         val_per_class=v,
         source=source,
     )
+    if val_from_train:
+        info["val_from_train"] = True
     if variant:
         info["variant"] = variant
     return LTSplit(
@@ -313,7 +321,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return _read_idx_cached(str(p), p.stat().st_mtime)
 
 
-def _fashion_mnist(root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -> LTSplit:
+def _fashion_mnist(
+    root, rho, n_max, seed, class_order, val_per_class, ttf, etf, val_from_train
+) -> LTSplit:
     r = Path(root or FASHION_MNIST_DIR)
     files = {
         s: _idx_file(r, s)
@@ -339,6 +349,7 @@ def _fashion_mnist(root, rho, n_max, seed, class_order, val_per_class, ttf, etf)
         train_transform=ttf,
         eval_transform=etf,
         source=str(r),
+        val_from_train=val_from_train,
     )
 
 
@@ -478,7 +489,9 @@ def is_jpeg_tree(root: Path) -> bool:
     return root.is_file() and tarfile.is_tarfile(root)
 
 
-def _cifar(name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -> LTSplit:
+def _cifar(
+    name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf, val_from_train
+) -> LTSplit:
     r = Path(root or _default_root())
     variant = None
     if name == "cifar10_lt" and is_jpeg_tree(r):
@@ -513,6 +526,7 @@ def _cifar(name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf) -
         eval_transform=etf,
         source=str(d),
         variant=variant,
+        val_from_train=val_from_train,
     )
 
 
@@ -668,7 +682,7 @@ def _imagefolder(root, rho, n_max, seed, class_order, val_per_class, ttf, etf, c
         hold = 0 if has_val else val_per_class
         nm = int(n_max) if n_max is not None else max(1, smallest - hold)
         counts = lt_counts(nm, num_classes, rho)
-        tr_idx, tr_lab, va_idx, va_lab, v = select_lt(
+        tr_idx, tr_lab, va_idx, va_lab, v, _ = select_lt(
             pool_lab, order, counts, seed=seed, val_per_class=hold, dataset="imagefolder_lt"
         )
         train_samples = [(pool[i], int(y)) for i, y in zip(tr_idx, tr_lab, strict=True)]
@@ -752,6 +766,7 @@ def build_lt_dataset(
     train_split: str | None = None,
     val_split: str | None = None,
     test_split: str | None = None,
+    val_from_train: bool = False,
 ) -> LTSplit:
     """Build a long-tailed train split plus balanced val/test splits.
 
@@ -765,7 +780,9 @@ def build_lt_dataset(
       ``root/test/<class>/*.jpg``, or ``root`` a tar of them): see :func:`read_jpeg_tree`;
       its results are labelled ``info["variant"] = "CIFAR-10 (JPEG copy)"``. With
       ``n_max=5000`` the head class uses all its 5,000 images, so there is no unused image
-      left for a balanced val split (warning; no temperature fit) unless ``n_max`` is lower.
+      left for a balanced val split (warning; no temperature fit) unless ``n_max`` is lower
+      or ``val_from_train`` takes the head's ``val_per_class`` out of its training images.
+      ``val_from_train`` applies to these profile datasets only.
     * ``imagenet_lt`` / ``places_lt`` / ``inat2018``: split files of ``path label`` lines
       under ``root`` (or the given paths); counts come from the train split, rho/n_max unused.
     * ``imagefolder_lt``: ``root/train/<class>/*`` (+ optional ``root/val``, ``root/test``);
@@ -783,7 +800,7 @@ def build_lt_dataset(
     ttf = train_transform if train_transform is not None else etf
     if name in DEFAULT_N_MAX:  # the profile-based builders (Fashion-MNIST, CIFAR)
         rho_, n_max_ = DEFAULT_RHO if rho is None else rho, n_max or DEFAULT_N_MAX[name]
-        args = (root, rho_, n_max_, seed, class_order, val_per_class, ttf, etf)
+        args = (root, rho_, n_max_, seed, class_order, val_per_class, ttf, etf, val_from_train)
         if name == "fashion_mnist_lt":
             return _fashion_mnist(*args)
         return _cifar(name, *args)

@@ -24,6 +24,7 @@ def split_for_model(
         seed=info.get("seed", 0),
         class_order=info.get("class_order"),
         val_per_class=info.get("val_per_class", 20),  # the split the model was calibrated on
+        val_from_train=info.get("val_from_train", False),
         eval_transform=eval_tf,
         train_transform=eval_tf,
     )

@@ -62,7 +62,8 @@ def select_lt(
     seed: int,
     val_per_class: int,
     dataset: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    val_from_train: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[int]]:
     """Pick the long-tailed train set and a balanced validation set from a labelled pool.
 
     For new class ``i`` (original class ``order[i]``) the pool's images of that class are
@@ -72,9 +73,12 @@ def select_lt(
 
     When a class has fewer unused images than ``val_per_class`` (e.g. CIFAR-10-LT's head with
     ``n_max=5000``) the validation split shrinks to the largest balanced size possible and a
-    warning is emitted; if that is 0 there is no validation split.
+    warning is emitted; if that is 0 there is no validation split. With ``val_from_train``
+    such a class gives up training images instead (CIFAR-10-LT at ``n_max=5000``: the head
+    trains on 4,980 and every other class keeps the papers' count).
 
-    Returns ``(train_idx, train_labels, val_idx, val_labels, val_per_class_used)`` with new labels.
+    Returns ``(train_idx, train_labels, val_idx, val_labels, val_per_class_used, counts)``
+    with new labels; ``counts`` are the training images per class actually taken.
     """
     labels = np.asarray(labels, dtype=np.int64)
     by_class = []
@@ -87,6 +91,12 @@ def select_lt(
             )
         rng = np.random.default_rng([int(seed), int(orig)])
         by_class.append(pool[rng.permutation(len(pool))])
+    if val_from_train:
+        counts = [min(n, len(p) - val_per_class) for p, n in zip(by_class, counts, strict=True)]
+        if min(counts) < 1:
+            raise ValueError(
+                f"{dataset}: val_per_class={val_per_class} leaves a class no training image"
+            )
     spare = min(len(p) - n for p, n in zip(by_class, counts, strict=True))
     v = max(0, min(int(val_per_class), spare))
     if v < val_per_class:
@@ -104,4 +114,4 @@ def select_lt(
     else:
         val_idx = np.zeros(0, dtype=np.int64)
         val_lab = np.zeros(0, dtype=np.int64)
-    return train_idx, train_lab, val_idx, val_lab, v
+    return train_idx, train_lab, val_idx, val_lab, v, list(counts)

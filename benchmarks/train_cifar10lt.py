@@ -1,0 +1,203 @@
+"""The CIFAR-10-LT zoo (rho 100): start or resume each run in the background, follow it, and
+collect the finished ones into benchmarks/results/cifar10lt.json.
+
+    python benchmarks/train_cifar10lt.py measure         # images/s of each recipe -> the plan
+    python benchmarks/train_cifar10lt.py start ce bs     # one detached `ltzoo train` per tag
+    python benchmarks/train_cifar10lt.py status          # epoch reached, s/epoch, ETA
+    python benchmarks/train_cifar10lt.py collect         # finished runs -> the results JSON
+
+Runs live outside the work tree, in ``$LTZOO_RUNS`` (default ``~/ltzoo-runs``)
+``/cifar10lt/<tag>-s0``, so a fresh checkout keeps them. Each checkpoints every epoch, and
+``start`` on a run that has a ``run.json`` resumes it (``ltzoo train ... --resume``), losing
+at most the epoch in progress. Data: the JPEG copy of CIFAR-10
+(``../shared/data/cifar10-jpeg.tar.gz``, read straight from the tar and decoded once into
+``$LTZOO_CACHE``). One seed per method: the Fashion-MNIST-LT zoo gives the seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import LoadGuard  # noqa: E402
+from benchmarks.train_fmnistlt import collect  # noqa: E402
+
+RUNS = Path(os.environ.get("LTZOO_RUNS", Path.home() / "ltzoo-runs")) / "cifar10lt"
+RESULTS = ROOT / "benchmarks" / "results" / "cifar10lt.json"
+DATA = os.environ.get("LTZOO_CIFAR10_JPEG", str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
+#: every run: one thread (two runs side by side give more images/s in total on 2 cores:
+#: README, "Planning long runs"), the batched augmentation path in the main process
+COMMON = ["run.threads=1", "data.workers=0", "run.precision=auto"]
+#: tag -> (recipe, the budget's overrides); the budgets are the plan in README
+PLAN: dict[str, tuple[str, list[str]]] = {
+    "ce": ("cifar10lt_r100_ce", []),
+    "bs": ("cifar10lt_r100_bs", []),
+    "ncl": ("cifar10lt_r100_ncl", ["optim.epochs=200"]),
+    "ncl_e100": ("cifar10lt_r100_ncl", ["optim.epochs=100"]),
+    "cbd": ("cifar10lt_r100_cbd", []),
+    "ecl": ("cifar10lt_r100_ecl", ["optim.epochs=200"]),
+}
+
+
+#: what ``measure`` times: tag -> (recipe, overrides), two at a time on one thread each
+MEASURE: dict[str, tuple[str, list[str]]] = {
+    "ce": PLAN["ce"],
+    "ncl_moco": ("cifar10lt_r100_ncl", []),
+    "ncl_no_moco": ("cifar10lt_r100_ncl", ["method_params.contrastive_weight=0"]),
+    "ecl": ("cifar10lt_r100_ecl", []),
+    "cbd_teacher": ("cifar10lt_r100_cbd", ["stages=['teachers']"]),
+}
+PLAN_JSON = ROOT / "benchmarks" / "results" / "cifar10lt_plan.json"
+
+
+def run_dir(tag: str) -> Path:
+    return RUNS / f"{tag}-s0"
+
+
+def start(tag: str) -> subprocess.Popen:
+    """Start (or resume) ``tag`` as a detached process logging to ``<run dir>/train.log``."""
+    recipe, overrides = PLAN[tag]
+    out = run_dir(tag)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = ["--resume"] if (out / "run.json").is_file() else []
+    argv = [sys.executable, "-m", "ltzoo", "train", recipe, *COMMON, f"data.root={DATA}"]
+    argv += [*overrides, "--out", str(out), *resume]
+    env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log
+    with open(out / "train.log", "a") as log:
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def measure(steps: int = 40) -> dict:
+    """Images/s of each :data:`MEASURE` recipe over ``steps`` training steps (full
+    augmentation, the run settings of :data:`COMMON`), two runs at a time as the real ones
+    run, and the wall time of each at its recipe's (the paper's) epochs."""
+    import tempfile
+
+    from ltzoo.training.config import load_recipe
+
+    guard = LoadGuard.start()
+    rows: dict[str, dict] = {}
+    tags = list(MEASURE)
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in (tags[i : i + 2] for i in range(0, len(tags), 2)):
+            procs = {}
+            for tag in pair:
+                recipe, overrides = MEASURE[tag]
+                over = [*COMMON, f"data.root={DATA}", *overrides, "optim.epochs=1"]
+                over += [f"run.max_steps_per_epoch={steps}", "run.eval_subset=20"]
+                argv = [sys.executable, "-m", "ltzoo", "train", recipe, *over]
+                procs[tag] = subprocess.Popen(
+                    [*argv, "--out", f"{tmp}/{tag}"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            for tag, proc in procs.items():
+                if proc.wait() != 0:
+                    raise RuntimeError(f"measuring {tag} failed (exit {proc.returncode})")
+                (row,) = _metrics(next(Path(tmp, tag).rglob("metrics.jsonl")))
+                cfg = load_recipe(MEASURE[tag][0], [f"data.root={DATA}", *MEASURE[tag][1]])
+                images = (cfg.data.train_size() or 0) - 10 * cfg.data.val_per_class
+                rows[tag] = {
+                    "images_per_s": round(row["images_per_s"], 1),
+                    "recipe_epochs": cfg.optim.epochs,
+                    "hours_at_recipe_epochs": round(
+                        cfg.optim.epochs * images / row["images_per_s"] / 3600, 1
+                    ),
+                }
+                print(tag, rows[tag], flush=True)
+    report = {"steps": steps, "settings": COMMON, "two_runs_side_by_side": True, "rows": rows}
+    report["machine"] = guard.finish()
+    PLAN_JSON.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress(tag: str) -> dict:
+    """Epochs done (every stage), mean seconds per epoch, ETA of the stage in progress."""
+    out = run_dir(tag)
+    stages = sorted(out.rglob("metrics.jsonl"), key=lambda p: (p.parent != out, str(p)))
+    report: dict = {"tag": tag, "finished": (out / "results.json").is_file(), "stages": []}
+    for path in stages:
+        rows = _metrics(path)
+        config = json.loads((path.parent / "run.json").read_text())["config"]
+        epochs = config["optim"]["epochs"]
+        seconds = [r["epoch_s"] for r in rows if "epoch_s" in r]
+        mean = sum(seconds) / len(seconds) if seconds else None
+        report["stages"].append(
+            {
+                "dir": str(path.parent.relative_to(out)) or ".",
+                "epoch": len(rows),
+                "epochs": epochs,
+                "s_per_epoch": round(mean, 1) if mean else None,
+                "eta_h": round((epochs - len(rows)) * mean / 3600, 2) if mean else None,
+                "wall_h": round(sum(seconds) / 3600, 2),
+            }
+        )
+    return report
+
+
+def budget(tag: str) -> dict:
+    """What a run's numbers cost: epochs, augmentation, MoCo, precision, wall time."""
+    out = run_dir(tag)
+    run = json.loads((out / "run.json").read_text())
+    cfg = run["config"]
+    seconds = sum(r.get("epoch_s", 0.0) for p in out.rglob("metrics.jsonl") for r in _metrics(p))
+    return {
+        "epochs": cfg["optim"]["epochs"],
+        "augment": cfg["data"]["augment"],
+        "moco": cfg["method_params"].get("contrastive_weight", 0) > 0,
+        "precision": run.get("precision", {}).get("used", "fp32"),
+        "wall_h": round(seconds / 3600, 2),
+        "run_overrides": PLAN[tag][1],
+    }
+
+
+def collect_results() -> dict:
+    summary = collect(RUNS, RESULTS)
+    for tag in summary:
+        if (run_dir(tag) / "results.json").is_file():
+            summary[tag]["budget"] = budget(tag)
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("command", choices=["measure", "start", "status", "collect"])
+    ap.add_argument("tags", nargs="*", help=f"runs, of {', '.join(PLAN)} (default: all)")
+    args = ap.parse_args()
+    tags = args.tags or list(PLAN)
+    if set(tags) - set(PLAN):
+        ap.error(f"unknown run(s) {sorted(set(tags) - set(PLAN))}; choose from {list(PLAN)}")
+    if args.command == "measure":
+        measure()
+    elif args.command == "start":
+        for tag in tags:
+            proc = start(tag)
+            print(f"{tag}: pid {proc.pid}, log {run_dir(tag) / 'train.log'}")
+    elif args.command == "status":
+        for tag in tags:
+            if run_dir(tag).is_dir():
+                print(json.dumps(progress(tag)))
+    else:
+        print(json.dumps({t: e.get("top1", {}).get("mean") for t, e in collect_results().items()}))
+
+
+if __name__ == "__main__":
+    main()
