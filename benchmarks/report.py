@@ -162,10 +162,10 @@ def _train_step_lines(step: dict[str, Any]) -> list[str]:
     compiled = any("bf16+compile" in r["variants"] for r in step["results"])
     lines = [
         f"Training throughput by precision (images/s, batch 64, {step['device']}, "
-        f"{step['threads']} threads, {_machine_label(step)}; `run.precision=auto` resolves to "
-        f"**{step.get('auto_precision', '?')}** here; `benchmarks/bench_train_step.py --compile "
-        "--parallel`, variants interleaved in one run). reference: the official NCL code's "
-        "step (separate networks, torchvision transforms, fp32); fp32 / bf16: the ltzoo engine:",
+        f"{step['threads']} threads, {_machine_label(step)}; `benchmarks/bench_train_step.py "
+        "--compile --parallel`, variants interleaved in one run). reference: the official NCL "
+        "code's step (separate networks, torchvision transforms, fp32); fp32 / bf16: the ltzoo "
+        "engine with `run.precision=fp32` (what `auto` is on a CPU) / `bf16`:",
         "",
         "| method | input | reference | fp32 | bf16 | bf16 vs fp32 | bf16 vs reference |"
         + (" bf16 + compile (compile s) | compile vs bf16 |" if compiled else ""),
@@ -221,7 +221,8 @@ def _precision_parity_lines(fm: dict[str, Any]) -> list[str]:
         "The same recipes (`fmnistlt_bs`, `fmnistlt_ncl`, 40 epochs, seeds 0-2, 1 thread per run) "
         "trained with `run.precision=fp32` and `run.precision=bf16` (bf16 autocast for the "
         "experts, losses / weights / BN statistics in fp32). Parity: the bf16 mean within 0.5 "
-        "points of fp32's, or inside the fp32 seed spread. `auto` picks bf16 only because it holds.",
+        "points of fp32's, or inside the fp32 seed spread; `auto` would pick bf16 on such CPUs "
+        "only if it held for both.",
         "",
         "| method | metric | fp32 | bf16 | bf16 - fp32 | verdict |",
         "|---|---|---|---|---|---|",

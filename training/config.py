@@ -148,8 +148,8 @@ class RunSettings:
     out: str = ""  # default: runs/<recipe>
     device: str = "auto"  # auto | cpu | cuda
     #: "auto" | "fp32" | "bf16": what the method's forward computes in (training/precision.py);
-    #: auto is bf16 on CPUs with AVX512-BF16 or AMX and on GPUs (fp16 + scaler on GPUs
-    #: without bf16), fp32 elsewhere. Losses, weights and checkpoints stay fp32 in every mode
+    #: auto is fp32 on CPUs (bf16 failed accuracy parity for NCL) and bf16 on GPUs that have
+    #: it (else fp16 + scaler). Losses, weights and checkpoints stay fp32 in every mode
     precision: str = "auto"
     sync_bn: bool = True  # SyncBatchNorm under torchrun with >1 process
     eval_every: int = 0  # epochs; 0: only at the end
