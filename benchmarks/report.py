@@ -198,6 +198,64 @@ def _train_step_lines(step: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: the CIFAR-10-LT runs: tag -> (label, the budget chosen and why)
+CIFAR10LT_BUDGETS = {
+    "ce": ("CE", "200 epochs (the LDAM-DRW schedule), crop + flip: the papers' budget"),
+    "bs": ("Balanced Softmax", "200 epochs, same schedule: the papers' budget"),
+    "ncl": ("NCL", "200 of the paper's 400 epochs, AutoAugment + Cutout, MoCo on"),
+    "ncl_e100": ("NCL (half budget)", "100 epochs: the slope towards convergence"),
+    "cbd": ("CBD", "2 teachers + student, 200 epochs each"),
+    "ecl": ("ECL (reconstruction)", "200 epochs, as NCL"),
+}
+#: what the ``measure`` rows stand for, and which fp32/bf16 ratio of bench_train_step applies
+_PLAN_ROWS = {
+    "ce": ("CE / Balanced Softmax", "ce"),
+    "ncl_moco": ("NCL, MoCo on", "ncl"),
+    "ncl_no_moco": ("NCL, MoCo off", "ncl"),
+    "ecl": ("ECL (MoCo on)", "ecl"),
+    "cbd_teacher": ("a CBD teacher", "ce"),
+}
+
+
+def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, Any]) -> list[str]:
+    """The CIFAR-10-LT zoo: measured plan, budgets, progress / results (issue #26)."""
+    if not plan.get("rows"):
+        return []
+    ratio = {  # fp32 / bf16 time on the CIFAR shape, from the same machine's train-step run
+        r["method"]: r["speedup_bf16_vs_fp32"]
+        for r in step.get("results", [])
+        if r["shape"] == "cifar100"
+    }
+    lines = [
+        "### CIFAR-10-LT (rho = 100): the plan, measured",
+        "",
+        "One run per method, one seed (Fashion-MNIST-LT gives the seed spread), trained in the "
+        "background across sessions with `benchmarks/train_cifar10lt.py` (runs in "
+        "`~/ltzoo-runs/cifar10lt/`, a checkpoint every epoch). Validation: 20 images per class, "
+        "the head's taken from its training images (4,980). Images/s of each recipe with its full "
+        f"augmentation, two runs side by side on one thread each ({_machine_label(plan)}; "
+        f"{plan['steps']} steps, `train_cifar10lt.py measure`, in bf16). The runs train in fp32 "
+        "(what `auto` is on a CPU); their estimate multiplies the bf16 hours by the fp32/bf16 "
+        "time ratio of the train-step table (an estimate, not a measurement):",
+        "",
+        "| recipe | images/s (bf16, 1 thread) | hours at the paper's epochs, bf16 | fp32 estimate |",
+        "|---|---|---|---|",
+    ]
+    for tag, row in plan["rows"].items():
+        label, method = _PLAN_ROWS.get(tag, (tag, ""))
+        fp32 = row["hours_at_recipe_epochs"] * ratio.get(method, float("nan"))
+        lines.append(
+            f"| {label} ({row['recipe_epochs']} epochs) | {row['images_per_s']} | "
+            f"{row['hours_at_recipe_epochs']} | {fp32:.1f} |"
+        )
+    lines += ["", "| run | budget | status |", "|---|---|---|"]
+    for tag, (label, budget) in CIFAR10LT_BUDGETS.items():
+        lines.append(f"| {label} | {budget} | {'trained' if tag in c10 else 'not finished'} |")
+    if c10:
+        lines += ["", *_accuracy_table(c10, [t for t in CIFAR10LT_BUDGETS if t in c10])]
+    return [*lines, ""]
+
+
 def _precision_parity_lines(fm: dict[str, Any]) -> list[str]:
     """fp32 runs vs the same recipes in bf16: mean top-1 / ECE, the difference, the verdict
     (issue #25: within 0.5 points or inside the fp32 seed spread)."""
@@ -541,6 +599,9 @@ def build_section() -> str:
         *_accuracy_table(ablation, ["ecl_plain", "ecl_rw", "ecl_fd", "ecl_full"]),
         "",
         *_precision_parity_lines(fm),
+        *_cifar10lt_lines(
+            _load("cifar10lt_plan.json"), _load("train_step_cpu.json"), _load("cifar10lt.json")
+        ),
         "### Training, export and serving speed, this 2-core CPU",
         "",
         *_train_step_lines(_load("train_step_cpu.json")),

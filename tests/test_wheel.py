@@ -64,6 +64,7 @@ def test_installed_wheel_writes_cards_and_loads_bundled_weights(tmp_path):
     assert any(m.startswith("ltzoo/training/recipes/") and m.endswith(".toml") for m in members)
     assert f"ltzoo/zoo/weights/{NAME}/model.safetensors" in members
     assert "ltzoo/py.typed" in members
+    assert "ltzoo/serve/static/index.html" in members  # the page at /
 
     site = tmp_path / "site"
     _pip("install", "--target", str(site), str(wheel), cwd=tmp_path)
