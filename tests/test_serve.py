@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -29,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from serving import Server, running
 
 from ltzoo import zoo
-from ltzoo.net import free_port
 
 TIMEOUT = httpx.Timeout(20.0, connect=5.0)
 API_KEY = "s3cret-key"
@@ -47,65 +43,6 @@ except ImportError:  # pragma: no cover - export lands in another issue
 
 
 # -- server management --------------------------------------------------------------------
-
-
-class Server:
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = log.open("wb")
-        cmd = [
-            sys.executable,
-            "-m",
-            "ltzoo",
-            "serve",
-            *args,
-            "--port",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-        ]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: the finalizer kills workers too
-            env={**os.environ, **(env or {})},
-            cwd=log.parent,
-        )
-
-    def wait_ready(self, limit: float = 90.0) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {limit}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        # leftovers of the group (inference workers, manager)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +77,8 @@ def servers(model_dir, tmp_path_factory):
             env={"LTZOO_CACHE": str(root / "cache")},
         )
         started["ort"].cache = root / "cache"
-    try:
-        for server in started.values():
-            server.wait_ready()
+    with running(started):
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

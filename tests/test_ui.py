@@ -17,16 +17,11 @@ developer machine. They fail instead when ``LTZOO_REQUIRE_BROWSER=1`` (exported 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +31,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from serving import Server, running
 
 from ltzoo import zoo
-from ltzoo.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ncl-resnet32-fmnistlt"
@@ -47,6 +42,7 @@ SCREENSHOT = ROOT / "docs" / "img" / "ui.png"
 API_KEY = "ui-test-key"
 REQUIRE_BROWSER = os.environ.get("LTZOO_REQUIRE_BROWSER") == "1" or bool(os.environ.get("CI"))
 WAIT_S = 30.0
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # the bundled weights
 
 #: one call that reads everything the tests check off a result card of the page
 CARD_JS = """
@@ -69,46 +65,6 @@ return {
 
 
 # -- servers ----------------------------------------------------------------------------------
-class Server:
-    """``ltzoo serve MODEL`` in its own process group on a free port of 127.0.0.1."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = log.open("wb")
-        cmd = [sys.executable, "-m", "ltzoo", "serve", *args]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},  # the bundled weights
-            cwd=log.parent,
-        )
-
-    def wait_ready(self, limit: float = 120.0) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {limit}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(15)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log_file.close()
-
-
 @pytest.fixture(scope="module")
 def chrome_paths() -> tuple[str, str]:
     """Chromium and chromedriver, or a skip (a failure under CI) naming what is missing."""
@@ -138,16 +94,11 @@ def servers(tmp_path_factory) -> Iterator[dict[str, Server]]:
     root = tmp_path_factory.mktemp("ui-serve")
     common = [MODEL, "--threads", "1", "--batch-timeout", "0.002"]
     started = {
-        "open": Server(common, root / "open.log"),
-        "auth": Server(common, root / "auth.log", env={"LTZOO_API_KEY": API_KEY}),
+        "open": Server(common, root / "open.log", env=OFFLINE),
+        "auth": Server(common, root / "auth.log", env={**OFFLINE, "LTZOO_API_KEY": API_KEY}),
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
+    with running(started):
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 from .bundle import bundle_root, is_bundled, load_bundled, read_manifest
 from .ensemble import CONFIG_NAME, WEIGHTS_NAME, Ensemble, record_source
 from .errors import IntegrityError, ModelNotAvailableError
+from .files import local_model_dir
 from .hashing import file_sha256, git_blob_sha1
 from .registry import get_entry, is_registered
 
@@ -203,8 +204,6 @@ def load(
     ``experts=[0, 1]`` keeps only those experts (cheaper inference).
     """
     if Path(name).is_dir():
-        from .resolve import local_model_dir  # resolve imports this module
-
         model = Ensemble.from_pretrained(local_model_dir(name), device)
     elif is_registered(name):
         entry = get_entry(name)

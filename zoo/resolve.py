@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .ensemble import CONFIG_NAME, Ensemble
+from .ensemble import Ensemble
+from .files import local_model_dir
 from .hub_io import REPO_ID, load, split_revision
 from .registry import get_entry, is_registered
 
@@ -56,26 +57,9 @@ class ModelRef:
         raise ValueError(f"{self.target} is a local {self.kind}, not a Hub model")
 
 
-def local_model_dir(directory: str | Path) -> Path:
-    """The model directory of a local ``directory``: a run directory's ``model/``, or
-    ``directory`` itself; ``FileNotFoundError`` saying what is missing otherwise."""
-    return Path(_local(Path(directory), str(directory)).target)
-
-
 def _local(path: Path, arg: str) -> ModelRef:
-    if (path / "model" / CONFIG_NAME).is_file():
-        return ModelRef("run", str(path / "model"))
-    if (path / CONFIG_NAME).is_file():
-        return ModelRef("directory", str(path))
-    if (path / "run.json").is_file():
-        raise FileNotFoundError(
-            f"run directory {arg} has no model/ yet (training has not finished): "
-            f"resume it with `ltzoo train RECIPE --out {arg} --resume`"
-        )
-    raise FileNotFoundError(
-        f"{arg} is neither a model directory (config.json, model.safetensors) "
-        "nor a run directory of `ltzoo train` (model/)"
-    )
+    model_dir = local_model_dir(arg)
+    return ModelRef("run" if model_dir != path else "directory", str(model_dir))
 
 
 def resolve_model(arg: str, revision: str | None = None, allow_onnx: bool = False) -> ModelRef:
@@ -123,4 +107,4 @@ def load_model(
     return load(ref.target, revision=ref.revision, pretrained=pretrained, device=device)
 
 
-__all__ = ["ModelRef", "load_model", "local_model_dir", "resolve_model"]
+__all__ = ["ModelRef", "load_model", "resolve_model"]
