@@ -9,6 +9,11 @@ from typing import Any, cast
 
 #: tolerance of ``--check`` on the float32 graph (max |p_onnx - p_torch|)
 CHECK_TOL = 1e-4
+#: --int8 --check on real images (a fresh draw from --calib-data): the INT8 graph's top-1
+#: must agree with the fp32 model's on this fraction of them, and no calibrated probability
+#: may move by more than INT8_MAX_DIFF
+INT8_MIN_AGREEMENT = 0.98
+INT8_MAX_DIFF = 0.25
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -59,7 +64,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help=f"parity vs PyTorch on random inputs (batch 1 and 16); exit 1 if > {CHECK_TOL:g}",
+        help=f"parity vs PyTorch on random inputs (batch 1 and 16); exit 1 if > {CHECK_TOL:g}; "
+        f"with --int8, on --calib-size real images from --calib-data instead: exit 1 unless "
+        f"top-1 agrees on >= {INT8_MIN_AGREEMENT:.0%} and max |dp| <= {INT8_MAX_DIFF:g}",
     )
     p.add_argument("--revision", default=None, help="Hub revision")
     p.add_argument(
@@ -77,8 +84,11 @@ def _default_out(model: Any, args: argparse.Namespace) -> Path:
     return Path(f"{name}{suffix}.onnx")
 
 
-def load_calibration_images(spec: str, model: Any, n: int, seed: int = 0):  # -> torch.Tensor
-    """``n`` preprocessed calibration images from a directory of images or a dataset name."""
+def load_calibration_images(
+    spec: str, model: Any, n: int, seed: int = 0, test: bool = False
+):  # -> torch.Tensor
+    """``n`` preprocessed calibration images from a directory of images or a dataset name
+    (its validation split; ``test=True``: its test split, images calibration never saw)."""
     import torch
 
     path = Path(spec)
@@ -103,7 +113,8 @@ def load_calibration_images(spec: str, model: Any, n: int, seed: int = 0):  # ->
             f"is unavailable ({exc}); pass a directory of images"
         ) from exc
     split = build_lt_dataset(spec, seed=seed)
-    data = cast(Any, split.val if getattr(split, "val", None) is not None else split.test)  # Sized
+    has_val = getattr(split, "val", None) is not None and not test
+    data = cast(Any, split.val if has_val else split.test)  # Sized
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(data), generator=gen)[:n].tolist()
     return torch.stack([data[i][0] for i in pick]).float()
@@ -130,6 +141,22 @@ def _check(model: Any, onnx_path: Path, precision: str) -> bool:
         return True
     ok = worst <= CHECK_TOL
     print(f"check {'passed' if ok else 'FAILED'}: max diff {worst:.3g} (tolerance {CHECK_TOL:g})")
+    return ok
+
+
+def _check_int8(model: Any, onnx_path: Path, images: Any, what: str) -> bool:
+    """The INT8 verdict on real images: top-1 agreement with the fp32 model and the largest
+    change of a calibrated probability, each against its threshold."""
+    from .onnx import compare_predictions
+
+    r = compare_predictions(model, onnx_path, images)
+    ok = r["top1_agreement"] >= INT8_MIN_AGREEMENT and r["max_diff"] <= INT8_MAX_DIFF
+    print(
+        f"check {'passed' if ok else 'FAILED'} (int8 vs the fp32 model on {r['n']} {what}): "
+        f"top-1 agreement {r['top1_agreement']:.1%} (>= "
+        f"{INT8_MIN_AGREEMENT:.0%}), max |dp| {r['max_diff']:.3f} (<= {INT8_MAX_DIFF:g}), "
+        f"mean max |dp| {r['mean_diff']:.4f}"
+    )
     return ok
 
 
@@ -208,6 +235,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
         precision = "fp16" if args.fp16 else "fp32"
     print(f"wrote {out} ({precision}, {out.stat().st_size / 1e6:.1f} MB)")
+    if args.check and precision == "int8":
+        # a dataset: its test split, images the calibration never saw; a directory: its images
+        if Path(args.calib_data).is_dir():
+            images, what = calib, f"the calibration images of {args.calib_data}"
+        else:
+            images = load_calibration_images(args.calib_data, model, args.calib_size, test=True)
+            what = f"{args.calib_data} test images"
+        return 0 if _check_int8(model, out, images, what) else 1
     if args.check and not _check(model, out, precision):
         return 1
     return 0

@@ -412,6 +412,36 @@ def check_parity(
     return float(np.abs(probs - ref.numpy()).max())
 
 
+def compare_predictions(
+    model: Ensemble, onnx_path: str | Path, x: torch.Tensor, batch_size: int = 64
+) -> dict[str, float]:
+    """How an exported graph's calibrated probabilities compare with ``model``'s on images
+    ``x`` (N, C, H, W), at the graph's default prior: ``top1_agreement`` (fraction of images
+    whose argmax matches) and ``max_diff`` / ``mean_diff`` (of |p_onnx - p_torch|).
+
+    On real images this is the verdict for a quantized graph; random inputs say little
+    there (INT8 ranges are calibrated on real images, so noise falls outside them)."""
+    model = model.eval()
+    agree, max_diff, total_diff, n = 0, 0.0, 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size]
+        probs = torch.from_numpy(
+            _cached_session(Path(onnx_path)).run(
+                ["probs"], {"pixel_values": xb.detach().cpu().float().numpy()}
+            )[0]
+        )
+        with torch.inference_mode():
+            device = next(model.parameters()).device
+            logits = model(xb.to(device)).float().cpu()
+            ref = cal.calibrated_probs(logits, model.prior_shift(), model.config.temperature)
+        diff = (probs - ref).abs()
+        agree += int((probs.argmax(1) == ref.argmax(1)).sum())
+        max_diff = max(max_diff, float(diff.max()))
+        total_diff += float(diff.max(1).values.sum())
+        n += len(xb)
+    return {"top1_agreement": agree / n, "max_diff": max_diff, "mean_diff": total_diff / n, "n": n}
+
+
 # -- INT8 -----------------------------------------------------------------------------------
 class _ImageReader:
     """onnxruntime CalibrationDataReader over a tensor/array of calibration images."""

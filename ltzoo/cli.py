@@ -32,17 +32,37 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(
-        f"{'name':34} {'method':17} {'backbone':16} {'K':>2} {'paper':>6} {'measured':>8}  provenance"
+        f"{'name':34} {'method':17} {'backbone':16} {'K':>2} {'paper':>6} "
+        f"{'shipped':>7} {'predict':>7} {'mean ± std (seeds)':>20}  provenance"
     )
     for r in rows:
         paper = r["paper"].get("top1")
-        measured = r["measured"].get("accuracy", {}).get("top1")
+        shipped = r["measured"].get("shipped", {})
+        over = r["measured"].get("over_seeds", {})
+        raw, calibrated = shipped.get("accuracy", {}).get("top1"), shipped.get("top1_calibrated")
+        mean = (
+            f"{over['top1']['mean']:.2f} ± {over['top1']['std']:.2f} ({over['seeds']})"
+            if "top1" in over
+            else "-"
+        )
         print(
             f"{r['name']:34} {r['method']:17} {r['backbone']:16} {r['experts']:>2} "
-            f"{paper if paper is not None else '-':>6} "
-            f"{f'{measured:.2f}' if measured is not None else '-':>8}  {r['provenance'].split(';')[0][:40]}"
+            f"{paper if paper is not None else '-':>6} {_f2(raw):>7} {_f2(calibrated):>7} "
+            f"{mean:>20}  {r['provenance'].split(';')[0][:40]}"
+        )
+    if any(r["measured"] for r in rows):
+        print(
+            "\ntop-1 on the balanced test set, in %. shipped: the model that ships (seed 0), "
+            "argmax of its raw logits; predict: the same model as `predict` and the server "
+            "return it (calibrated, balanced prior; for CE that is post-hoc logit adjustment); "
+            "mean ± std: the method over its training seeds (raw). `ltzoo eval NAME` "
+            "recomputes the shipped figures."
         )
     return 0
+
+
+def _f2(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -58,6 +78,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         row.update(
             hub_id=entry.resolved_hub_id(), provenance=entry.provenance, measured=entry.measured
         )
+        if entry.measured:
+            row["measured_note"] = (
+                "measured.shipped: the model that ships (seed 0), raw top-1 and top1_calibrated "
+                "as `predict` and the server return it; `ltzoo eval NAME` recomputes them. "
+                "measured.over_seeds: the method's mean ± std over its training seeds."
+            )
         print(json.dumps(row, indent=2, default=str))
         return 0
     # --pretrained: the published weights' config; --cost alone: the registered architecture

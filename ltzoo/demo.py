@@ -85,6 +85,7 @@ def run_demo(
             f"optim.warmup_epochs={min(1.0, epochs / 2)}",
             "optim.milestones=[]",
             f"run.eval_subset={eval_subset}",
+            "run.name=ltzoo-demo-ncl",  # a run of ours, not the shipped ncl-resnet32-fmnistlt
         ]
         if max_steps:
             overrides.append(f"run.max_steps_per_epoch={max_steps}")

@@ -43,8 +43,10 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Annotated, Any, TypeGuard
 
+import h11
 import litserve as ls
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -61,6 +63,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ltzoo.zoo.config import FEW_SHOT_MAX, MANY_SHOT_MIN, EnsembleConfig
 
@@ -82,6 +86,13 @@ logger = logging.getLogger("ltzoo.serve")
 
 #: paths that never need the API key (load-balancer probes, API docs, the page at /)
 OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc", "/"})
+#: the API docs, which ``--protect-docs`` puts behind the key (they name the model and limits)
+DOCS_PATHS = frozenset({"/docs", "/openapi.json", "/redoc"})
+#: status noted (in /metrics, never sent) for a request whose client left before the whole
+#: body arrived: nginx's "499 Client Closed Request"
+CLIENT_CLOSED_REQUEST = 499
+#: largest request head (request line and headers), as uvicorn's h11 and the app count it
+MAX_HEAD_BYTES = 64 * 1024
 #: where the Swagger UI / ReDoc assets shipped by ``fastapi-offline`` are served (no CDN)
 DOCS_ASSETS = "/docs-assets"
 
@@ -186,6 +197,7 @@ class EnsembleAPI(ls.LitAPI):
         max_batch_size: int = 32,
         batch_timeout: float = DEFAULT_BATCH_TIMEOUT_S,
         api_key: str | None = None,
+        protect_docs: bool = False,
     ) -> None:
         with warnings.catch_warnings():  # batch/unbatch are used even with max_batch_size=1
             warnings.filterwarnings("ignore", message=".*both batch and unbatch methods.*")
@@ -199,6 +211,7 @@ class EnsembleAPI(ls.LitAPI):
         self.input_shape = (config.preprocess.channels, *config.preprocess.input_size)
         self.num_classes = config.num_classes
         self.api_key = api_key
+        self.open_paths = OPEN_PATHS - DOCS_PATHS if protect_docs else OPEN_PATHS
         self.main_pid = os.getpid()
         self.stats = BatchStats(max_batch_size)
         src = config.extra.get("source") or {}
@@ -211,8 +224,9 @@ class EnsembleAPI(ls.LitAPI):
 
     # -- auth (runs in the HTTP process as a FastAPI dependency) ------------------------------
     def authorize(self, request: Request) -> None:
-        """Require the API key (``X-API-Key`` or ``Authorization: Bearer``) off :data:`OPEN_PATHS`."""
-        if self.api_key is None or request.url.path in OPEN_PATHS:
+        """Require the API key (``X-API-Key`` or ``Authorization: Bearer``) off :data:`OPEN_PATHS`
+        (less :data:`DOCS_PATHS` with ``protect_docs``)."""
+        if self.api_key is None or request.url.path in self.open_paths:
             return
         given = request.headers.get("x-api-key")
         if given is None:
@@ -350,6 +364,18 @@ class BatchCollector:
         )
 
 
+def error_kind(status: int) -> str:
+    """The ``kind`` label of ``ltzoo_http_errors`` for an error status.
+
+    Example:
+        >>> [error_kind(s) for s in (404, CLIENT_CLOSED_REQUEST, 503)]
+        ['client', 'client_abort', 'server']
+    """
+    if status == CLIENT_CLOSED_REQUEST:
+        return "client_abort"
+    return "client" if status < 500 else "server"
+
+
 class Metrics:
     """Request metrics of one HTTP process plus the worker's batch counts (Prometheus)."""
 
@@ -363,7 +389,8 @@ class Metrics:
         )
         self.errors = Counter(
             "ltzoo_http_errors",
-            "4xx (client) and 5xx (server) responses.",
+            "4xx (client) and 5xx (server) responses, and requests whose client left before "
+            f"the answer (client_abort, status {CLIENT_CLOSED_REQUEST}).",
             ["path", "kind"],
             registry=self.registry,
         )
@@ -379,7 +406,7 @@ class Metrics:
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         self.requests.labels(method, path, str(status)).inc()
         if status >= 400:
-            self.errors.labels(path, "client" if status < 500 else "server").inc()
+            self.errors.labels(path, error_kind(status)).inc()
         self.seconds.labels(path).observe(seconds)
 
     def response(self) -> Response:
@@ -418,6 +445,100 @@ class MetricsMiddleware:
         finally:
             path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)
+
+
+def _error_message(status: int, code: str, message: str) -> list[dict[str, Any]]:
+    """The ASGI messages of a JSON error answer that closes the connection."""
+    body = JSONResponse({"detail": {"error": code, "message": message, "field": None}}).body
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return [
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
+def head_size(scope: dict) -> int:
+    """Bytes of the request head as sent: request line, header lines and the blank line."""
+    target = len(scope.get("raw_path") or scope["path"].encode())
+    query = scope.get("query_string") or b""
+    line = len(scope["method"]) + 1 + target + (len(query) + 1 if query else 0) + 11
+    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 2
+
+
+class HeadLimitMiddleware:
+    """431 (JSON) for a request head over ``max_bytes``.
+
+    uvicorn's h11 bounds only a head that is still *incomplete* after a read
+    (``h11_max_incomplete_event_size``): one that arrives whole in a single read passes
+    it, whatever its size. This checks every head the app sees.
+    """
+
+    def __init__(self, app: Any, *, max_bytes: int = MAX_HEAD_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and head_size(scope) > self.max_bytes:
+            message = f"request head is larger than the server's limit of {self.max_bytes} bytes"
+            for event in _error_message(431, "header_too_large", message):
+                await send(event)
+            return
+        await self.app(scope, receive, send)
+
+
+class JsonH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol whose own answers have the app's JSON error shape.
+
+    uvicorn answers some requests before the app sees them, in plain text: a malformed
+    request (request line, headers, chunk framing: 400), a head still incomplete past
+    ``h11_max_incomplete_event_size`` (400 there, 431 here) and any request past
+    ``limit_concurrency`` (503). Same limits and the same moments, JSON bodies.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn swaps in its plain-text 503 app past limit_concurrency; the same check
+        # runs in _capped instead (the request's own task is in ``tasks`` by then)
+        self.connection_cap, self.limit_concurrency = self.limit_concurrency, None
+        self.app = self._capped(self.app)
+
+    def _capped(self, app: Any) -> Any:
+        async def capped(scope: dict, receive: Any, send: Any) -> None:
+            cap = self.connection_cap
+            if cap is not None and (len(self.connections) >= cap or len(self.tasks) > cap):
+                self.logger.warning("Exceeded concurrency limit.")
+                for event in _error_message(
+                    503, "over_capacity", f"the server is at its limit of {cap} connections"
+                ):
+                    await send(event)
+                return
+            await app(scope, receive, send)
+
+        return capped
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None and len(self.conn.trailing_data[0]) > limit:
+            status, code = 431, "header_too_large"
+            msg = f"request head is larger than the server's limit of {limit} bytes"
+        else:
+            status, code = 400, "malformed_http"
+            msg = "invalid HTTP request (request line, headers or chunked body framing)"
+        start, body = _error_message(status, code, msg)
+        output = self.conn.send(
+            h11.Response(
+                status_code=status,
+                headers=start["headers"],
+                reason=HTTPStatus(status).phrase.encode(),
+            )
+        )
+        output += self.conn.send(h11.Data(data=body["body"]))
+        output += self.conn.send(h11.EndOfMessage())
+        self.transport.write(output)
+        self.transport.close()
 
 
 #: uids that the HTTP request being handled (this asyncio context) put in the response buffer
@@ -576,13 +697,17 @@ def openapi_document(
     return doc
 
 
-def _offline_docs(app: FastAPI) -> None:
-    """/docs and /redoc from assets shipped by ``fastapi-offline``: they work air-gapped."""
+def _offline_docs(app: FastAPI, auth: Any) -> None:
+    """/docs and /redoc from assets shipped by ``fastapi-offline``: they work air-gapped.
+
+    They and /openapi.json run the ``auth`` dependency, which lets them through unless the
+    server protects its docs (``--protect-docs``)."""
     assets = importlib.resources.files("fastapi_offline") / "static"
     app.router.routes = [
         r
         for r in app.router.routes
-        if getattr(r, "path", None) not in ("/docs", "/redoc", "/docs/oauth2-redirect")
+        if getattr(r, "path", None)
+        not in ("/docs", "/redoc", "/docs/oauth2-redirect", "/openapi.json")
     ]
     app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
 
@@ -604,21 +729,31 @@ def _offline_docs(app: FastAPI) -> None:
             with_google_fonts=False,
         )
 
-    app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    for path, endpoint in (("/docs", swagger), ("/redoc", redoc), ("/openapi.json", openapi)):
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=["GET"],
+            include_in_schema=False,
+            dependencies=[Depends(auth)],
+        )
 
 
 def uvicorn_limits(
-    max_connections: int = 256, keep_alive_s: int = 5, max_header_bytes: int = 64 * 1024
+    max_connections: int = 256, keep_alive_s: int = 5, max_header_bytes: int = MAX_HEAD_BYTES
 ) -> dict[str, Any]:
     """Explicit uvicorn limits (``server.run(**uvicorn_limits())``).
 
-    h11 rather than httptools, because only h11 bounds the request head
-    (``h11_max_incomplete_event_size``); past ``max_connections`` concurrent connections
-    uvicorn answers 503; idle keep-alive connections close after ``keep_alive_s``.
+    h11 (:class:`JsonH11Protocol`) rather than httptools, because only h11 bounds the
+    request head (``h11_max_incomplete_event_size``, a head that arrives in pieces;
+    :class:`HeadLimitMiddleware` checks the others); past ``max_connections`` concurrent
+    connections the answer is 503; idle keep-alive connections close after ``keep_alive_s``.
     """
     return {
-        "http": "h11",
+        "http": JsonH11Protocol,
         "h11_max_incomplete_event_size": max_header_bytes,
         "limit_concurrency": max_connections,
         "timeout_keep_alive": keep_alive_s,
@@ -642,15 +777,18 @@ def build_server(
     decode_threads: int = 2,
     fast_queue: bool = False,
     ui: bool = True,
+    protect_docs: bool = False,
 ) -> ls.LitServer:
     """A ready-to-``run`` LitServer with /predict, /health, /info, /metrics and /docs, and
-    with ``ui`` the page at / (:mod:`serve.ui`; without it / is not a route)."""
+    with ``ui`` the page at / (:mod:`serve.ui`; without it / is not a route).
+    ``protect_docs``: with ``api_key``, /docs, /redoc and /openapi.json need the key too."""
     api = EnsembleAPI(
         spec,
         config,
         max_batch_size=max_batch_size,
         batch_timeout=batch_timeout,
         api_key=api_key,
+        protect_docs=protect_docs,
     )
     decoder = RequestDecoder(config, max_pixels, max_images, max_request_pixels)
     max_bytes = int(max_payload_mb * 1024 * 1024)
@@ -666,6 +804,7 @@ def build_server(
         model_metadata=metadata,
         middlewares=[
             (DeadlineMiddleware, {"path": api.api_path, "timeout": timeout, "buffer": buffer}),
+            (HeadLimitMiddleware, {"max_bytes": MAX_HEAD_BYTES}),
             (MetricsMiddleware, {"metrics": metrics}),
         ],
         fast_queue=fast_queue,
@@ -687,7 +826,7 @@ def build_server(
         methods=["GET"],
         dependencies=[Depends(server.setup_auth(api))],
     )
-    _offline_docs(app)
+    _offline_docs(app, server.setup_auth(api))
     add_ui(app, ui)
     document = openapi_document(
         app, auth=api_key is not None, num_classes=config.num_classes, max_images=max_images
@@ -700,6 +839,16 @@ def build_server(
         if not isinstance(detail, dict):  # LitServe's own errors (504, 500) get the same shape
             detail = {"error": "http_error", "message": str(detail), "field": None}
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client closed the connection before its whole body arrived (a body shorter
+        # than its Content-Length then a half-close, bad chunk framing): the answer reaches
+        # no one, but /metrics counts it as a client abort, not as a server error
+        logger.info("client left before sending the whole body of %s", request.url.path)
+        return RequestError.of(
+            CLIENT_CLOSED_REQUEST, "client_abort", "the client closed the connection"
+        ).response()
 
     return server
 

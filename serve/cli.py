@@ -96,6 +96,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         decode_threads=args.decode_threads,
         fast_queue=args.fast_queue,
         ui=args.ui,
+        protect_docs=args.protect_docs,
     )
     url = server_url(args.host, args.port)
     page = f"page: {url}/, " if args.ui else ""
@@ -164,6 +165,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="require this key in X-API-Key (or Authorization: Bearer). Prefer the LTZOO_API_KEY "
         "environment variable: a flag is visible to every user in `ps`",
+    )
+    p.add_argument(
+        "--protect-docs",
+        action="store_true",
+        help="with an API key, /docs, /redoc and /openapi.json need it too (default: open; "
+        "they show the model's name and limits)",
     )
     p.add_argument(
         "--max-payload-mb", type=_positive_float, default=20.0, help="request body limit (413)"

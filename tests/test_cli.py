@@ -178,8 +178,9 @@ def test_calibrate_updates_the_run_model(run_dir, image_folder, capsys):
     assert main(["eval", str(run_dir), *argv, "--shifted"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^forward\s+2\s", out, re.M) and re.search(r"^backward\s+50\s", out, re.M)
-    summary = out.strip().splitlines()[-1]
-    assert summary.startswith("top-1") and not re.search(r"\d\.\d{3,}", summary.split("ECE")[0])
+    summary = next(line for line in out.splitlines() if line.startswith("top-1 "))
+    assert "top-5" in summary and not re.search(r"\d\.\d{3,}", summary)
+    assert re.search(r"^calibrated top-1 \d+\.\d\d ", out, re.M) and "ECE " in out
 
 
 def test_calibrate_needs_out_for_a_hub_model(capsys):

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -534,6 +537,95 @@ def test_tensorrt_host_reweighting_matches_graph_prior(ort):
     p_trt, d_trt = trt.predict(x, shifts)
     np.testing.assert_allclose(p_trt, p_ref, atol=1e-5)
     np.testing.assert_allclose(d_trt, d_ref, rtol=1e-6)
+
+
+# -- raw HTTP: framing errors, client aborts, head and connection limits (issue 28) ---------
+def _raw(server: Server, *pieces: bytes, half_close: bool = False, pause: float = 0.0) -> bytes:
+    """Send ``pieces`` (each in one ``sendall``) on a fresh connection; the whole answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        for i, piece in enumerate(pieces):
+            if i and pause:
+                time.sleep(pause)
+            sock.sendall(piece)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _raw_error(answer: bytes, status: int) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    return json.loads(body)["detail"]
+
+
+def _errors_total(client: httpx.Client, kind: str) -> float:
+    prefix = f'ltzoo_http_errors_total{{kind="{kind}",path="/predict"}} '
+    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_client_aborts_are_not_server_errors_and_framing_errors_are_json(client, servers):
+    server = servers["torch"]
+    before = {kind: _errors_total(client, kind) for kind in ("server", "client_abort")}
+    log_start = server.log.stat().st_size
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # a body shorter than its Content-Length, then a half-close: nobody is left to answer
+    short = _raw(server, head + b"Content-Length: 1000\r\n\r\n" + b'{"image": "', half_close=True)
+    assert short == b""
+    # a bad chunk-size line: uvicorn answers 400 (JSON now), the app sees the client leave
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    detail = _raw_error(_raw(server, chunked, b"zz\r\nhello\r\n", pause=0.3), 400)
+    assert detail["error"] == "malformed_http"
+    # a malformed request line never reaches the app
+    assert _raw_error(_raw(server, b"NOT HTTP AT ALL\r\n\r\n"), 400)["error"] == "malformed_http"
+    deadline = time.monotonic() + 10
+    while _errors_total(client, "client_abort") < before["client_abort"] + 2:
+        assert time.monotonic() < deadline, client.get("/metrics").text
+        time.sleep(0.1)
+    assert _errors_total(client, "server") == before["server"]
+    log = server.log.read_bytes()[log_start:].decode(errors="replace")
+    assert "ClientDisconnect" not in log and "Traceback" not in log, log[-3000:]
+    assert client.post("/predict", json={"image": b64(GOOD)}).status_code == 200
+
+
+def test_request_head_over_64_kib_is_431_json_in_one_read_or_in_pieces(client, servers):
+    server = servers["torch"]
+    big = b"X-Big: " + b"a" * (80 * 1024) + b"\r\n"
+    request = b"GET /info HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n"
+    # ~80 KiB in one send: h11 sees a complete head and lets it through; the app refuses it
+    assert _raw_error(_raw(server, request), 431)["error"] == "header_too_large"
+    counted = 'ltzoo_http_requests_total{method="GET",path="/info",status="431"}'
+    assert counted in client.get("/metrics").text  # answered by the app, not by h11
+    # the same head in two pieces: h11's incomplete-event limit (uvicorn answers, JSON too)
+    pieces = request[: 60 * 1024], request[60 * 1024 :]
+    assert _raw_error(_raw(server, *pieces, pause=0.2), 431)["error"] == "header_too_large"
+    small = b"GET /info HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1000 + b"\r\n\r\n"
+    assert _raw(server, small).startswith(b"HTTP/1.1 200 ")
+    assert client.get("/health").status_code == 200
+
+
+def test_connection_cap_503_is_json(servers):
+    server = servers["torch"]
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=20) for _ in range(256)]
+    try:
+        time.sleep(0.5)  # let the server accept them all
+        detail = _raw_error(_raw(server, b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"), 503)
+        assert detail["error"] == "over_capacity" and "256" in detail["message"]
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.url + "/info", timeout=5).status_code == 200:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 # -- OpenAPI document vs the real server (schemathesis, bounded) ------------------------------

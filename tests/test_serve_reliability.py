@@ -383,3 +383,167 @@ def test_batch_timeout_has_one_default():
     api = inspect.signature(EnsembleAPI.__init__).parameters["batch_timeout"].default
     server = inspect.signature(build_server).parameters["batch_timeout"].default
     assert cli == api == server == DEFAULT_BATCH_TIMEOUT_S
+
+
+# -- 28.4 a client that leaves mid-body is a client abort, not a server error ---------------
+def test_client_disconnect_mid_body_is_a_client_abort_without_traceback(caplog):
+    from ltzoo.serve.api import CLIENT_CLOSED_REQUEST
+
+    server = _server(None)
+    messages = [
+        {"type": "http.disconnect"},
+        {"type": "http.request", "body": b'{"ima', "more_body": True},
+    ]
+
+    async def receive() -> dict:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+    scope = {**_request(b"").scope, "headers": headers, "path": "/predict", "raw_path": b"/predict"}
+    scope.update(query_string=b"", root_path="", scheme="http", http_version="1.1")
+    with caplog.at_level("INFO"):
+        asyncio.run(server.app(scope, receive, send))
+    assert sent[0]["status"] == CLIENT_CLOSED_REQUEST
+    assert json.loads(sent[1]["body"])["detail"]["error"] == "client_abort"
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    metrics = TestClient(server.app).get("/metrics").text
+    assert 'ltzoo_http_errors_total{kind="client_abort",path="/predict"} 1.0' in metrics
+    assert 'kind="server"' not in metrics
+
+
+# -- 28.5 a request head over 64 KiB is a JSON 431 (unit: the size the middleware counts) ---
+def test_head_size_counts_the_request_line_and_every_header():
+    from ltzoo.serve.api import head_size
+
+    raw = b"GET /info?a=1 HTTP/1.1\r\nhost: x\r\nx-long: " + b"v" * 100 + b"\r\n\r\n"
+    scope = {
+        "method": "GET",
+        "path": "/info",
+        "raw_path": b"/info",
+        "query_string": b"a=1",
+        "headers": [(b"host", b"x"), (b"x-long", b"v" * 100)],
+    }
+    assert head_size(scope) == len(raw)
+
+
+def test_big_head_gets_431_json_in_process():
+    client = TestClient(_server(None).app)
+    r = client.get("/info", headers={"x-big": "a" * 70_000})
+    assert r.status_code == 431 and r.json()["detail"]["error"] == "header_too_large"
+    assert client.get("/info", headers={"x-big": "a" * 60_000}).status_code == 200
+
+
+# -- 28.6 --protect-docs ------------------------------------------------------------------
+@pytest.mark.parametrize("protect", [False, True])
+def test_docs_are_open_by_default_and_need_the_key_with_protect_docs(protect):
+    from ltzoo.cli import build_parser
+    from ltzoo.serve.api import build_server
+    from ltzoo.serve.backends import BackendSpec
+
+    flags = ["--protect-docs"] if protect else []
+    assert build_parser().parse_args(["serve", "m", *flags]).protect_docs is protect
+    server = build_server(
+        BackendSpec("torch", "unused"), CONFIG, api_key="k", max_images=8, protect_docs=protect
+    )
+    client = TestClient(server.app)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        r = client.get(path)
+        if protect:
+            assert r.status_code == 401 and r.json()["detail"]["error"] == "unauthorized", path
+        else:
+            assert r.status_code == 200, path
+        assert client.get(path, headers={"X-API-Key": "k"}).status_code == 200, path
+    assert client.get("/info").status_code == 401
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200  # generic assets
+
+
+def test_protect_docs_without_a_key_changes_nothing():
+    from ltzoo.serve.api import build_server
+    from ltzoo.serve.backends import BackendSpec
+
+    server = build_server(BackendSpec("torch", "unused"), CONFIG, protect_docs=True)
+    client = TestClient(server.app)
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/info").status_code == 200
+
+
+# -- 28.7 transparency onto the model's background, float TIFFs ----------------------------
+def _image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _garment() -> tuple[np.ndarray, np.ndarray]:
+    """A light shape on black (Fashion-MNIST style) and its alpha mask (the shape)."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((28, 28), bool)
+    mask[4:24, 8:20] = True
+    grey = np.where(mask, rng.integers(120, 256, (28, 28)), 0).astype(np.uint8)
+    return grey, mask
+
+
+def test_fashion_mnist_model_predicts_the_same_for_la_and_l():
+    from ltzoo.zoo.datasets_meta import DATASETS
+    from ltzoo.zoo.registry import get_entry
+
+    config = get_entry("ncl-resnet32-fmnistlt").build_config()
+    assert config.preprocess == DATASETS["fashion_mnist_lt"].preprocess_config()
+    assert config.preprocess.background == 0
+    grey, mask = _garment()
+    # the same picture saved as LA: transparent where the garment is not (colour white there)
+    la = np.stack([np.where(mask, grey, 255), np.where(mask, 255, 0)], -1).astype(np.uint8)
+    l_png = _image_bytes(Image.fromarray(grey, "L"))
+    la_png = _image_bytes(Image.fromarray(la, "LA"))
+    decoder = RequestDecoder(config, 1_000_000, 8)
+    l_px, la_px = decoder.load_image(l_png, "image"), decoder.load_image(la_png, "image")
+    np.testing.assert_array_equal(l_px, la_px)
+    torch_model = zoo.Ensemble(config).eval()
+    import torch
+
+    with torch.no_grad():
+        probs = torch_model.predict(torch.from_numpy(np.stack([l_px, la_px])), top_k=3).probs
+    assert torch.equal(probs[0], probs[1])
+    # a config.json without the field composites onto white, as before
+    old = dict(config.to_dict()["preprocess"])
+    del old["background"]
+    white = dataclasses.replace(config, preprocess=zoo.PreprocessConfig(**old))
+    assert white.preprocess.background == 255
+    white_px = RequestDecoder(white, 1_000_000, 8).load_image(la_png, "image")
+    assert not np.array_equal(white_px, l_px)
+
+
+def test_preprocess_background_is_checked_and_round_trips():
+    assert zoo.PreprocessConfig(background=[0, 10, 20]).background == (0, 10, 20)
+    assert zoo.PreprocessConfig(background=[0, 10, 20]).background_rgb == (0, 10, 20)
+    assert zoo.PreprocessConfig(background=7).background_rgb == (7, 7, 7)
+    for bad in (256, -1, [1, 2], "white", True):
+        with pytest.raises(ValueError, match=r"preprocess\.background"):
+            zoo.PreprocessConfig(background=bad)
+    cfg = zoo.EnsembleConfig(preprocess=zoo.PreprocessConfig(background=(1, 2, 3)))
+    again = zoo.EnsembleConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.preprocess == cfg.preprocess
+
+
+def test_float_tiff_in_unit_range_reads_as_the_uint8_image():
+    grey, _ = _garment()
+    float_tiff = _image_bytes(Image.fromarray(grey.astype(np.float32) / 255.0, "F"), "TIFF")
+    assert Image.open(__import__("io").BytesIO(float_tiff)).mode == "F"
+    decoder = _decoder()
+    np.testing.assert_array_equal(
+        decoder.load_image(float_tiff, "image"),
+        decoder.load_image(_image_bytes(Image.fromarray(grey, "L")), "image"),
+    )
+    # values beyond [0, 1] are grey levels, as before
+    levels = _image_bytes(Image.fromarray(grey.astype(np.float32), "F"), "TIFF")
+    np.testing.assert_array_equal(
+        decoder.load_image(levels, "image"),
+        decoder.load_image(_image_bytes(Image.fromarray(grey, "L")), "image"),
+    )

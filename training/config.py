@@ -168,8 +168,28 @@ class RunSettings:
     #: the images/s on this project's CPU for NCL, ECL and CE, for a one-off compile of
     #: 16-68 s (benchmarks/bench_train_step.py --compile); same weights and checkpoints
     compile: bool = False
+    #: the trained model's name (its config's ``name``: ``ltzoo serve``, plots and cards show
+    #: it); "" takes the run directory's name. Never a registered model's name: those belong
+    #: to the published weights (bundle a run under one with bundle_weights.py --name)
+    name: str = ""
+
+    def model_name(self, run_dir: str | Path) -> str:
+        """The name a model trained in ``run_dir`` gets: ``run.name``, else the directory's
+        name, with ``-run`` appended when that is a registered model's name."""
+        from ltzoo.zoo.registry import is_registered
+
+        name = self.name or Path(run_dir).resolve().name
+        return f"{name}-run" if is_registered(name) else name
 
     def validate(self) -> None:
+        if self.name:
+            from ltzoo.zoo.registry import is_registered
+
+            if is_registered(self.name):
+                raise ConfigError(
+                    f"run.name {self.name!r} is a registered model's name, which belongs to its "
+                    "published weights; choose another name"
+                )
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda"):

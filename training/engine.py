@@ -199,7 +199,12 @@ class Trainer:
         if method_cls.card_notes:
             extra["card_notes"] = method_cls.card_notes
         config = get_entry(cfg.model).build_config(
-            **{"method": cfg.method, "recipe": cfg.recipe, **overrides},
+            **{
+                "method": cfg.method,
+                "recipe": cfg.recipe,
+                "name": cfg.run.model_name(self.run_dir),
+                **overrides,
+            },
             class_counts=list(split.class_counts),
             class_names=list(split.class_names),
             extra=extra,

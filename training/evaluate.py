@@ -160,7 +160,11 @@ def calibrate_and_evaluate(
     model.config = dataclasses.replace(model.config, metrics=metrics)
     if plots_dir is not None:
         plot_per_class(
-            acc["per_class"], counts, Path(plots_dir) / "per_class_accuracy.png", model.config.name
+            acc["per_class"],
+            counts,
+            Path(plots_dir) / "per_class_accuracy.png",
+            model.config.name,
+            class_names=model.config.class_names,
         )
         plot_reliability(
             calibrated,
@@ -172,22 +176,36 @@ def calibrate_and_evaluate(
 
 
 def plot_per_class(
-    per_class: Sequence[float], counts: Sequence[int], path: Path, title: str = ""
+    per_class: Sequence[float],
+    counts: Sequence[int],
+    path: Path,
+    title: str = "",
+    class_names: Sequence[str] = (),
 ) -> Path:
-    """Per-class test accuracy against training class size (log x)."""
+    """Per-class test accuracy, one bar per class from the largest training class to the
+    smallest, each named on the x axis with its training image count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = list(class_names) or [str(c) for c in range(len(per_class))]
+    order = sorted(range(len(per_class)), key=lambda c: -counts[c]) if counts else []
+    order = order or list(range(len(per_class)))
     colors = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
-    for n, a in zip(counts, per_class, strict=True):
-        ax.scatter(n, a, color=colors[shot_group(n)])
+    group = [shot_group(counts[c]) if counts else "many" for c in order]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(order)), 4))
+    ax.bar(range(len(order)), [per_class[c] for c in order], color=[colors[g] for g in group])
     for g, c in colors.items():
-        ax.scatter([], [], color=c, label=g)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images in class")
+        ax.bar([0], [0], color=c, label=g)
+    ax.set_xticks(
+        range(len(order)),
+        [f"{names[c]} ({counts[c]})" if counts else names[c] for c in order],
+        rotation=60,
+        ha="right",
+        fontsize=7 if len(order) > 20 else 9,
+    )
+    ax.set_xlabel("class (training images)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "per-class accuracy")
     ax.legend()

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,11 +105,15 @@ def _file_pin(path: Path) -> dict[str, Any]:
     return {"sha256": file_sha256(path), "size": path.stat().st_size}
 
 
-def add_to_bundle(model_dir: str | Path, root: Path | None = None) -> tuple[str, dict[str, Any]]:
+def add_to_bundle(
+    model_dir: str | Path, root: Path | None = None, name: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """Copy a saved model (``config.json`` + weights) into the bundle and pin it.
 
     ``model_dir`` is a model folder or a run folder holding ``model/``. The model is
-    loaded once first (nothing unloadable is bundled). Returns (name, manifest entry).
+    loaded once first (nothing unloadable is bundled). ``name``: the name to publish it
+    under (a run is named after its directory, not its registry entry), written into the
+    bundled ``config.json``; default the config's own. Returns (name, manifest entry).
     """
     from .ensemble import Ensemble
 
@@ -116,6 +121,8 @@ def add_to_bundle(model_dir: str | Path, root: Path | None = None) -> tuple[str,
     if (src / "model").is_dir():
         src = src / "model"
     config = Ensemble.from_pretrained(src).config
+    if name:
+        config = replace(config, name=name)
     if not config.name:
         raise ValueError(f"{src}: config.json has no 'name'; cannot bundle an unnamed model")
     root = root or bundle_root()
@@ -123,6 +130,9 @@ def add_to_bundle(model_dir: str | Path, root: Path | None = None) -> tuple[str,
     dest.mkdir(parents=True, exist_ok=True)
     for filename in BUNDLED_FILES:
         shutil.copyfile(src / filename, dest / filename)
+    if name:
+        raw = json.loads((dest / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps({**raw, "name": name}, indent=2) + "\n")
     entry: dict[str, Any] = {"files": {f: _file_pin(dest / f) for f in BUNDLED_FILES}}
     top1 = config.metrics.get("accuracy", {}).get("top1")
     if isinstance(top1, int | float):

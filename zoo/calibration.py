@@ -378,28 +378,54 @@ def expert_disagreement(expert_logits: torch.Tensor, temperature: float = 1.0) -
 MIN_ESTIMATE_BATCH = 32
 
 
+#: Dirichlet strength of :func:`estimate_prior_em`'s shrinkage, in images: the estimate
+#: counts as many pseudo-images drawn from the model's own prior as this
+EM_PRIOR_STRENGTH = 100.0
+
+
 def estimate_prior_em(
     probs: torch.Tensor,
     train_prior: torch.Tensor | None = None,
     max_iter: int = 100,
     tol: float = 1e-6,
+    strength: float = EM_PRIOR_STRENGTH,
 ) -> torch.Tensor:
-    """Estimate the class prior of an unlabelled set by EM (Saerens et al., 2002).
+    """Estimate the class prior of an unlabelled set by EM (Saerens et al., 2002), shrunk
+    toward the model's prior.
 
-    ``probs`` are calibrated posteriors under ``train_prior`` (uniform if None).
+    ``probs`` are calibrated posteriors under ``train_prior`` (uniform if None). Plain EM
+    (``strength=0``) is the maximum-likelihood prior, which on a small batch is mostly noise
+    and drives classes that happen to be rare in it to ~0 (on a balanced batch of 32
+    Fashion-MNIST images it cost ~19 points of top-1). This is the MAP estimate under a
+    Dirichlet prior centred on ``train_prior`` with ``strength`` pseudo-images: each M-step
+    is ``(sum of responsibilities + strength * train_prior) / (N + strength)``, so a batch
+    of N images moves the estimate by a weight N / (N + strength): about a quarter of the
+    way at 32 images, almost all of it from a few thousand. No class falls below
+    ``strength * train_prior / (N + strength)``. Where it pays (Fashion-MNIST-LT, CE and
+    NCL, ``benchmarks/bench_prior_estimate.py``): from 32 images, the smallest batch
+    ``predict`` accepts, when the batch's prior is shifted (+0.3 to +1.3 points of top-1
+    over the balanced prior at 32 images, +1.2 to +3.2 at 512, for imbalance 10 to 50);
+    on balanced batches it stays within 0.5 points of the balanced prior at every size
+    (plain EM: -2.4 to -2.6 points at 32).
+
+    Example:
+        >>> probs = torch.softmax(torch.randn(32, 10), dim=1)
+        >>> prior = estimate_prior_em(probs)  # (10,), sums to 1, near uniform at N = 32
     """
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0 (pseudo-images), got {strength}")
     probs = probs.double()
-    c = probs.shape[1]
+    n, c = probs.shape
     src = (
         torch.full((c,), 1.0 / c, dtype=torch.float64)
         if train_prior is None
-        else train_prior.double()
+        else train_prior.double() / train_prior.double().sum()
     )
     prior = src.clone()
     for _ in range(max_iter):
         w = probs * (prior / src)
         w = w / w.sum(1, keepdim=True)
-        new = w.mean(0)
+        new = (w.sum(0) + strength * src) / (n + strength)
         if (new - prior).abs().max() < tol:
             prior = new
             break
@@ -408,6 +434,7 @@ def estimate_prior_em(
 
 
 __all__ = [
+    "EM_PRIOR_STRENGTH",
     "MIN_ESTIMATE_BATCH",
     "CalibrationTail",
     "balanced_shift",

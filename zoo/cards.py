@@ -65,7 +65,13 @@ _SUMMARIES = {
 }
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) else "-"
+
+
 def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
+    """The card's YAML metrics and its table of this model's own figures (its config's
+    ``metrics``: what ``ltzoo eval`` computes), raw and as ``predict`` returns them."""
     acc = metrics.get("accuracy", {})
     cal = metrics.get("calibration", {})
     yaml_lines, table = [], []
@@ -75,18 +81,56 @@ def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
                 f"    - type: accuracy\n      name: {key} accuracy\n      value: {acc[key]:.2f}"
             )
     if acc:
-        table.append("| top-1 | many | medium | few | ECE before | ECE after |")
-        table.append("|---|---|---|---|---|---|")
-        fmt = lambda v: f"{v:.2f}" if isinstance(v, int | float) else "-"  # noqa: E731
         table.append(
-            f"| {fmt(acc.get('top1'))} | {fmt(acc.get('many'))} | {fmt(acc.get('medium'))} | "
-            f"{fmt(acc.get('few'))} | {fmt(cal.get('ece_before'))} | {fmt(cal.get('ece_after'))} |"
+            "| top-1 (raw logits) | top-1 as `predict` returns it | top-5 | many | medium | few "
+            "| ECE before | ECE after |"
+        )
+        table.append("|---|---|---|---|---|---|---|---|")
+        table.append(
+            f"| {_fmt(acc.get('top1'))} | {_fmt(metrics.get('accuracy_calibrated'))} | "
+            f"{_fmt(acc.get('top5'))} | {_fmt(acc.get('many'))} | {_fmt(acc.get('medium'))} | "
+            f"{_fmt(acc.get('few'))} | {_fmt(cal.get('ece_before'))} | "
+            f"{_fmt(cal.get('ece_after'))} |"
         )
     if not yaml_lines:
         yaml_lines.append("    - type: accuracy\n      name: top1 accuracy\n      value: null")
     return "\n".join(yaml_lines), "\n".join(
         table
     ) or "Not measured yet: train it with the recipe below."
+
+
+def _over_seeds_rows(name: str) -> str:
+    """The registered method's mean ± std over its training seeds (``measured.json``), as a
+    second table clearly apart from this model's own figures; "" when there is none."""
+    from .registry import get_entry, is_registered
+
+    over = get_entry(name).measured.get("over_seeds", {}) if is_registered(name) else {}
+    if "top1" not in over:
+        return ""
+    cell = lambda k: (  # noqa: E731
+        f"{over[k]['mean']:.2f} ± {over[k]['std']:.2f}" if k in over else "-"
+    )
+    return "\n".join(
+        [
+            "\n",
+            f"The method over {over['seeds']} training seeds ({', '.join(map(str, over['seed_list']))}; "
+            "mean ± std; the model above is one of them, seed 0), for comparison, not the "
+            "figures of these weights:",
+            "",
+            "| top-1 (raw logits) | top-1 calibrated | many | medium | few | ECE before | ECE after |",
+            "|---|---|---|---|---|---|---|",
+            f"| {cell('top1')} | {cell('top1_calibrated')} | {cell('many')} | {cell('medium')} | "
+            f"{cell('few')} | {cell('ece_before')} | {cell('ece_after')} |",
+        ]
+    )
+
+
+_LOGIT_ADJUSTMENT = (
+    "\n\nThe raw logits of plain CE carry the training prior; `predict`'s default "
+    '`prior="balanced"` subtracts its log, so what `predict` returns is CE + post-hoc logit '
+    "adjustment (Menon et al., ICLR 2021), not plain CE: that is why its top-1 is above the "
+    "raw one."
+)
 
 
 def _precision_desc(record: dict[str, str] | None) -> str:
@@ -133,6 +177,10 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
             else ""
         ),
         logit_prior=config.logit_prior,
-        results_table=table,
+        results_table="This model (the weights in this repo; `ltzoo eval "
+        f"{config.name or 'MODEL'}` recomputes these):\n\n"
+        + table
+        + (_LOGIT_ADJUSTMENT if config.method == "ce" and config.metrics else "")
+        + _over_seeds_rows(config.name),
         extra=extra,
     )

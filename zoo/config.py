@@ -129,6 +129,10 @@ class PreprocessConfig:
     #: ``input_size / crop_pct`` then centre-crop (ImageNet evaluation policy).
     resize: Literal["resize", "resize_crop"] = "resize"
     crop_pct: float = 0.875
+    #: what transparent pixels are composited onto: a grey level 0-255 or ``[r, g, b]``,
+    #: the background of the training images (0, black, for Fashion-MNIST). White when a
+    #: ``config.json`` lacks it, as before the field existed.
+    background: int | tuple[int, int, int] = 255
 
     def __post_init__(self) -> None:
         size = _sequence("preprocess.input_size", self.input_size, 2)
@@ -155,6 +159,21 @@ class PreprocessConfig:
         _set(
             self, "crop_pct", _float("preprocess.crop_pct", self.crop_pct, 0.0, 1.0, low_open=True)
         )
+        if isinstance(self.background, list | tuple):
+            rgb = _sequence("preprocess.background", self.background, 3)
+            if len(rgb) != 3:
+                raise ValueError(
+                    f"preprocess.background must be a grey level or [r, g, b], got {_show(rgb)}"
+                )
+            _set(self, "background", tuple(_int("preprocess.background", c, 0, 255) for c in rgb))
+        else:
+            _set(self, "background", _int("preprocess.background", self.background, 0, 255))
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        """:attr:`background` as an ``(r, g, b)`` triple."""
+        bg = self.background
+        return (bg, bg, bg) if isinstance(bg, int) else bg
 
 
 @dataclass(frozen=True)

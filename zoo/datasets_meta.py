@@ -89,7 +89,8 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "fashion_mnist_lt": DatasetInfo("fashion_mnist_lt", 10, {}, "fashion_mnist"),
+    # light garments on black: transparent pixels are composited onto black
+    "fashion_mnist_lt": DatasetInfo("fashion_mnist_lt", 10, {"background": 0}, "fashion_mnist"),
     "cifar10_lt": DatasetInfo("cifar10_lt", 10, CIFAR_PREPROCESS, "cifar10"),
     "cifar100_lt": DatasetInfo("cifar100_lt", 100, CIFAR_PREPROCESS, "cifar100"),
     "imagenet_lt": DatasetInfo("imagenet_lt", 1000, IMAGENET_PREPROCESS, "imagenet"),

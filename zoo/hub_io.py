@@ -165,8 +165,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 def _load_from_hub(repo_id: str, revision: str | None, device: str | torch.device) -> Ensemble:
     """Download (or find in the cache) and load a repo, recording where it came from."""
     model = Ensemble.from_pretrained(download(repo_id, revision), device)
-    if "source" not in model.config.extra:
-        record_source(model, {"repo_id": repo_id, "revision": revision or "main"})
+    # always this load's: a stored "source" (a config pushed before ltzoo stripped it) is stale
+    record_source(model, {"repo_id": repo_id, "revision": revision or "main"})
     logger.info("loaded %s@%s from the Hub", repo_id, revision or "main")
     return model
 
@@ -199,16 +199,21 @@ def load(
 
     A registry name loads from the Hub (``LTZOO_HUB_ORG``, revision, cache and
     ``HF_HUB_OFFLINE`` honoured) and falls back to the copy bundled with the package;
-    ``model.config.extra["source"]`` says which one was used.
+    ``model.config.extra["source"]`` always says where the weights came from:
+    ``{"repo_id", "revision"}``, ``{"bundled", "sha256"}``, ``{"local": directory}`` or,
+    with ``pretrained=False``, ``{"random_init": name}``.
     ``pretrained=False`` builds the registered architecture with random weights.
     ``experts=[0, 1]`` keeps only those experts (cheaper inference).
     """
     if Path(name).is_dir():
-        model = Ensemble.from_pretrained(local_model_dir(name), device)
+        directory = local_model_dir(name)
+        model = Ensemble.from_pretrained(directory, device)
+        record_source(model, {"local": str(Path(directory).resolve())})
     elif is_registered(name):
         entry = get_entry(name)
         if not pretrained:
             model = Ensemble(entry.build_config()).to(device).eval()
+            record_source(model, {"random_init": name})
         else:
             model = _load_registered(name, revision, device)
     else:
@@ -237,6 +242,9 @@ def push_to_hub(
 ) -> str:
     """Publish ``model`` to ``repo_id`` in one commit (weights + config + card). Returns the commit id.
 
+    The pushed config has no ``extra["source"]`` (``model`` keeps its own): whoever loads the
+    repo gets the source of that load, ``{"repo_id", "revision"}``.
+
     ``revision`` is a branch, created from main if missing (it moves with later pushes);
     ``tag`` also tags the new commit (an immutable name, e.g. ``v1.0``).
     """
@@ -248,11 +256,16 @@ def push_to_hub(
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message
-        )
+    kept = model.config
+    record_source(model, None)  # where this copy came from is not where the Hub's will come from
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message
+            )
+    finally:
+        model.config = kept
     if tag:
         api.create_tag(repo_id, tag=tag, revision=str(info.oid), tag_message=commit_message)
     return str(info.oid)
@@ -269,7 +282,7 @@ def push_zoo(
         model = load_bundled(name)
         record_source(model, None)
         if not model.config.metrics and is_registered(name):
-            model.config = replace(model.config, metrics=dict(get_entry(name).measured))
+            model.config = replace(model.config, metrics=get_entry(name).shipped_metrics)
         repo = f"{org}/{name}"
         oid = push_to_hub(
             model,

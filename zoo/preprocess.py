@@ -13,19 +13,31 @@ from PIL import Image, ImageOps
 from .config import PreprocessConfig
 
 
-def to_model_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Apply EXIF rotation and convert any mode to "L" (1 channel) or "RGB" (3 channels)."""
+def to_model_mode(
+    image: Image.Image, channels: int, background: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
+    """Apply EXIF rotation and convert any mode to "L" (1 channel) or "RGB" (3 channels).
+
+    Transparent pixels are composited onto ``background``
+    (:attr:`PreprocessConfig.background_rgb`: the training images' background).
+    """
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: rescale to 8 bit by the type's range, not by clipping.
         arr = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
         image = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        # 32-bit float greyscale: [0, 1] is the float convention (scaled, not clipped to
+        # black); other values are read as 0-255 grey levels
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-        # Composite transparency onto white so transparent pixels don't turn black.
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        backdrop = Image.new("RGBA", rgba.size, (*background, 255))
+        image = Image.alpha_composite(backdrop, rgba)
     return image.convert("L" if channels == 1 else "RGB")
 
 
@@ -51,7 +63,7 @@ class Preprocess:
         return resized.crop((left, top, left + w, top + h))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = self._resize(to_model_mode(image, self.cfg.channels))
+        image = self._resize(to_model_mode(image, self.cfg.channels, self.cfg.background_rgb))
         arr = np.asarray(image, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr.copy())
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)

@@ -4,7 +4,10 @@ Published configs are data next to the code (as in timm's ``default_cfgs``). Hub
 ids default to ``ltzoo/<name>``; set ``LTZOO_HUB_ORG`` (or pass a repo id to
 ``zoo.load``) to host your own copy. "paper" metrics are the papers' numbers;
 "measured" metrics are ours, read from ``zoo/data/measured.json``, which
-``benchmarks/report.py`` writes from ``benchmarks/results/``.
+``benchmarks/report.py`` writes from ``benchmarks/results/``. They hold two different
+things: ``shipped``, the figures of the one model that ships (seed 0; raw top-1 and the
+calibrated top-1 that ``predict`` and the server return; what ``ltzoo eval NAME``
+recomputes), and ``over_seeds``, the method's mean ± std over its training seeds.
 """
 
 from __future__ import annotations
@@ -87,6 +90,20 @@ class ModelEntry:
     @property
     def measured(self) -> dict[str, Any]:
         return _measured().get(self.name, {})
+
+    @property
+    def shipped_metrics(self) -> dict[str, Any]:
+        """The shipped model's own figures in the shape of ``EnsembleConfig.metrics`` (what
+        its bundled config records and ``ltzoo eval`` computes), or {} when none ships."""
+        s = self.measured.get("shipped")
+        if not s:
+            return {}
+        return {
+            "accuracy": dict(s["accuracy"]),
+            "experts_top1": list(s.get("experts_top1", [])),
+            "accuracy_calibrated": s["top1_calibrated"],
+            "calibration": dict(s["calibration"]),
+        }
 
     @property
     def bundled(self) -> dict[str, Any]:

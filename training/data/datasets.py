@@ -166,6 +166,7 @@ class FileListDataset(Dataset):
         if preprocess is None:
             preprocess = PreprocessConfig(**IMAGENET_PREPROCESS)
         self.channels = preprocess.channels if channels is None else channels
+        self.background = preprocess.background_rgb
         self.eval_preprocess = Preprocess(preprocess)
 
     def __len__(self) -> int:
@@ -174,7 +175,7 @@ class FileListDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         with Image.open(path) as im:
-            image = to_model_mode(im, self.channels)
+            image = to_model_mode(im, self.channels, self.background)
         tf = self.transform if self.transform is not None else self.eval_preprocess
         return tf(image), label
 

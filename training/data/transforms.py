@@ -110,11 +110,12 @@ class HorizontalFlip:
 class _ToMode:
     """Picklable wrapper around :func:`to_model_mode` (DataLoader workers pickle transforms)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, background: tuple[int, int, int] = (255, 255, 255)) -> None:
         self.channels = channels
+        self.background = background
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return to_model_mode(image, self.channels)
+        return to_model_mode(image, self.channels, self.background)
 
     def __repr__(self) -> str:
         return f"ToModelMode(channels={self.channels})"
@@ -191,7 +192,7 @@ def build_transforms(
         opts[base] = args
     h, w = preprocess.input_size
     channels = preprocess.channels
-    pil: list[Callable] = [_ToMode(channels)]
+    pil: list[Callable] = [_ToMode(channels, preprocess.background_rgb)]
     finish_cfg = preprocess
 
     if "crop_flip" in opts:
