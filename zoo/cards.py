@@ -10,6 +10,7 @@ from string import Template
 from typing import Any
 
 from .config import EnsembleConfig
+from .measured import measured_metrics
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "data" / "card_template.md"
 
@@ -102,9 +103,7 @@ def _metric_rows(metrics: dict[str, Any]) -> tuple[str, str]:
 def _over_seeds_rows(name: str) -> str:
     """The registered method's mean ± std over its training seeds (``measured.json``), as a
     second table clearly apart from this model's own figures; "" when there is none."""
-    from .registry import get_entry, is_registered
-
-    over = get_entry(name).measured.get("over_seeds", {}) if is_registered(name) else {}
+    over = measured_metrics().get(name, {}).get("over_seeds", {})
     if "top1" not in over:
         return ""
     cell = lambda k: (  # noqa: E731

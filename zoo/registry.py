@@ -12,20 +12,16 @@ recomputes), and ``over_seeds``, the method's mean ± std over its training seed
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from .bundle import read_manifest
 from .config import EnsembleConfig, logit_prior_for
 from .datasets_meta import DATASETS
-
-MEASURED_PATH = Path(__file__).parent / "data" / "measured.json"
+from .measured import measured_metrics
 
 PROVENANCE = {
     "ncl": "faithful to official code (Bazinga699/NCL, loss terms checked line by line against "
@@ -89,7 +85,7 @@ class ModelEntry:
 
     @property
     def measured(self) -> dict[str, Any]:
-        return _measured().get(self.name, {})
+        return measured_metrics().get(self.name, {})
 
     @property
     def shipped_metrics(self) -> dict[str, Any]:
@@ -134,11 +130,6 @@ class ModelEntry:
         kwargs.update(overrides)
         kwargs.setdefault("logit_prior", logit_prior_for(kwargs["method"]))
         return EnsembleConfig.from_dict(kwargs)
-
-
-@cache
-def _measured() -> dict[str, Any]:
-    return json.loads(MEASURED_PATH.read_text()) if MEASURED_PATH.is_file() else {}
 
 
 _ENTRIES: dict[str, ModelEntry] = {}
