@@ -18,7 +18,8 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from ltzoo.training.precision import cpu_info
 
 BUSY_FRACTION = 0.75
 UNDER_LOAD = "measured under load"
@@ -47,15 +48,9 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_i
 def cpu_model_and_isa(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     """The CPU's model name and which of :data:`ISA_FLAGS` it has (Linux; empty elsewhere):
     ratios measured on an AVX2-only CPU and on one with VNNI/AMX differ, INT8's above all."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
+    fields = cpu_info(cpuinfo)
+    if not fields:
         return {}
-    fields = {}
-    for line in text.split("\n\n")[0].splitlines():  # the first processor's block
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
     flags = set(fields.get("flags", "").split())
     return {"cpu_model": fields.get("model name", ""), "isa": [f for f in ISA_FLAGS if f in flags]}
 

@@ -47,3 +47,21 @@ def hub_server(tmp_path_factory):
 def hub_cache() -> Path:
     """The Hugging Face cache directory of this session (HF_HUB_CACHE)."""
     return Path(os.environ["HF_HUB_CACHE"])
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """imagefolder_lt with 10 classes: imbalanced train, 3 val and 6 test images per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for split, per_class in (("train", None), ("val", 3), ("test", 6)):
+        for c in range(10):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class or 12 - c):
+                pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
+                Image.fromarray(pixels, "L").save(d / f"{i}.png")
+    return root

@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ltzoo import zoo
 from ltzoo.cli import main
@@ -41,21 +39,6 @@ def run_dir(tmp_path) -> Path:
     _small_model(data={"name": "imagefolder_lt", "rho": None}).save_pretrained(run / "model")
     (run / "run.json").write_text("{}")
     return run
-
-
-@pytest.fixture
-def image_folder(tmp_path) -> Path:
-    """imagefolder_lt with 10 classes: imbalanced train, 3 val and 6 test images per class."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for split, per_class in (("train", None), ("val", 3), ("test", 6)):
-        for c in range(10):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(per_class or 12 - c):
-                pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
-                Image.fromarray(pixels, "L").save(d / f"{i}.png")
-    return root
 
 
 def _one_line_error(capsys, command: str) -> str:

@@ -119,24 +119,8 @@ def _run_dir(tmp_path: Path) -> Path:
     return run
 
 
-def _image_folder(tmp_path: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for split, per_class in (("train", None), ("val", 3), ("test", 6)):
-        for c in range(10):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(per_class or 12 - c):
-                pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
-                Image.fromarray(pixels, "L").save(d / f"{i}.png")
-    return root
-
-
-def test_eval_prints_every_promised_figure_and_shifted_with_out(tmp_path):
-    run, images = _run_dir(tmp_path), _image_folder(tmp_path)
+def test_eval_prints_every_promised_figure_and_shifted_with_out(tmp_path, image_folder):
+    run, images = _run_dir(tmp_path), image_folder
     out_json = tmp_path / "eval.json"
     done = _ltzoo(
         "eval",

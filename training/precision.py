@@ -41,17 +41,23 @@ _LOW = (torch.float16, torch.bfloat16)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The first processor's ISA flags (Linux); empty where ``cpuinfo`` cannot be read."""
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (Linux); empty where unreadable."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return set()
+        return {}
+    fields = {}
     for line in text.split("\n\n")[0].splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return set(value.split())
-    return set()
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The first processor's ISA flags (Linux); empty where ``cpuinfo`` cannot be read."""
+    return set(cpu_info(cpuinfo).get("flags", "").split())
 
 
 def cpu_has_bf16() -> bool:
