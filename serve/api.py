@@ -43,10 +43,8 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Annotated, Any, TypeGuard
 
-import h11
 import litserve as ls
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -64,8 +62,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ltzoo.http11 import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_MAX_HEAD_BYTES, uvicorn_settings
 from ltzoo.zoo.config import FEW_SHOT_MAX, MANY_SHOT_MIN, EnsembleConfig
 
 from . import DEFAULT_BATCH_TIMEOUT_S
@@ -91,8 +89,8 @@ DOCS_PATHS = frozenset({"/docs", "/openapi.json", "/redoc"})
 #: status noted (in /metrics, never sent) for a request whose client left before the whole
 #: body arrived: nginx's "499 Client Closed Request"
 CLIENT_CLOSED_REQUEST = 499
-#: largest request head (request line and headers), as uvicorn's h11 and the app count it
-MAX_HEAD_BYTES = 64 * 1024
+#: largest request head (request line and headers)
+MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
 #: where the Swagger UI / ReDoc assets shipped by ``fastapi-offline`` are served (no CDN)
 DOCS_ASSETS = "/docs-assets"
 
@@ -447,98 +445,9 @@ class MetricsMiddleware:
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)
 
 
-def _error_message(status: int, code: str, message: str) -> list[dict[str, Any]]:
-    """The ASGI messages of a JSON error answer that closes the connection."""
-    body = JSONResponse({"detail": {"error": code, "message": message, "field": None}}).body
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    return [
-        {"type": "http.response.start", "status": status, "headers": headers},
-        {"type": "http.response.body", "body": body, "more_body": False},
-    ]
-
-
-def head_size(scope: dict) -> int:
-    """Bytes of the request head as sent: request line, header lines and the blank line."""
-    target = len(scope.get("raw_path") or scope["path"].encode())
-    query = scope.get("query_string") or b""
-    line = len(scope["method"]) + 1 + target + (len(query) + 1 if query else 0) + 11
-    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 2
-
-
-class HeadLimitMiddleware:
-    """431 (JSON) for a request head over ``max_bytes``.
-
-    uvicorn's h11 bounds only a head that is still *incomplete* after a read
-    (``h11_max_incomplete_event_size``): one that arrives whole in a single read passes
-    it, whatever its size. This checks every head the app sees.
-    """
-
-    def __init__(self, app: Any, *, max_bytes: int = MAX_HEAD_BYTES) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and head_size(scope) > self.max_bytes:
-            message = f"request head is larger than the server's limit of {self.max_bytes} bytes"
-            for event in _error_message(431, "header_too_large", message):
-                await send(event)
-            return
-        await self.app(scope, receive, send)
-
-
-class JsonH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol whose own answers have the app's JSON error shape.
-
-    uvicorn answers some requests before the app sees them, in plain text: a malformed
-    request (request line, headers, chunk framing: 400), a head still incomplete past
-    ``h11_max_incomplete_event_size`` (400 there, 431 here) and any request past
-    ``limit_concurrency`` (503). Same limits and the same moments, JSON bodies.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # uvicorn swaps in its plain-text 503 app past limit_concurrency; the same check
-        # runs in _capped instead (the request's own task is in ``tasks`` by then)
-        self.connection_cap, self.limit_concurrency = self.limit_concurrency, None
-        self.app = self._capped(self.app)
-
-    def _capped(self, app: Any) -> Any:
-        async def capped(scope: dict, receive: Any, send: Any) -> None:
-            cap = self.connection_cap
-            if cap is not None and (len(self.connections) >= cap or len(self.tasks) > cap):
-                self.logger.warning("Exceeded concurrency limit.")
-                for event in _error_message(
-                    503, "over_capacity", f"the server is at its limit of {cap} connections"
-                ):
-                    await send(event)
-                return
-            await app(scope, receive, send)
-
-        return capped
-
-    def send_400_response(self, msg: str) -> None:
-        limit = self.config.h11_max_incomplete_event_size
-        if limit is not None and len(self.conn.trailing_data[0]) > limit:
-            status, code = 431, "header_too_large"
-            msg = f"request head is larger than the server's limit of {limit} bytes"
-        else:
-            status, code = 400, "malformed_http"
-            msg = "invalid HTTP request (request line, headers or chunked body framing)"
-        start, body = _error_message(status, code, msg)
-        output = self.conn.send(
-            h11.Response(
-                status_code=status,
-                headers=start["headers"],
-                reason=HTTPStatus(status).phrase.encode(),
-            )
-        )
-        output += self.conn.send(h11.Data(data=body["body"]))
-        output += self.conn.send(h11.EndOfMessage())
-        self.transport.write(output)
-        self.transport.close()
+def error_body(code: str, message: str) -> bytes:
+    """The JSON body of every error this server answers (``{"detail": {...}}``)."""
+    return bytes(JSONResponse({"detail": {"error": code, "message": message, "field": None}}).body)
 
 
 #: uids that the HTTP request being handled (this asyncio context) put in the response buffer
@@ -743,21 +652,24 @@ def _offline_docs(app: FastAPI, auth: Any) -> None:
 
 
 def uvicorn_limits(
-    max_connections: int = 256, keep_alive_s: int = 5, max_header_bytes: int = MAX_HEAD_BYTES
+    max_connections: int = 256,
+    keep_alive_s: int = 5,
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Explicit uvicorn limits (``server.run(**uvicorn_limits())``).
+    """The uvicorn settings of ``ltzoo serve`` (``server.run(**uvicorn_limits())``).
 
-    h11 (:class:`JsonH11Protocol`) rather than httptools, because only h11 bounds the
-    request head (``h11_max_incomplete_event_size``, a head that arrives in pieces;
-    :class:`HeadLimitMiddleware` checks the others); past ``max_connections`` concurrent
-    connections the answer is 503; idle keep-alive connections close after ``keep_alive_s``.
+    The connection layer is :mod:`ltzoo.http11` (shared with the local Hub): a request
+    head must arrive within ``head_timeout_s`` (408) and within :data:`MAX_HEAD_BYTES`
+    (431), ambiguous framing gets 400, past ``max_connections`` connections 503, idle
+    keep-alive connections close after ``keep_alive_s``; every such answer is JSON.
     """
-    return {
-        "http": JsonH11Protocol,
-        "h11_max_incomplete_event_size": max_header_bytes,
-        "limit_concurrency": max_connections,
-        "timeout_keep_alive": keep_alive_s,
-    }
+    return uvicorn_settings(
+        error_body,
+        max_connections=max_connections,
+        keep_alive_s=keep_alive_s,
+        head_timeout_s=head_timeout_s,
+        max_head_bytes=MAX_HEAD_BYTES,
+    )
 
 
 def build_server(
@@ -804,7 +716,6 @@ def build_server(
         model_metadata=metadata,
         middlewares=[
             (DeadlineMiddleware, {"path": api.api_path, "timeout": timeout, "buffer": buffer}),
-            (HeadLimitMiddleware, {"max_bytes": MAX_HEAD_BYTES}),
             (MetricsMiddleware, {"metrics": metrics}),
         ],
         fast_queue=fast_queue,

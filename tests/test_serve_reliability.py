@@ -416,28 +416,6 @@ def test_client_disconnect_mid_body_is_a_client_abort_without_traceback(caplog):
     assert 'kind="server"' not in metrics
 
 
-# -- 28.5 a request head over 64 KiB is a JSON 431 (unit: the size the middleware counts) ---
-def test_head_size_counts_the_request_line_and_every_header():
-    from ltzoo.serve.api import head_size
-
-    raw = b"GET /info?a=1 HTTP/1.1\r\nhost: x\r\nx-long: " + b"v" * 100 + b"\r\n\r\n"
-    scope = {
-        "method": "GET",
-        "path": "/info",
-        "raw_path": b"/info",
-        "query_string": b"a=1",
-        "headers": [(b"host", b"x"), (b"x-long", b"v" * 100)],
-    }
-    assert head_size(scope) == len(raw)
-
-
-def test_big_head_gets_431_json_in_process():
-    client = TestClient(_server(None).app)
-    r = client.get("/info", headers={"x-big": "a" * 70_000})
-    assert r.status_code == 431 and r.json()["detail"]["error"] == "header_too_large"
-    assert client.get("/info", headers={"x-big": "a" * 60_000}).status_code == 200
-
-
 # -- 28.6 --protect-docs ------------------------------------------------------------------
 @pytest.mark.parametrize("protect", [False, True])
 def test_docs_are_open_by_default_and_need_the_key_with_protect_docs(protect):

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ltzoo.http11 import DEFAULT_HEAD_TIMEOUT_S, uvicorn_settings
+
 from .app import create_app
 from .validation import DEFAULT_MAX_BODY_BYTES
+
+#: concurrent connections past which the server answers 503 (the Hub client uses a few)
+DEFAULT_MAX_CONNECTIONS = 64
+
+
+def _error_body(code: str, message: str) -> bytes:
+    """The Hub's error shape (``{"error": ...}``) for answers given before the app runs."""
+    return json.dumps({"error": message}).encode()
+
+
+def connection_settings(
+    max_connections: int = DEFAULT_MAX_CONNECTIONS, head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+) -> dict[str, Any]:
+    """uvicorn settings: :mod:`ltzoo.http11`'s head deadline, head limit and connection cap."""
+    return uvicorn_settings(
+        _error_body, max_connections=max_connections, head_timeout_s=head_timeout_s
+    )
+
 
 # --- running it ----------------------------------------------------------------------------------
 
@@ -28,10 +49,13 @@ class HubServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
     ) -> None:
         self.storage_dir = Path(storage_dir)
         self.host, self.port = host, port or 0
         self.max_body_bytes = max_body_bytes
+        self.connection_settings = connection_settings(max_connections, head_timeout_s)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -54,6 +78,7 @@ class HubServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            **self.connection_settings,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="ltzoo-hub-server", daemon=True)
@@ -99,14 +124,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="concurrent connections past which requests get 503 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--head-timeout",
+        type=float,
+        default=DEFAULT_HEAD_TIMEOUT_S,
+        help="seconds a client has to send a request's head, from connecting or from the "
+        "previous answer; then 408 and the connection closes (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-body-mib",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES // (1024 * 1024),
         help="largest accepted commit body, in MiB",
     )
     args = parser.parse_args(argv)
+    try:
+        settings = connection_settings(args.max_connections, args.head_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
     app = create_app(args.root, max_body_bytes=args.max_body_mib * 1024 * 1024)
     print(f"ltzoo local Hub: serving {args.root.resolve()} at http://{args.host}:{args.port}")
     print(f"  export HF_ENDPOINT=http://{args.host}:{args.port}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        **settings,
+    )
     return 0
