@@ -405,3 +405,15 @@ def test_imagenet_pretrained_backbone_reaches_the_builder(tmp_path, monkeypatch)
     torch.testing.assert_close(body[4][2].conv3.weight, published["layer4.2.conv3.weight"])
     with pytest.raises(ConfigError, match="pretrained_backbone must be"):
         load_recipe("placeslt_resnet152_ncl", ["pretrained_backbone=imagenet21k"])
+
+
+@needs_fmnist
+def test_the_progress_bar_follows_tqdm_mininterval_in_logs(tmp_path):
+    """Background runs log to a file: TQDM_MININTERVAL=30 must mean a line per 30 s, not per step."""
+    cmd = _train_cmd(tmp_path / "run", 1)
+    cmd.insert(cmd.index("--out"), "run.max_steps_per_epoch=12")
+    env = {**os.environ, "TQDM_MININTERVAL": "1000"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    redraws = done.stderr.count("epoch 1/1:")
+    assert 1 <= redraws <= 3, done.stderr[-2000:]  # 12 steps: 12+ redraws without throttling

@@ -494,6 +494,7 @@ class Trainer:
                 loss=f"{loss.item():.3f}",
                 lr=f"{scheduler.get_last_lr()[0]:.4f}",
                 img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                refresh=False,  # update() redraws at tqdm's mininterval (TQDM_MININTERVAL)
             )
             bar.update()
         bar.close()
