@@ -3,6 +3,7 @@ collect the finished ones into benchmarks/results/cifar10lt.json.
 
     python benchmarks/train_cifar10lt.py measure         # images/s of each recipe -> the plan
     python benchmarks/train_cifar10lt.py start ce bs     # one detached `ltzoo train` per tag
+    python benchmarks/train_cifar10lt.py queue           # keep 2 going, in PLAN order, detached
     python benchmarks/train_cifar10lt.py status          # epoch reached, s/epoch, ETA
     python benchmarks/train_cifar10lt.py collect         # finished runs -> the results JSON
 
@@ -21,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +63,27 @@ def run_dir(tag: str) -> Path:
     return RUNS / f"{tag}-s0"
 
 
+def training_pid(tag: str) -> int | None:
+    """The pid of the ``ltzoo train`` writing ``tag``'s run directory, if one is running."""
+    needle = str(run_dir(tag)).encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if b"ltzoo" in argv and b"train" in argv and needle in argv:
+            return int(proc.name)
+    return None
+
+
+def finished(tag: str) -> bool:
+    return (run_dir(tag) / "results.json").is_file()
+
+
 def start(tag: str) -> subprocess.Popen:
     """Start (or resume) ``tag`` as a detached process logging to ``<run dir>/train.log``."""
+    if (pid := training_pid(tag)) is not None:
+        raise RuntimeError(f"{tag} is already training (pid {pid})")
     recipe, overrides = PLAN[tag]
     out = run_dir(tag)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +95,27 @@ def start(tag: str) -> subprocess.Popen:
         return subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+
+
+def queue(tags: list[str], streams: int, poll_s: float = 60.0, max_starts: int = 3) -> None:
+    """Keep ``streams`` of ``tags`` training, in order, until all are finished.
+
+    Runs already training (started by ``start`` or an earlier queue) count as streams; a run
+    that stops unfinished is resumed, at most ``max_starts`` times (then left, logged)."""
+    starts = dict.fromkeys(tags, 0)
+    while True:
+        active = [t for t in tags if training_pid(t) is not None]
+        waiting = [t for t in tags if t not in active and not finished(t)]
+        runnable = [t for t in waiting if starts[t] < max_starts]
+        if not active and not runnable:
+            given_up = [t for t in waiting if starts[t] >= max_starts]
+            print(f"queue done; given up after {max_starts} starts: {given_up or 'none'}")
+            return
+        for tag in runnable[: max(0, streams - len(active))]:
+            starts[tag] += 1
+            print(f"{time.strftime('%F %T')} start {tag} (#{starts[tag]}): pid {start(tag).pid}")
+        sys.stdout.flush()
+        time.sleep(poll_s)
 
 
 def measure(steps: int = 40) -> dict:
@@ -179,8 +221,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["measure", "start", "status", "collect"])
+    ap.add_argument("command", choices=["measure", "start", "queue", "status", "collect"])
     ap.add_argument("tags", nargs="*", help=f"runs, of {', '.join(PLAN)} (default: all)")
+    ap.add_argument("--streams", type=int, default=2, help="queue: runs side by side")
+    ap.add_argument("--foreground", action="store_true", help="queue: do not detach")
     args = ap.parse_args()
     tags = args.tags or list(PLAN)
     if set(tags) - set(PLAN):
@@ -191,6 +235,19 @@ def main() -> None:
         for tag in tags:
             proc = start(tag)
             print(f"{tag}: pid {proc.pid}, log {run_dir(tag) / 'train.log'}")
+    elif args.command == "queue" and args.foreground:
+        queue(tags, args.streams)
+    elif args.command == "queue":
+        RUNS.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, __file__, "queue", *tags, "--streams", str(args.streams)]
+        with open(RUNS / "queue.log", "a") as log:
+            proc = subprocess.Popen(
+                [*argv, "--foreground"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        print(f"queue: pid {proc.pid}, log {RUNS / 'queue.log'}")
     elif args.command == "status":
         for tag in tags:
             if run_dir(tag).is_dir():

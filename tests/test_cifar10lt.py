@@ -249,3 +249,32 @@ def test_device_check_plan_passes_on_cpu(tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and "device_check.log" in files and "infer.json" in files
     assert "time plan on the GPU machine" in out.stdout
+
+
+def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsys):
+    """A fake clock of polls: ``ce`` is already training, ``bs`` crashes every time."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    live = {"ce"}  # training now, started outside the queue
+    done: set[str] = set()
+    started: list[str] = []
+
+    def fake_start(tag):
+        started.append(tag)
+        live.add(tag)
+        return type("Proc", (), {"pid": 1000 + len(started)})()
+
+    def fake_sleep(_):  # one poll: every live run ends; all but bs end finished
+        for tag in list(live):
+            live.discard(tag)
+            if tag != "bs":
+                done.add(tag)
+
+    monkeypatch.setattr(plan, "start", fake_start)
+    monkeypatch.setattr(plan, "training_pid", lambda tag: 1 if tag in live else None)
+    monkeypatch.setattr(plan, "finished", lambda tag: tag in done)
+    monkeypatch.setattr(plan.time, "sleep", fake_sleep)
+    plan.queue(["ce", "bs", "ncl", "cbd"], streams=2, max_starts=2)
+    assert started == ["bs", "bs", "ncl", "cbd"]  # never a second ce; bs given up after 2
+    assert "given up after 2 starts: ['bs']" in capsys.readouterr().out
