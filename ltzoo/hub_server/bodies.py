@@ -161,6 +161,21 @@ def ndjson_items(f: IO[bytes]) -> Iterator[tuple[Any, dict[str, tuple[int, int]]
             yield _json_loads(raw, what), spilled
 
 
+def spilled_content(
+    spilled: dict[str, tuple[int, int]], content: object, what: str
+) -> tuple[int, int] | None:
+    """Where ``content``, a line's file content, lies in the spooled body; None when inline.
+
+    Only a file's content may be left in the body: any other spilled string (a commit
+    summary, a path, a key) would reach the commit as its placeholder, e.g. a title ``"\\x000"``.
+    """
+    if any(placeholder != content for placeholder in spilled):
+        raise HubError(
+            400, f"{what} is too large: only a file's content may be over {_SPILL_MIN} bytes"
+        )
+    return spilled.get(content) if isinstance(content, str) else None
+
+
 def b64_file_chunks(f: IO[bytes], start: int, end: int) -> tuple[Iterator[bytes], int]:
     """The decoded bytes of the base64 text at ``f[start:end]``, chunk by chunk, and their size."""
     if (end - start) % 4:

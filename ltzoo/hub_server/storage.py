@@ -35,6 +35,89 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def parent_folders(path: str) -> Iterator[str]:
+    """The folders holding ``path``, outermost first: ``a/b/c`` -> ``a``, ``a/b``."""
+    end = path.find("/")
+    while end >= 0:
+        yield path[:end]
+        end = path.find("/", end + 1)
+
+
+class _Tree:
+    """A commit's file tree under edit: the files, and the entries of every folder.
+
+    Each operation costs the depth of its path (a folder deletion, the files it removes),
+    not the size of the tree: checking each new file against every file of the tree made
+    a 10,000-file commit take 15 s, all of it holding the storage lock.
+    """
+
+    def __init__(self, files: dict[str, Any]) -> None:
+        self.files = dict(files)
+        #: folder ("" for the root) -> the paths of its files and folders; never empty
+        self.children: dict[str, set[str]] = {}
+        for path in self.files:
+            self._link(path)
+
+    def _link(self, path: str) -> None:
+        """Enter ``path`` in its folder, and each folder this creates in its own parent."""
+        while path:
+            parent = path.rpartition("/")[0]
+            entries = self.children.setdefault(parent, set())
+            entries.add(path)
+            if len(entries) > 1:  # the folder existed: it is entered already
+                return
+            path = parent
+
+    def _unlink(self, path: str) -> None:
+        """Remove ``path`` from its folder, and each folder this empties from its parent."""
+        while path:
+            parent = path.rpartition("/")[0]
+            entries = self.children[parent]
+            entries.discard(path)
+            if entries or not parent:
+                return
+            del self.children[parent]
+            path = parent
+
+    def add(self, path: str, entry: dict[str, Any] | None) -> None:
+        """Add or replace the file ``path`` (``entry``: its blob): a 409 when a file would
+        also be a folder."""
+        clash = next((f for f in parent_folders(path) if f in self.files), None)
+        if clash is None and path in self.children:
+            clash = path
+            while clash in self.children:  # a file under the folder ``path``, for the message
+                clash = min(self.children[clash])
+        if clash is not None:
+            raise HubError(409, f"{path!r} conflicts with existing {clash!r}")
+        if path not in self.files:
+            self._link(path)
+        self.files[path] = entry
+
+    def delete_file(self, path: str) -> None:
+        """Delete the file ``path``: a 404 when there is none."""
+        if path not in self.files:
+            raise HubError(
+                404, f"A file with this name doesn't exist: {path}", code="EntryNotFound"
+            )
+        del self.files[path]
+        self._unlink(path)
+
+    def delete_folder(self, folder: str) -> None:
+        """Delete every file under ``folder``: a 404 when there is none."""
+        if folder not in self.children:
+            raise HubError(
+                404, f"A folder with this name doesn't exist: {folder}", code="EntryNotFound"
+            )
+        pending = [folder]
+        while pending:
+            path = pending.pop()
+            if path in self.children:
+                pending.extend(self.children.pop(path))
+            else:
+                del self.files[path]
+        self._unlink(folder)
+
+
 # --- storage ------------------------------------------------------------------------------
 class Storage:
     """Blobs, commits and refs on disk. All writes are atomic and serialised by a lock."""
@@ -280,36 +363,18 @@ class Storage:
                     412,
                     f"parentCommit {parent} is not the head of {branch} ({head}): pull and retry",
                 )
-            tree = dict(self.commit(repo_id, head)["tree"])
+            tree = _Tree(self.commit(repo_id, head)["tree"])
             for kind, path, entry in operations:
                 if kind == "file":
-                    for existing in tree:  # a file cannot also be a folder and vice versa
-                        if existing.startswith(path + "/") or path.startswith(existing + "/"):
-                            raise HubError(409, f"{path!r} conflicts with existing {existing!r}")
-                    tree[path] = entry
+                    tree.add(path, entry)
                 elif kind == "deletedFile":
-                    if path not in tree:
-                        raise HubError(
-                            404,
-                            f"A file with this name doesn't exist: {path}",
-                            code="EntryNotFound",
-                        )
-                    del tree[path]
+                    tree.delete_file(path)
                 else:  # deletedFolder
-                    prefix = path.rstrip("/") + "/"
-                    gone = [p for p in tree if p.startswith(prefix)]
-                    if not gone:
-                        raise HubError(
-                            404,
-                            f"A folder with this name doesn't exist: {path}",
-                            code="EntryNotFound",
-                        )
-                    for p in gone:
-                        del tree[p]
+                    tree.delete_folder(path.rstrip("/"))
             rdir = self.repo_dir(repo_id)
-            tree = {p: self._publish_staged(e) for p, e in tree.items()}
+            files = {p: self._publish_staged(e) for p, e in tree.files.items()}
             commit_id = self._new_commit(
-                rdir, tree, head, str(header["summary"]), str(header.get("description") or "")
+                rdir, files, head, str(header["summary"]), str(header.get("description") or "")
             )
             refs[branch] = commit_id
             self._write_json(rdir / "refs.json", refs)

@@ -29,7 +29,16 @@ _DEVICE_NAMES = frozenset(
 )
 
 DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
+#: preupload: up to MAX_OPERATIONS files of {path, 512-byte sample, size} (the client sends 256)
 DEFAULT_MAX_JSON_BYTES = 8 * 1024 * 1024
+#: repos/create|delete, tag, branch, validate-yaml, paths-info: a few names, a model card or
+#: MAX_PATHS_INFO paths; parsing more (8 MB of JSON, 3 MB of YAML) took seconds of CPU.
+MAX_SMALL_BODY_BYTES = 1024 * 1024
+#: Paths in one paths-info request: the Hub's own limit (it answers 413 beyond it; the
+#: client sends batches of 500).
+MAX_PATHS_INFO = 1_000
+#: Longest commit summary (title), in characters.
+MAX_COMMIT_SUMMARY = 10_000
 
 
 class HubError(Exception):
