@@ -38,6 +38,7 @@ from ltzoo.export.onnx import (  # noqa: E402
     SESSION_SETTINGS,
     export_onnx,
     fastest_int8,
+    graph_feed,
     make_session,
     read_metadata,
 )
@@ -148,7 +149,7 @@ def separate_fn(
 
 
 def ort_fn(sess, x: np.ndarray) -> Callable[[], object]:
-    feed = {"pixel_values": x}
+    feed = graph_feed(sess, x)
     return lambda: sess.run(None, feed)
 
 
@@ -156,7 +157,7 @@ def profile_fused(path: Path, x: np.ndarray, threads: int, runs: int, tmp: Path)
     """ORT profile of the fused graph: share of kernel time per op type."""
     sess = make_session(path, threads=threads, profile_prefix=str(tmp / f"prof_b{len(x)}"))
     for _ in range(runs):
-        sess.run(None, {"pixel_values": x})
+        sess.run(None, graph_feed(sess, x))
     trace = json.loads(Path(sess.end_profiling()).read_text())
     per_op: dict[str, float] = defaultdict(float)
     total_run = 0.0
@@ -267,7 +268,7 @@ def bench_model(
         for key, sess in (("fp32", fused), ("int8", int8)):
             preds[key] = np.concatenate(
                 [
-                    sess.run(["probs"], {"pixel_values": xs[i : i + 500]})[0].argmax(1)
+                    sess.run(["probs"], graph_feed(sess, xs[i : i + 500]))[0].argmax(1)
                     for i in range(0, len(xs), 500)
                 ]
             )

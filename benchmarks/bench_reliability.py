@@ -8,12 +8,18 @@ Every request goes to 127.0.0.1; every loop is bounded in count and in time. Run
 * batch isolation: N requests at concurrency C, a quarter bad; every good answer is 200 and
   equal to the same request sent alone;
 * load: N requests at concurrency C per backend; errors, req/s, RSS growth of the server;
+* connections (``ltzoo serve`` and ``python -m ltzoo.hub_server``): silent sockets and heads
+  stopped midway closed at the head deadline, the connection cap filled with silent sockets
+  then a request served within the deadline + 5 s, Content-Length + chunked refused and
+  closed, client disconnects never counted as server errors, a 32 MiB header refused;
+* the local Hub: a ``whoami`` during each request that once froze it (a large commit,
+  1,000-path paths-info, 0.9 MB of card YAML, 8 MB of JSON) answers within 1 s;
 * signals and crashes: SIGTERM / SIGINT to the main process, ``kill -9`` of the main, HTTP,
   inference-worker and manager processes; the whole server must be gone (port free, no
   orphan) within a few seconds.
 
     python benchmarks/bench_reliability.py            # full size, JSON in benchmarks/results/
-    python benchmarks/bench_reliability.py --quick --out /tmp/r.json   # CI-sized, < 60 s
+    python benchmarks/bench_reliability.py --quick --out /tmp/r.json   # CI-sized, about 2 minutes
 """
 
 from __future__ import annotations
@@ -50,7 +56,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "reliability_cpu.json"
 API_KEY = "bench-key"
 NUM_CLASSES = 10
 READ_TIMEOUT_S = 3.0
-LIMITS = ["--max-payload-mb", "20", "--read-timeout", str(READ_TIMEOUT_S)]  # --timeout: 30 s
+HEAD_TIMEOUT_S = 3.0
+MAX_CONNECTIONS = 256  # ltzoo serve's default
+LIMITS = [
+    *("--max-payload-mb", "20", "--read-timeout", str(READ_TIMEOUT_S)),  # --timeout: 30 s
+    *("--head-timeout", str(HEAD_TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS)),
+]
 STOP_LIMIT_S = 8.0  # "within a few seconds"
 SIGCHLD_IGNORED = ", SIGCHLD ignored"
 
@@ -348,21 +359,31 @@ def hostile_http_cases() -> dict[str, tuple[dict[str, Any], int]]:
     }
 
 
-def _raw_socket(port: int, payload: bytes, wait: float) -> tuple[int | None, float]:
-    """Send ``payload``, read until the server closes; -> (HTTP status or None, seconds)."""
+def exchange(port: int, *pieces: bytes, wait: float, pause: float = 0.0) -> tuple[bytes, float]:
+    """Send ``pieces`` on a fresh connection, read until the server closes (at most ``wait``
+    seconds, 1 MiB); -> (everything received, seconds from connecting to the close)."""
     start = time.monotonic()
+    data = b""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
         with contextlib.suppress(OSError):
-            s.sendall(payload)
-        data = b""
+            for i, piece in enumerate(pieces):
+                if i and pause:
+                    time.sleep(pause)
+                s.sendall(piece)
         with contextlib.suppress(OSError):
-            while len(data) < 4096:
-                part = s.recv(4096)
-                if not part:
-                    break
+            while len(data) < 2**20 and (part := s.recv(65536)):
                 data += part
-    status = int(data.split()[1]) if data.startswith(b"HTTP/") else None
-    return status, time.monotonic() - start
+    return data, time.monotonic() - start
+
+
+def status_of(data: bytes) -> int | None:
+    return int(data.split()[1]) if data.startswith(b"HTTP/") else None
+
+
+def _raw_socket(port: int, payload: bytes, wait: float) -> tuple[int | None, float]:
+    """Send ``payload``, read until the server closes; -> (HTTP status or None, seconds)."""
+    data, secs = exchange(port, payload, wait=wait)
+    return status_of(data), secs
 
 
 def hostile_socket_cases(port: int) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -388,6 +409,128 @@ def hostile_socket_cases(port: int) -> dict[str, Callable[[], dict[str, Any]]]:
         }
 
     return {"slow_body_10_of_100000_bytes": slow_body, "header_32_MiB": huge_header}
+
+
+def connection_cases(
+    port: int, head_timeout: float, cap: int, get: str = "/health", post: str = "/predict"
+) -> dict[str, Callable[[], dict]]:
+    """Connection-level abuse, for any server on :mod:`ltzoo.serve.http11` (``ltzoo serve``, the Hub).
+
+    Each case says what it saw and whether that is what the layer promises: silent and
+    stalled sockets closed at the head deadline, smuggling-shaped framing refused and closed,
+    and a normal request served within the deadline + 5 s after the cap was filled.
+    """
+    wait = head_timeout + 10
+    request = f"GET {get} HTTP/1.1\r\nHost: x\r\n".encode()
+
+    def silent_socket() -> dict[str, Any]:
+        data, secs = exchange(port, wait=wait)
+        return {
+            "bytes": len(data),
+            "seconds_to_close": round(secs, 2),
+            "ok": data == b"" and secs < head_timeout + 2,
+        }
+
+    def head_stopped_midway() -> dict[str, Any]:
+        data, secs = exchange(port, request + b"X-Slow: ", wait=wait)
+        return {
+            "status": status_of(data),
+            "seconds_to_close": round(secs, 2),
+            "ok": status_of(data) == 408 and secs < head_timeout + 2,
+        }
+
+    def content_length_and_chunked() -> dict[str, Any]:
+        framing = b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        data, secs = exchange(
+            port,
+            f"POST {post} HTTP/1.1\r\nHost: x\r\n".encode() + framing + request + b"\r\n",
+            wait=wait,
+        )
+        answers = data.count(b"HTTP/1.1 ")
+        return {
+            "status": status_of(data),
+            "answers": answers,
+            "seconds_to_close": round(secs, 2),
+            "ok": status_of(data) == 400 and answers == 1 and secs < 3,
+        }
+
+    def silent_sockets_to_the_cap() -> dict[str, Any]:
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=wait) for _ in range(cap)]
+        try:
+            start = time.monotonic()
+            time.sleep(0.5)  # let the server accept them all
+            over = status_of(exchange(port, request + b"\r\n", wait=wait)[0])
+            served = None
+            while served is None and time.monotonic() - start < head_timeout + 10:
+                data, _ = exchange(port, request + b"Connection: close\r\n\r\n", wait=wait)
+                served = time.monotonic() - start if status_of(data) == 200 else None
+                time.sleep(0.2)
+        finally:
+            for sock in silent:
+                sock.close()
+        return {
+            "sockets": cap,
+            "status_at_the_cap": over,
+            "served_after_s": None if served is None else round(served, 2),
+            "ok": over == 503 and served is not None and served < head_timeout + 5,
+        }
+
+    return {
+        "silent_socket": silent_socket,
+        "head_stopped_midway": head_stopped_midway,
+        "content_length_and_chunked": content_length_and_chunked,
+        "silent_sockets_to_the_cap": silent_sockets_to_the_cap,
+    }
+
+
+def _metric(c: httpx.Client, kind: str) -> float:
+    prefix = f'ltzoo_http_errors_total{{kind="{kind}",path="/predict"}} '
+    lines = [x for x in c.get("/metrics").text.splitlines() if x.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def client_disconnects(server: Server) -> dict[str, Any]:
+    """A body cut short then a half-close, and a bad chunk-size line: client aborts, never
+    server errors in ``/metrics``."""
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-API-Key: {API_KEY}\r\n"
+    ).encode()
+    with httpx.Client(base_url=server.url, timeout=10.0, headers=server.headers) as c:
+        before = {kind: _metric(c, kind) for kind in ("server", "client_abort")}
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(head + b"Content-Length: 1000\r\n\r\n" + b"{" * 10)
+            s.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                s.recv(65536)
+        exchange(
+            server.port,
+            head + b"Transfer-Encoding: chunked\r\n\r\n",
+            b"zz\r\nhello\r\n",
+            wait=10,
+            pause=0.3,
+        )
+        deadline = time.monotonic() + 10
+        while (
+            _metric(c, "client_abort") < before["client_abort"] + 2 and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        after = {kind: _metric(c, kind) for kind in ("server", "client_abort")}
+    return {
+        "client_aborts_counted": after["client_abort"] - before["client_abort"],
+        "server_errors_counted": after["server"] - before["server"],
+        "ok": after["client_abort"] - before["client_abort"] >= 2
+        and after["server"] == before["server"],
+    }
+
+
+def run_connections(server: Server) -> dict[str, Any]:
+    cases = {
+        name: probe()
+        for name, probe in connection_cases(server.port, HEAD_TIMEOUT_S, MAX_CONNECTIONS).items()
+    }
+    cases["client_disconnects"] = client_disconnects(server)
+    return {"cases": cases, "failed": sorted(k for k, v in cases.items() if not v["ok"])}
 
 
 def run_hostile(server: Server) -> dict[str, Any]:
@@ -439,6 +582,123 @@ async def _small_during_big(server: Server) -> dict[str, Any]:
         "small_seconds": round(small_s, 3),
         "ok": r.status_code == 200 and small_s < 5.0 and rb.status_code in (200, 413, 504),
     }
+
+
+# -- the local Hub server ---------------------------------------------------------------------
+HUB_MAX_CONNECTIONS = 64  # python -m ltzoo.hub_server's default
+
+
+def _hub_card(target_bytes: int) -> str:
+    """A model card whose YAML front matter is ``target_bytes`` long (slow to parse)."""
+    tags = "".join(f"- tag-{i:07d}\n" for i in range(target_bytes // 16))
+    return f"---\nlicense: mit\ntags:\n{tags}---\n# card\n"
+
+
+def _while_slow(url: str, slow: Callable[[], int]) -> dict[str, Any]:
+    """Run ``slow`` (-> HTTP status) and, once it is under way, time a ``whoami`` on another
+    connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        start = time.monotonic()
+        future = pool.submit(slow)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        whoami = httpx.get(url + "/api/whoami-v2", timeout=30).status_code
+        whoami_s = time.monotonic() - t0
+        still_running = not future.done()
+        status = future.result()
+    return {
+        "status": status,
+        "seconds": round(time.monotonic() - start, 2),
+        "whoami_status": whoami,
+        "whoami_s": round(whoami_s, 3),
+        "measured_while_running": still_running,
+        "ok": whoami == 200 and whoami_s < 1.0,
+    }
+
+
+def hub_slow_requests(url: str, files: int) -> dict[str, dict[str, Any]]:
+    """The requests that froze the Hub server: a whoami during each must take < 1 s."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=url, token="local")
+    repo = api.create_repo("bench/many-files").repo_id
+    ops = [CommitOperationAdd(f"d{i % 100}/f{i}.txt", f"{i}".encode()) for i in range(files)]
+
+    def commit() -> int:
+        api.create_commit(repo, ops, commit_message=f"{files} files")
+        return 200  # the client raises on any other answer
+
+    out = {f"commit_{files}_files": _while_slow(url, commit)}
+    paths = [f"d{i % 100}/f{i}.txt" for i in range(1000)]  # the Hub's cap per request
+    paths_info = f"{url}/api/models/{repo}/paths-info/main"
+    out["paths_info_1000_paths"] = _while_slow(
+        url, lambda: httpx.post(paths_info, data={"paths": paths}, timeout=60).status_code
+    )
+    card = _hub_card(900_000)
+    out["validate_yaml_0.9_MB"] = _while_slow(
+        url,
+        lambda: (
+            httpx.post(f"{url}/api/validate-yaml", json={"content": card}, timeout=120).status_code
+        ),
+    )
+    big = {"name": "x", "organization": "bench", "pad": "a" * 8_000_000}
+    out["create_repo_8_MB_json"] = _while_slow(
+        url, lambda: httpx.post(f"{url}/api/repos/create", json=big, timeout=60).status_code
+    )
+    out["create_repo_8_MB_json"]["ok"] &= out["create_repo_8_MB_json"]["status"] == 413
+    return out
+
+
+def run_hub(tmp: Path, quick: bool) -> dict[str, Any]:
+    """``python -m ltzoo.hub_server`` as deployed: connection-level cases and slow requests."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ltzoo.hub_server",
+        "--root",
+        str(tmp / "hub"),
+        "--port",
+        str(port),
+    ]
+    cmd += ["--head-timeout", str(HEAD_TIMEOUT_S)]
+    with (tmp / "hub.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/api/whoami-v2", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "hub server did not start: " + (tmp / "hub.log").read_text()[-2000:]
+                )
+            time.sleep(0.2)
+        probes = connection_cases(
+            port,
+            HEAD_TIMEOUT_S,
+            HUB_MAX_CONNECTIONS,
+            get="/api/whoami-v2",
+            post="/api/repos/create",
+        )
+        cases = {name: probe() for name, probe in probes.items()}
+        status, secs = _raw_socket(
+            port, b"GET /api/whoami-v2 HTTP/1.1\r\nX-Pad: " + b"a" * (32 * 2**20) + b"\r\n\r\n", 15
+        )
+        cases["header_32_MiB"] = {
+            "status": status,
+            "seconds_to_close": round(secs, 2),
+            "ok": status == 431 and secs < 5,
+        }
+        cases.update(hub_slow_requests(url, 1_000 if quick else 10_000))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return {"cases": cases, "failed": sorted(k for k, v in cases.items() if not v["ok"])}
 
 
 # -- isolation and load -----------------------------------------------------------------------
@@ -600,6 +860,7 @@ def run(quick: bool) -> dict[str, Any]:
                 server.wait_ready()
                 if backend == "torch":
                     results["hostile"] = run_hostile(server)
+                    results["connections"] = run_connections(server)
                     results["small_during_big"] = asyncio.run(_small_during_big(server))
                     results["isolation"] = run_isolation(
                         server, 80 if quick else 400, 8 if quick else 16
@@ -614,6 +875,9 @@ def run(quick: bool) -> dict[str, Any]:
             finally:
                 server.kill_all()
             results.setdefault("seconds", {})[backend] = round(time.monotonic() - started, 1)
+        started = time.monotonic()
+        results["hub"] = run_hub(tmp, quick)
+        results["seconds"]["hub"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         http_ign = "http" + SIGCHLD_IGNORED  # the harder case: covers plain "http" too
         roles = (
@@ -630,6 +894,8 @@ def run(quick: bool) -> dict[str, Any]:
     results["ok"] = bool(
         not results["hostile"]["failed"]
         and results["hostile"]["healthy_after"]
+        and not results["connections"]["failed"]
+        and not results["hub"]["failed"]
         and results["small_during_big"]["ok"]
         and results["isolation"]["ok"]
         and all(v["ok"] for v in results["load"].values())
@@ -644,6 +910,14 @@ def print_table(r: dict[str, Any]) -> None:
         (
             "hostile inputs",
             f"{h['kinds'] - len(h['failed'])}/{h['kinds']} as expected, healthy after: {h['healthy_after']}",
+        ),
+        (
+            "connection level",
+            f"{len(r['connections']['cases']) - len(r['connections']['failed'])}/{len(r['connections']['cases'])} as expected",
+        ),
+        (
+            "local Hub server",
+            f"{len(r['hub']['cases']) - len(r['hub']['failed'])}/{len(r['hub']['cases'])} as expected",
         ),
         (
             "28x28 during 2x5000^2",
@@ -671,14 +945,15 @@ def print_table(r: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    if h["failed"]:
-        print("failed hostile cases:", ", ".join(h["failed"]))
+    for name, part in (("hostile", h), ("connection", r["connections"]), ("hub", r["hub"])):
+        if part["failed"]:
+            print(f"failed {name} cases:", ", ".join(part["failed"]))
     print("ALL OK" if r["ok"] else "FAILURES", f"({r.get('note', 'machine idle')})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI size (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="CI size (about 2 minutes)")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"JSON output (default {RESULTS} for the full run)"
     )

@@ -15,13 +15,11 @@ inputs
 
     ``log_prior_shift`` float32 ``[prior_batch, num_classes]`` with ``prior_batch`` 1 or
     ``batch``: ``log(target prior) - log(prior the logits are calibrated for)``.
-    **Optional.** The graph also holds an initializer of the same name and shape
-    ``(1, num_classes)`` with the config's default shift (``default_prior``, usually
-    "balanced"), so omitting the feed serves under the default prior. onnxruntime lists it
-    under ``session.get_overridable_initializers()`` (not ``get_inputs()``) and accepts
-    overriding it with a ``(1, C)`` or a ``(B, C)`` feed (verified by the tests; ORT logs
-    a one-line warning about "initializer appears in graph inputs" unless the session's
-    log severity is >= 3, as in :func:`make_session`).
+    **Required.** The config's default shift (``default_prior``, usually "balanced") is
+    ``metadata["default_log_prior_shift"]``; :func:`graph_feed` feeds it when no prior is
+    given. (An initializer of the same name would make the input optional, but plain
+    onnxruntime then warns on every session that the "initializer appears in graph
+    inputs" and is not a constant.)
 outputs
     ``probs`` float32 ``[batch, num_classes]`` = ``softmax((mean_k z_k + shift) / T)``;
     ``disagreement`` float32 ``[batch]``: mean pairwise symmetric KL between the
@@ -137,7 +135,7 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
 
     Keys: ``ltzoo_config`` (EnsembleConfig dict), ``default_log_prior_shift`` (list of C
     floats), ``source`` ({"repo_id", "revision"} or {}), ``ltzoo_version``, ``precision``
-    ("fp32", "fp16", "int8"), ``prior_input`` ("optional"), ``expert_outputs``,
+    ("fp32", "fp16", "int8"), ``prior_input`` ("required"), ``expert_outputs``,
     ``input_names``, ``output_names``, ``format``, ``exporter``, ``torch_version``, ``opset``.
     """
     import onnx
@@ -165,10 +163,8 @@ def _tail_nodes(proto: Any) -> list[str]:
     return names
 
 
-def _finalise_graph(proto: Any, default_shift: np.ndarray, expert_outputs: bool) -> None:
-    """Optional prior input with default, named dims, no per-node debug metadata."""
-    from onnx import numpy_helper
-
+def _finalise_graph(proto: Any, expert_outputs: bool) -> None:
+    """Named dims, the prior an input without initializer, no per-node debug metadata."""
     graph = proto.graph
     for inp in graph.input:
         if inp.name == "log_prior_shift":
@@ -177,10 +173,7 @@ def _finalise_graph(proto: Any, default_shift: np.ndarray, expert_outputs: bool)
         if inp.name == "pixel_values":
             inp.type.tensor_type.shape.dim[0].dim_param = "batch"
     for old in [i for i in graph.initializer if i.name == "log_prior_shift"]:
-        graph.initializer.remove(old)
-    graph.initializer.append(
-        numpy_helper.from_array(default_shift.astype(np.float32), "log_prior_shift")
-    )
+        graph.initializer.remove(old)  # an exporter's constant would make ORT warn (see above)
     # intermediate value_info may carry prior_batch == 1 from tracing: let ORT re-infer it
     del graph.value_info[:]
     for node in graph.node:
@@ -218,16 +211,11 @@ def _to_fp16(proto: Any, tail: Sequence[str]) -> Any:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     outputs = [o.name for o in proto.graph.output]
-    # the converter would turn the default-prior initializer (also a graph input) into fp16
-    default = [i for i in proto.graph.initializer if i.name == "log_prior_shift"]
-    for init in default:
-        proto.graph.initializer.remove(init)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = convert_float_to_float16(
             proto, keep_io_types=True, node_block_list=list(tail), disable_shape_infer=False
         )
-    converted.graph.initializer.extend(default)
     _toposort(converted.graph)
     # The converter keeps graph I/O fp32 by renaming and adding Casts; make sure every
     # output (there are 2-3, some produced by blocked nodes) is still float32 under its name.
@@ -300,7 +288,7 @@ def export_onnx(
     proto = program.model_proto
     tail = _tail_nodes(proto)
     default_shift = fused.default_log_prior_shift.numpy()
-    _finalise_graph(proto, default_shift, expert_outputs)
+    _finalise_graph(proto, expert_outputs)
     if fp16:
         proto = _to_fp16(proto, tail)
     src = source if source is not None else cfg.extra.get("source", {})
@@ -321,7 +309,7 @@ def export_onnx(
             "exporter": "torch.onnx.export(dynamo=True)",
             "opset": opset,
             "precision": "fp16" if fp16 else "fp32",
-            "prior_input": "optional",
+            "prior_input": "required",
             "expert_outputs": expert_outputs,
             "input_names": list(INPUT_NAMES),
             "output_names": names_out,
@@ -361,6 +349,25 @@ def make_session(
     )
 
 
+def default_prior_shift(session: Any) -> np.ndarray:
+    """float32 (1, C): the graph's default ``log_prior_shift`` (its config's default prior),
+    from the metadata of an onnxruntime session on a fused export."""
+    meta = session.get_modelmeta().custom_metadata_map
+    return np.asarray(json.loads(meta["default_log_prior_shift"]), dtype=np.float32)[None]
+
+
+def graph_feed(
+    session: Any, pixel_values: np.ndarray, log_prior_shift: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The inputs of a fused export: ``pixel_values`` and ``log_prior_shift`` (a required
+    input; None feeds the graph's default, :func:`default_prior_shift`)."""
+    shift = default_prior_shift(session) if log_prior_shift is None else log_prior_shift
+    return {
+        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+        "log_prior_shift": np.ascontiguousarray(shift, dtype=np.float32),
+    }
+
+
 _SESSIONS: dict[tuple[str, int, int], Any] = {}
 
 
@@ -394,16 +401,13 @@ def check_parity(
     """max |p_onnx - p_torch| of the calibrated probabilities for batch ``x``.
 
     ``prior`` is anything :meth:`zoo.Ensemble.prior_shift` accepts (fed through
-    ``log_prior_shift``) or a (B, C) tensor of per-image priors; None uses the graph's
-    default input.
+    ``log_prior_shift``) or a (B, C) tensor of per-image priors; None feeds the graph's
+    default shift.
     """
     model = model.eval()
     sess = _cached_session(Path(onnx_path))
     shift = _shift_feed(model, prior)
-    feed: dict[str, np.ndarray] = {"pixel_values": x.detach().cpu().float().numpy()}
-    if shift is not None:
-        feed["log_prior_shift"] = shift
-    probs = sess.run(["probs"], feed)[0]
+    probs = sess.run(["probs"], graph_feed(sess, x.detach().cpu().float().numpy(), shift))[0]
     with torch.inference_mode():
         device = next(model.parameters()).device
         logits = model(x.to(device)).float().cpu()
@@ -422,14 +426,12 @@ def compare_predictions(
     On real images this is the verdict for a quantized graph; random inputs say little
     there (INT8 ranges are calibrated on real images, so noise falls outside them)."""
     model = model.eval()
+    sess = _cached_session(Path(onnx_path))
     agree, max_diff, total_diff, n = 0, 0.0, 0.0, 0
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
-        probs = torch.from_numpy(
-            _cached_session(Path(onnx_path)).run(
-                ["probs"], {"pixel_values": xb.detach().cpu().float().numpy()}
-            )[0]
-        )
+        feed = graph_feed(sess, xb.detach().cpu().float().numpy())
+        probs = torch.from_numpy(sess.run(["probs"], feed)[0])
         with torch.inference_mode():
             device = next(model.parameters()).device
             logits = model(xb.to(device)).float().cpu()
@@ -444,17 +446,19 @@ def compare_predictions(
 
 # -- INT8 -----------------------------------------------------------------------------------
 class _ImageReader:
-    """onnxruntime CalibrationDataReader over a tensor/array of calibration images."""
+    """onnxruntime CalibrationDataReader over a tensor/array of calibration images, fed with
+    the graph's default prior ``shift`` (1, C)."""
 
-    def __init__(self, images: np.ndarray, batch_size: int = 16) -> None:
+    def __init__(self, images: np.ndarray, shift: np.ndarray, batch_size: int = 16) -> None:
         self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        self.shift = shift
         self.pos = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.pos >= len(self.batches):
             return None
         self.pos += 1
-        return {"pixel_values": self.batches[self.pos - 1]}
+        return {"pixel_values": self.batches[self.pos - 1], "log_prior_shift": self.shift}
 
     def rewind(self) -> None:
         self.pos = 0
@@ -565,12 +569,10 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=False)
-            except TypeError:
-                # onnxruntime's symbolic shape inference fails on the Expand that
-                # F.normalize exports (cosine heads, CBD's neck); ONNX shape inference suffices.
-                quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+            # ONNX shape inference only: onnxruntime's symbolic one fails on the broadcast of
+            # the (prior_batch, C) prior input against (batch, C) and on the Expand that
+            # F.normalize exports, and leaves temporary files in the working directory
+            quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         pre_proto = onnx.load(str(pre))
         tail_roots = [
             n.name for n in pre_proto.graph.node if n.name in set(meta.get(TAIL_NODES_KEY, []))
@@ -581,7 +583,7 @@ def quantize_int8(
         quantize_static(
             str(pre),
             str(out_path),
-            _ImageReader(images),
+            _ImageReader(images, np.asarray(meta["default_log_prior_shift"], np.float32)[None]),
             quant_format=QuantFormat.QDQ if form.quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=form.per_channel,
             reduce_range=form.reduce_range,
@@ -602,7 +604,6 @@ def quantize_int8(
             "int8_excluded_nodes": exclude,
         },
     )
-    # keep the (1, C) default-prior initializer overridable
     names = {i.name for i in proto.graph.input}
     if "log_prior_shift" not in names:
         raise RuntimeError("quantization dropped the log_prior_shift input")
@@ -612,11 +613,12 @@ def quantize_int8(
 
 
 def _median_ms(session: Any, x: np.ndarray, min_time: float) -> float:
-    session.run(["probs"], {"pixel_values": x})  # warm-up (kernel selection, allocations)
+    feed = graph_feed(session, x)
+    session.run(["probs"], feed)  # warm-up (kernel selection, allocations)
     times: list[float] = []
     while sum(times) < min_time or len(times) < 5:
         t0 = time.perf_counter()
-        session.run(["probs"], {"pixel_values": x})
+        session.run(["probs"], feed)
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
@@ -647,7 +649,7 @@ def fastest_int8(
     inputs = {b: images[np.arange(b) % len(images)] for b in batches}
     fp32 = make_session(onnx_path)
     fp32_ms = {b: _median_ms(fp32, x, min_time) for b, x in inputs.items()}
-    fp32_top1 = fp32.run(["probs"], {"pixel_values": images})[0].argmax(1)
+    fp32_top1 = fp32.run(["probs"], graph_feed(fp32, images))[0].argmax(1)
     report: dict[str, Any] = {"fp32_ms": fp32_ms, "forms": {}}
     best: tuple[float, str] | None = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -656,7 +658,7 @@ def fastest_int8(
             sess = make_session(path)
             ms = {b: _median_ms(sess, x, min_time) for b, x in inputs.items()}
             agree = float(
-                (sess.run(["probs"], {"pixel_values": images})[0].argmax(1) == fp32_top1).mean()
+                (sess.run(["probs"], graph_feed(sess, images))[0].argmax(1) == fp32_top1).mean()
             )
             speedup = {b: round(fp32_ms[b] / ms[b], 2) for b in batches}
             report["forms"][name] = {"ms": ms, "top1_agreement": agree, "speedup_vs_fp32": speedup}
@@ -686,8 +688,10 @@ __all__ = [
     "Int8Form",
     "check_parity",
     "convert_fp16",
+    "default_prior_shift",
     "export_onnx",
     "fastest_int8",
+    "graph_feed",
     "make_session",
     "quantize_int8",
     "read_metadata",

@@ -4,10 +4,11 @@ Needs the ``tensorrt`` Python package and a CUDA GPU (``pip install ltzoo[gpu]``
 otherwise :func:`require_tensorrt` (called first by :func:`build_engine`) raises a
 :class:`zoo.errors.UnavailableError` saying so.
 
-TensorRT's ONNX parser turns initializers into weights, so the optional
-``log_prior_shift`` input of the ONNX file would be frozen to its default. The engine
-therefore makes it a *required* input of shape ``(1, num_classes)`` (one prior per
-batch; the default is in the ONNX metadata, :func:`export.onnx.read_metadata`).
+The engine's ``log_prior_shift`` is a required input of shape ``(1, num_classes)`` (one
+prior per batch; the default is in the ONNX metadata, :func:`export.onnx.read_metadata`).
+Exports from before it became required in the ONNX file too had it as an input with a
+default initializer, which TensorRT's parser would freeze into a weight: that initializer
+is dropped first.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def build_engine(
         )
     proto = onnx.load(str(onnx_path))
     for init in [i for i in proto.graph.initializer if i.name == "log_prior_shift"]:
-        proto.graph.initializer.remove(init)  # required input in the engine (see module doc)
+        proto.graph.initializer.remove(init)  # older exports (see module doc)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0

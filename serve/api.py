@@ -63,7 +63,6 @@ from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ltzoo.http11 import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_MAX_HEAD_BYTES, uvicorn_settings
 from ltzoo.zoo.config import FEW_SHOT_MAX, MANY_SHOT_MIN, EnsembleConfig
 
 from . import DEFAULT_BATCH_TIMEOUT_S
@@ -77,6 +76,7 @@ from .decoding import (
     request_error,
     top_k_predictions,
 )
+from .http11 import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_MAX_HEAD_BYTES, uvicorn_settings
 from .supervisor import die_with_parent
 from .ui import add_ui
 
@@ -658,7 +658,7 @@ def uvicorn_limits(
 ) -> dict[str, Any]:
     """The uvicorn settings of ``ltzoo serve`` (``server.run(**uvicorn_limits())``).
 
-    The connection layer is :mod:`ltzoo.http11` (shared with the local Hub): a request
+    The connection layer is :mod:`ltzoo.serve.http11` (shared with the local Hub): a request
     head must arrive within ``head_timeout_s`` (408) and within :data:`MAX_HEAD_BYTES`
     (431), ambiguous framing gets 400, past ``max_connections`` connections 503, idle
     keep-alive connections close after ``keep_alive_s``; every such answer is JSON.

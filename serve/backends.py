@@ -156,6 +156,7 @@ class OnnxRuntimeBackend:
             threads=threads,
             providers=providers or _providers_for(device, want_tensorrt=True),
         )
+        # exports before the prior input became required had it as an overridable initializer
         names = {i.name for i in self.session.get_inputs()} | {
             i.name for i in self.session.get_overridable_initializers()
         }
@@ -192,10 +193,10 @@ class OnnxRuntimeBackend:
 class TensorRTBackend(OnnxRuntimeBackend):
     """The fused graph on TensorRT (through onnxruntime's TensorRT execution provider).
 
-    TensorRT turns initializers into constants, so the graph's optional ``log_prior_shift``
-    input may be frozen to its default there. This backend therefore never feeds it: it
-    runs the graph under the default prior ``s_d`` and re-weights on the host, exactly
-    (:func:`zoo.calibration.reweight_probs`)::
+    TensorRT turns initializers into constants, so in an export whose ``log_prior_shift``
+    input has a default initializer (before it became required) the input may be frozen to
+    that default there. This backend therefore always feeds the default prior ``s_d`` and
+    re-weights on the host, exactly (:func:`zoo.calibration.reweight_probs`)::
 
         softmax((z + s) / T) = normalise(softmax((z + s_d) / T) * exp((s - s_d) / T))
     """
@@ -226,7 +227,10 @@ class TensorRTBackend(OnnxRuntimeBackend):
         self, batch: np.ndarray, log_prior_shift: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         _check_inputs(batch, log_prior_shift, self.config.num_classes)
-        feed = {"pixel_values": np.ascontiguousarray(batch, dtype=np.float32)}
+        feed = {
+            "pixel_values": np.ascontiguousarray(batch, dtype=np.float32),
+            "log_prior_shift": self.default_shift.astype(np.float32),
+        }
         probs, disagreement = self.session.run(["probs", "disagreement"], feed)
         return self.reweight(probs, log_prior_shift), disagreement
 

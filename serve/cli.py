@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 
 from . import DEFAULT_BATCH_TIMEOUT_S
+from .http11 import DEFAULT_HEAD_TIMEOUT_S
 
 
 def _positive_int(text: str) -> int:
@@ -61,6 +64,21 @@ def server_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ``ValueError`` (one line) unless ``host:port`` can be bound now, as uvicorn will
+    bind it: found before any model is loaded or URL announced, not after LitServe's start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ValueError(
+                f"cannot listen on {server_url(host, port)}: {reason}; choose another --port"
+            ) from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ltzoo.zoo.resolve import resolve_model
 
@@ -68,6 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .backends import prepare
     from .supervisor import run_supervised
 
+    check_port(args.host, args.port)
     api_key = _api_key(args)
     threads = args.threads
     if threads is None and args.device != "cuda" and not args.device.startswith("cuda:"):
@@ -112,7 +131,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         generate_client_file=False,
         num_api_servers=args.api_servers,
-        **uvicorn_limits(max_connections=args.max_connections),
+        **uvicorn_limits(max_connections=args.max_connections, head_timeout_s=args.head_timeout),
     )
 
 
@@ -211,6 +230,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=_positive_int,
         default=256,
         help="concurrent connections per HTTP process; more get 503",
+    )
+    p.add_argument(
+        "--head-timeout",
+        type=_positive_float,
+        default=DEFAULT_HEAD_TIMEOUT_S,
+        help="seconds a client has to send a request's line and headers, from connecting or "
+        "from the previous answer; then 408 (or a plain close when idle) (default: %(default)s)",
     )
     p.add_argument("--fast-queue", action="store_true", help="ZeroMQ response transport")
     p.add_argument(

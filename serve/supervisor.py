@@ -16,13 +16,19 @@ goes unnoticed. :func:`run_supervised` closes both gaps:
   across ``exec``) would have the kernel reap our children, and multiprocessing would then
   report a dead child as alive forever (``waitpid`` fails with ECHILD);
 * every child asks the kernel to kill it when the main process dies (``PR_SET_PDEATHSIG``,
-  Linux), so ``kill -9`` of the main process leaves no orphan holding the port.
+  Linux), so ``kill -9`` of the main process leaves no orphan holding the port;
+* inference workers are spawned with SIGINT ignored: a terminal's Ctrl+C reaches the whole
+  process group, and only the main process should act on it (it stops the workers itself);
+* before the process ends, multiprocessing's exit-time finalizers run: they unlink the named
+  semaphores of the shared batch counters, which ``os._exit`` alone would leave to the
+  resource tracker ("There appear to be N leaked semaphore objects").
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -30,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import connection as mp_connection
 from multiprocessing import util as mp_util
 from typing import Any, NoReturn
@@ -116,8 +123,9 @@ class Supervisor:
             exited = [s for s in mp_connection.wait(list(watched), POLL_S) if isinstance(s, int)]
             if exited:
                 pid, name = watched[exited[0]]
-                logger.error("ltzoo serve: %s (pid %d) exited; shutting down", name, pid)
+                # a child that exits during a requested shutdown is that shutdown at work
                 if self._begin(f"{name} (pid {pid}) exited", crashed=True):
+                    logger.error("ltzoo serve: %s (pid %d) exited; shutting down", name, pid)
                     os.kill(self.main_pid, signal.SIGUSR1)
                 return
 
@@ -142,18 +150,44 @@ def kill_children(wait: float) -> None:
                 child.join(1.0)
 
 
+def _spawning_without_sigint(launch: Callable[..., Any]) -> Callable[..., Any]:
+    """``launch`` (LitServe's start of the inference workers, in the main thread) run with
+    SIGINT ignored: a spawned interpreter keeps an inherited ``SIG_IGN`` instead of raising
+    ``KeyboardInterrupt``, so a terminal's Ctrl+C no longer prints each worker's traceback."""
+
+    @functools.wraps(launch)
+    def launch_ignoring_sigint(*args: Any, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    return launch_ignoring_sigint
+
+
+def _release_multiprocessing_resources() -> None:
+    """Run multiprocessing's exit-time cleanup (what ``atexit`` would, skipped by
+    ``os._exit``): above all, unlink the named semaphores this process created, so the
+    resource tracker finds none left to warn about. Bounded by the supervisor's hard-exit timer."""
+    with contextlib.suppress(Exception):  # a broken manager must not turn a stop into a crash
+        mp_util._exit_function()  # type: ignore[attr-defined]
+
+
 def run_supervised(server: Any, *, grace: float = 3.0, **run_kwargs: Any) -> NoReturn:
     """``server.run(**run_kwargs)`` under a :class:`Supervisor`, then exit the process.
 
     Exit status 0 after a requested shutdown (signal), 1 when one of the server's processes
-    died. The process ends with ``os._exit`` once every child is gone: after a crash,
-    interpreter finalisation can block on proxies of the dead queue manager.
+    died; one line on stderr says which. The process ends with ``os._exit`` once every child
+    is gone and multiprocessing's own cleanup has run: after a crash, the rest of interpreter
+    finalisation can block on proxies of the dead queue manager.
     """
     supervisor = Supervisor(grace)
     # LitServe's monitor watches only inference workers and shuts down from its own thread;
     # ours watches every child and routes the shutdown through the main thread.
     server._monitor_workers = False
     server.uvicorn_graceful_timeout = grace
+    server.launch_inference_worker = _spawning_without_sigint(server.launch_inference_worker)
     supervisor.install()
 
     def _crash_signal(_signum: int, _frame: Any) -> None:
@@ -170,6 +204,7 @@ def run_supervised(server: Any, *, grace: float = 3.0, **run_kwargs: Any) -> NoR
         logger.debug("shutdown after %s: %s", supervisor.reason, exc)
     finally:
         kill_children(grace)
+    _release_multiprocessing_resources()
     if supervisor.reason:
         print(f"ltzoo serve: stopped ({supervisor.reason})", file=sys.stderr)
     sys.stdout.flush()

@@ -136,7 +136,8 @@ def test_onnx_graph_and_tensorrt_host_path_match_torch(onnx_case, prior):
     trt = TensorRTBackend.__new__(TensorRTBackend)  # no TensorRT here: only its host part
     trt.config, trt.metadata = model.config, read_metadata(path)
     trt._init_reweighting()
-    default_probs = sess.run(["probs"], feed)[0]
+    default = trt.default_shift.astype(np.float32)  # what TensorRTBackend.predict feeds
+    default_probs = sess.run(["probs"], {**feed, "log_prior_shift": default})[0]
     np.testing.assert_allclose(trt.reweight(default_probs, shift), probs, rtol=0, atol=1e-5)
     np.testing.assert_allclose(
         trt.reweight(default_probs, shift), pred.probs.numpy(), rtol=0, atol=1e-5

@@ -23,8 +23,10 @@ from ltzoo.export.onnx import (
     FusedEnsemble,
     check_parity,
     convert_fp16,
+    default_prior_shift,
     export_onnx,
     fastest_int8,
+    graph_feed,
     make_session,
     quantize_int8,
     read_metadata,
@@ -78,7 +80,7 @@ def test_parity_probs_and_disagreement(exported, case):
     for batch in (1, 8):
         x = _x(batch, seed=batch)
         assert check_parity(model, path, x) <= TOL
-        probs, dis = sess.run(["probs", "disagreement"], {"pixel_values": x.numpy()})
+        probs, dis = sess.run(["probs", "disagreement"], graph_feed(sess, x.numpy()))
         assert probs.shape == (batch, 10) and dis.shape == (batch,)
         with torch.inference_mode():
             ref = expert_disagreement(model.expert_logits(x), model.config.temperature).numpy()
@@ -97,16 +99,32 @@ def test_custom_prior_through_log_prior_shift(exported, case):
     assert check_parity(model, path, _x(8), prior=per_image) <= TOL
 
 
-def test_prior_input_is_optional_with_default(exported):
+#: a session as a plain onnxruntime user opens one (default log severity: warnings, on stderr)
+PLAIN_SESSION = (
+    "import sys, onnxruntime as ort; "
+    "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
+)
+
+
+def test_prior_input_is_required_and_plain_onnxruntime_does_not_warn(exported):
     model, path = exported("temperature_train_prior")
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_SESSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "appears in graph inputs" not in done.stderr, done.stderr
     sess = make_session(path)
-    overridable = {i.name: i.shape for i in sess.get_overridable_initializers()}
-    assert overridable == {"log_prior_shift": ["prior_batch", 10]}
+    assert {i.name: i.shape for i in sess.get_inputs()}["log_prior_shift"] == ["prior_batch", 10]
+    assert sess.get_overridable_initializers() == []
     x = _x(4).numpy()
     default = model.prior_shift().numpy()[None].astype(np.float32)
-    implicit = sess.run(["probs"], {"pixel_values": x})[0]
+    np.testing.assert_allclose(default_prior_shift(sess), default, atol=1e-7)
+    implicit = sess.run(["probs"], graph_feed(sess, x))[0]  # no prior given: the default
     explicit = sess.run(["probs"], {"pixel_values": x, "log_prior_shift": default})[0]
-    np.testing.assert_array_equal(implicit, explicit)
+    np.testing.assert_allclose(implicit, explicit, atol=1e-7)
     zero = sess.run(
         ["probs"], {"pixel_values": x, "log_prior_shift": np.zeros((1, 10), np.float32)}
     )[0]
@@ -116,7 +134,8 @@ def test_prior_input_is_optional_with_default(exported):
 def test_expert_outputs_and_fused_module(exported):
     model, path = exported("independent")
     x = _x(8)
-    probs, _dis, expert_probs = make_session(path).run(None, {"pixel_values": x.numpy()})
+    sess = make_session(path)
+    probs, _dis, expert_probs = sess.run(None, graph_feed(sess, x.numpy()))
     assert expert_probs.shape == (3, 8, 10)
     with torch.inference_mode():
         fused = FusedEnsemble(model, expert_outputs=True).eval()
@@ -144,7 +163,7 @@ def test_checker_and_metadata_round_trip(exported, case):
     )
     assert meta["source"] == {"repo_id": "org/test", "revision": "abc123"}
     assert (
-        meta["ltzoo_version"] and meta["precision"] == "fp32" and meta["prior_input"] == "optional"
+        meta["ltzoo_version"] and meta["precision"] == "fp32" and meta["prior_input"] == "required"
     )
 
 
@@ -158,7 +177,8 @@ RUNTIME_SCRIPT = textwrap.dedent(
     meta = sess.get_modelmeta().custom_metadata_map
     cfg = json.loads(meta["ltzoo_config"])
     x = np.load(sys.argv[2])
-    probs, dis = sess.run(["probs", "disagreement"], {"pixel_values": x})
+    shift = np.asarray(json.loads(meta["default_log_prior_shift"]), np.float32)[None]
+    probs, dis = sess.run(["probs", "disagreement"], {"pixel_values": x, "log_prior_shift": shift})
     print(json.dumps({
         "top1": probs.argmax(1).tolist(), "classes": cfg["class_names"],
         "mean": cfg["preprocess"]["mean"], "torch_loaded": "torch" in sys.modules,
@@ -210,10 +230,11 @@ def test_int8_runs_and_agrees_with_fp32(exported, tmp_path):
         n.op_type for n in onnx.load(str(q)).graph.node if n.name.endswith("_quant")
     }
     x = _fmnist("t10k", 256, model).numpy()
-    fp32 = make_session(path).run(["probs"], {"pixel_values": x})[0]
+    fp32_sess = make_session(path)
+    fp32 = fp32_sess.run(["probs"], graph_feed(fp32_sess, x))[0]
     int8_sess = make_session(q)
-    assert {i.name for i in int8_sess.get_overridable_initializers()} == {"log_prior_shift"}
-    int8 = int8_sess.run(["probs"], {"pixel_values": x})[0]
+    assert {i.name for i in int8_sess.get_inputs()} == {"pixel_values", "log_prior_shift"}
+    int8 = int8_sess.run(["probs"], graph_feed(int8_sess, x))[0]
     agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
     assert agreement >= 0.9, agreement
     np.testing.assert_allclose(int8.sum(1), 1.0, atol=1e-5)
@@ -264,7 +285,7 @@ def test_fp16_loads_and_keeps_float32_io(exported, tmp_path):
     except Exception as exc:  # an ORT build without fp16 CPU kernels
         pytest.skip(f"onnxruntime cannot run fp16 on this CPU: {exc}")
     x = _x(8)
-    probs = sess.run(["probs"], {"pixel_values": x.numpy()})[0]
+    probs = sess.run(["probs"], graph_feed(sess, x.numpy()))[0]
     assert probs.dtype == np.float32
     with torch.inference_mode():
         ref = model.calibrated_probs(model(x)).numpy()

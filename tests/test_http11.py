@@ -1,4 +1,4 @@
-"""The connection layer both servers share (:mod:`ltzoo.http11`), over real sockets.
+"""The connection layer both servers share (:mod:`ltzoo.serve.http11`), over real sockets.
 
 A small ASGI app behind real uvicorn with a 0.5 s head deadline; then the local Hub server
 and ``ltzoo serve``'s settings, which use the same layer.
@@ -18,7 +18,7 @@ import h11
 import pytest
 import uvicorn
 
-from ltzoo.http11 import head_size, uvicorn_settings
+from ltzoo.serve.http11 import head_size, uvicorn_settings
 
 HEAD_TIMEOUT_S = 0.5
 CAP = 8

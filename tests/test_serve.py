@@ -597,7 +597,7 @@ def test_request_head_over_64_kib_is_431_json_in_one_read_or_in_pieces(client, s
     server = servers["torch"]
     big = b"X-Big: " + b"a" * (80 * 1024) + b"\r\n"
     request = b"GET /info HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n"
-    # whole in one read (h11 parses it; ltzoo.http11 checks its size) or in two pieces
+    # whole in one read (h11 parses it; ltzoo.serve.http11 checks its size) or in two pieces
     # (h11's incomplete-event limit): the same JSON 431 from the connection layer
     assert _raw_error(_raw(server, request), 431)["error"] == "header_too_large"
     pieces = request[: 60 * 1024], request[60 * 1024 :]
@@ -608,7 +608,7 @@ def test_request_head_over_64_kib_is_431_json_in_one_read_or_in_pieces(client, s
 
 
 def test_smuggling_framing_is_400_and_closes_and_silent_sockets_are_closed(client, servers):
-    """``ltzoo serve`` runs on ltzoo.http11 (tested in depth in test_http11.py)."""
+    """``ltzoo serve`` runs on ltzoo.serve.http11 (tested in depth in test_http11.py)."""
     server = servers["torch"]
     smuggle = (
         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"

@@ -229,6 +229,8 @@ def test_bench_reliability_quick(tmp_path):
     r = json.loads(out.read_text())
     assert r["hostile"]["kinds"] >= 30 and not r["hostile"]["failed"], r["hostile"]
     assert r["hostile"]["healthy_after"] and r["small_during_big"]["ok"], r
+    assert not r["connections"]["failed"], r["connections"]
+    assert not r["hub"]["failed"], r["hub"]
     assert r["isolation"]["ok"], r["isolation"]
     assert r["load"]["torch"]["errors"] == 0, r["load"]
     for s in r["signals"]:

@@ -277,3 +277,101 @@ def test_em_estimate_on_a_small_balanced_batch_does_not_collapse_a_class():
     assert worst_plain < 0.01  # plain EM drives a class to ~0 on some batch of 32
     assert worst_map > 0.1 * 100 / (32 + 100) * 0.99  # the Dirichlet floor: no class near 0
     assert sum(drops) / len(drops) < 0.03  # and prior="estimate" costs little top-1 on them
+
+
+# --- item 7: `ltzoo calibrate` runs the validation split only -----------------------------------
+#: runs `ltzoo calibrate` in this process, counting the images that pass through the model
+_COUNTING_CLI = """
+import sys
+from ltzoo import zoo
+from ltzoo.cli import main
+
+seen = []
+expert_logits = zoo.Ensemble.expert_logits
+def counting(self, x):
+    seen.append(len(x))
+    return expert_logits(self, x)
+zoo.Ensemble.expert_logits = counting
+code = main(sys.argv[1:])
+print("IMAGES", sum(seen))
+sys.exit(code)
+"""
+
+
+def test_calibrate_runs_only_the_validation_split(tmp_path, image_folder):
+    run = _run_dir(tmp_path)
+    argv = ["calibrate", str(run), "--data", "imagefolder_lt", "--data-root", str(image_folder)]
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNTING_CLI, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "IMAGES 30"  # image_folder: 3 validation images per class, 6 test
+    assert "fitted on 30 validation images" in lines[0] and "ltzoo eval" in lines[0]
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["temperature"] != 1.0 and len(config["class_bias"]) == 10
+    assert "accuracy_calibrated" not in config["metrics"]  # a test figure of the old calibration
+
+
+# --- item 9c: `ltzoo info --cost` shows its progress ---------------------------------------------
+def test_info_cost_shows_progress_on_stderr(tmp_path):
+    from ltzoo import zoo
+
+    model_dir = tmp_path / "model"
+    config = zoo.EnsembleConfig(num_classes=10, num_experts=2, layout="independent")
+    zoo.Ensemble(config).eval().save_pretrained(model_dir)
+    done = _ltzoo("info", str(model_dir), "--cost", timeout=600)
+    assert re.search(r"measuring cost.*\d+/6", done.stderr), done.stderr  # 2 x (1 + 2 batch sizes)
+    out = done.stdout
+    assert [r["experts"] for r in json.loads(out[out.index("{") :])["cost"]["rows"]] == [1, 2]
+
+
+# --- item 10: `ltzoo serve` stops in one line; a taken port is a user error ----------------------
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_serve_stops_cleanly_in_one_line(tmp_path, stop):
+    import os
+    import signal
+
+    from serving import Server
+
+    server = Server(["ncl-resnet32-fmnistlt", "--threads", "1"], tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        if stop == "ctrl-c":  # a terminal sends SIGINT to the whole process group
+            os.killpg(server.proc.pid, signal.SIGINT)
+        else:
+            os.kill(server.proc.pid, signal.SIGTERM)
+        code = server.proc.wait(60)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    after_start = log.splitlines()[1:]
+    assert code == 0, log
+    assert after_start == [
+        f"ltzoo serve: stopped ({'SIGINT' if stop == 'ctrl-c' else 'SIGTERM'})"
+    ], log
+
+
+def test_serve_on_a_taken_port_is_one_line_and_no_url():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "ltzoo", "serve", "ncl-resnet32-fmnistlt", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.splitlines() == [
+        f"ltzoo serve: error: cannot listen on http://127.0.0.1:{port}: already in use; "
+        "choose another --port"
+    ]

@@ -179,7 +179,7 @@ def _print_eval(name: str, n: int, results: dict) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from ltzoo.zoo.resolve import resolve_model
 
-    from .evaluate import calibrate_and_evaluate
+    from .evaluate import fit_calibration
 
     ref = resolve_model(args.model)
     if not (args.out or ref.kind in ("run", "directory")):
@@ -188,11 +188,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
     out = Path(args.out or ref.target)  # a run directory's model/, which eval and load read
     model, split = _model_and_split(args, ref)
-    results = calibrate_and_evaluate(model, split, class_bias=not args.temperature_only)
+    fit = fit_calibration(model, split, class_bias=not args.temperature_only)
     model.save_pretrained(out)
-    c = results["calibration"]
+    bias = " and per-class bias" if fit["class_bias"] else ""
     print(
-        f"temperature {c['temperature']:.4f}; ECE {c['ece_before']:.2f}% -> {c['ece_after']:.2f}%; saved to {out}"
+        f"temperature {fit['temperature']:.4f}{bias} fitted on {fit['val_images']} validation "
+        f"images (ECE there {fit['ece_before']:.2f}% -> {fit['ece_after']:.2f}%); saved to {out}; "
+        f"test-set figures: ltzoo eval {shlex.quote(str(out))}"
     )
     return 0
 

@@ -87,6 +87,68 @@ def _grouped_calibration(
     return report
 
 
+def _fit_on_val(
+    model: Ensemble,
+    val_logits: tuple[torch.Tensor, torch.Tensor],
+    counts: Sequence[int],
+    class_bias: bool,
+) -> dict[str, Any]:
+    """Fit the temperature (and, with ``class_bias``, the per-class bias) on the val split's
+    balanced-prior logits and store them in ``model.config``; the val split's top-1 of the
+    ensemble and of each expert."""
+    expert_val, val_labels = val_logits
+    val_combined = expert_val.mean(0)
+    balanced_val = val_combined + cal.balanced_shift(model.config)
+    if class_bias:
+        temperature, bias = cal.fit_temperature_and_bias(balanced_val, val_labels)
+    else:
+        temperature, bias = cal.fit_temperature(balanced_val, val_labels), []
+    model.config = dataclasses.replace(model.config, temperature=temperature, class_bias=bias)
+    return {
+        "top1": accuracy_report(val_combined, val_labels, counts)["top1"],
+        "experts": [accuracy_report(z, val_labels, counts)["top1"] for z in expert_val],
+    }
+
+
+def fit_calibration(
+    model: Ensemble,
+    split,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    class_bias: bool = True,
+) -> dict[str, Any]:
+    """What ``ltzoo calibrate`` does: fit the calibration on the balanced val split alone (the
+    test set is not run) and store it in ``model.config``. Returns the fit and the val split's
+    ECE (in %) of the balanced-prior softmax at T = 1 and of the calibrated probabilities.
+
+    The config's recorded test metrics that depend on the calibration (``accuracy_calibrated``,
+    ``calibration``) no longer hold and are dropped; ``ltzoo eval`` measures them again."""
+    if split.val is None or len(split.val) == 0:
+        raise ValueError(
+            "the model's dataset split has no validation images: nothing to fit the calibration on"
+        )
+    val_logits = collect_logits(model, split.val, batch_size, device)
+    expert_val, val_labels = val_logits
+    combined = expert_val.mean(0)
+    before = cal.calibrated_probs(combined, cal.balanced_shift(model.config), 1.0)
+    val = _fit_on_val(model, val_logits, split.class_counts, class_bias)
+    after = cal.calibrated_probs(
+        combined, cal.log_prior_shift(model.config, "balanced"), model.config.temperature
+    )
+    stale = ("accuracy_calibrated", "calibration")
+    metrics = {k: v for k, v in model.config.metrics.items() if k not in stale}
+    model.config = dataclasses.replace(model.config, metrics=metrics)
+    return {
+        "method": "temperature + class bias" if model.config.class_bias else "temperature",
+        "temperature": model.config.temperature,
+        "class_bias": model.config.class_bias,
+        "val_images": len(val_labels),
+        "val": val,
+        "ece_before": cal.expected_calibration_error(before, val_labels) * 100,
+        "ece_after": cal.expected_calibration_error(after, val_labels) * 100,
+    }
+
+
 def calibrate_and_evaluate(
     model: Ensemble,
     split,
@@ -118,21 +180,12 @@ def calibrate_and_evaluate(
     before = _grouped_calibration(
         cal.calibrated_probs(combined, balanced, 1.0), test_labels, counts
     )
-    temperature, bias = 1.0, list[float]()
+    model.config = dataclasses.replace(model.config, temperature=1.0, class_bias=[])
     if split.val is not None and len(split.val) > 0:
-        val_logits, val_labels = collect_logits(model, split.val, batch_size, device)
+        val_logits = collect_logits(model, split.val, batch_size, device)
         # what choices between runs are made on (never the test set)
-        val_combined = val_logits.mean(0)
-        results["val"] = {
-            "top1": accuracy_report(val_combined, val_labels, counts)["top1"],
-            "experts": [accuracy_report(z, val_labels, counts)["top1"] for z in val_logits],
-        }
-        balanced_val = val_combined + balanced
-        if class_bias:
-            temperature, bias = cal.fit_temperature_and_bias(balanced_val, val_labels)
-        else:
-            temperature = cal.fit_temperature(balanced_val, val_labels)
-    model.config = dataclasses.replace(model.config, temperature=temperature, class_bias=bias)
+        results["val"] = _fit_on_val(model, val_logits, counts, class_bias)
+    temperature, bias = model.config.temperature, model.config.class_bias
     calibrated = cal.calibrated_probs(
         combined, cal.log_prior_shift(model.config, "balanced"), temperature
     )

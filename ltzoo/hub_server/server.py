@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ltzoo.http11 import DEFAULT_HEAD_TIMEOUT_S, uvicorn_settings
+from ltzoo.serve.http11 import DEFAULT_HEAD_TIMEOUT_S, uvicorn_settings
 
 from .app import create_app
 from .validation import DEFAULT_MAX_BODY_BYTES
@@ -27,7 +27,7 @@ def _error_body(code: str, message: str) -> bytes:
 def connection_settings(
     max_connections: int = DEFAULT_MAX_CONNECTIONS, head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
 ) -> dict[str, Any]:
-    """uvicorn settings: :mod:`ltzoo.http11`'s head deadline, head limit and connection cap."""
+    """uvicorn settings: :mod:`ltzoo.serve.http11`'s head deadline, head limit and connection cap."""
     return uvicorn_settings(
         _error_body, max_connections=max_connections, head_timeout_s=head_timeout_s
     )
