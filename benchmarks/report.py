@@ -57,8 +57,10 @@ def _load(name: str) -> dict[str, Any]:
 
 
 def _pm(entry: dict[str, Any], key: str) -> str:
+    """``mean ± std`` over seeds (the mean alone for one seed); "-" where there is none, e.g.
+    the few-shot group of CIFAR-10-LT, which has no class under 20 training images."""
     v = entry.get(key)
-    if not v:
+    if not v or v.get("mean") is None:
         return "-"
     return f"{v['mean']:.2f} ± {v['std']:.2f}" if entry.get("seeds", 1) > 1 else f"{v['mean']:.2f}"
 
@@ -252,8 +254,37 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
     for tag, (label, budget) in CIFAR10LT_BUDGETS.items():
         lines.append(f"| {label} | {budget} | {'trained' if tag in c10 else 'not finished'} |")
     if c10:
-        lines += ["", *_accuracy_table(c10, [t for t in CIFAR10LT_BUDGETS if t in c10])]
+        tags = [t for t in CIFAR10LT_BUDGETS if t in c10]
+        lines += ["", *_accuracy_table(c10, tags), "", *_cifar10lt_paper_lines(c10, tags)]
     return [*lines, ""]
+
+
+#: CIFAR-10-LT tag -> registry name of the model it trains
+CIFAR10LT_NAMES = {
+    "ce": "ce-resnet32-cifar10lt-r100",
+    "bs": "bs-resnet32-cifar10lt-r100",
+    "ncl": "ncl-resnet32-cifar10lt-r100",
+    "cbd": "cbd-resnet32-cifar10lt-r100",
+    "ecl": "ecl-resnet32-cifar10lt-r100",
+}
+
+
+def _cifar10lt_paper_lines(c10: dict[str, Any], tags: list[str]) -> list[str]:
+    """Our top-1 next to the paper's for the same setting, each labelled with its data."""
+    from ltzoo.zoo.registry import get_entry
+
+    lines = [
+        "| run | ours: top-1 on CIFAR-10 (JPEG copy) | paper top-1 (original arrays) | paper |",
+        "|---|---|---|---|",
+    ]
+    for tag in tags:
+        entry = get_entry(CIFAR10LT_NAMES[tag.split("_")[0]])
+        paper = entry.paper.get("top1")
+        lines.append(
+            f"| {CIFAR10LT_BUDGETS[tag][0]} | {_pm(c10[tag], 'top1')} | "
+            f"{'-' if paper is None else paper} | {entry.paper_ref or 'no paper number'} |"
+        )
+    return lines
 
 
 def _precision_parity_lines(fm: dict[str, Any]) -> list[str]:

@@ -54,3 +54,23 @@ def test_every_committed_speed_figure_was_measured_on_an_idle_machine():
         if path.is_file():
             label = json.loads(path.read_text()).get("machine", {}).get("label")
             assert label == machine.IDLE, f"{name}.json: {label!r}"
+
+
+def test_cifar10lt_table_renders_an_empty_shot_group_and_sets_ours_beside_the_paper():
+    """CIFAR-10-LT r100 has no class under 20 training images: "few" is None, not a crash."""
+    group = {"mean": 80.0, "std": 0.0, "runs": [80.0]}
+    entry = {
+        "epochs": 200,
+        "seeds": 1,
+        **{k: group for k in ("top1", "many", "medium", "top1_calibrated")},
+        "few": {"mean": None, "std": 0.0, "runs": [None]},
+        "ece_before": {"mean": 5.0},
+        "ece_after": {"mean": 2.0},
+        "experts_top1": [[79.0, 78.0, 77.0]],
+    }
+    c10 = {"ncl": entry, "bs": entry}
+    (row,) = [line for line in report._accuracy_table(c10, ["ncl"]) if line.startswith("| NCL")]
+    assert "| 80.00 | 80.00 | 80.00 | - | 80.00 |" in row
+    lines = report._cifar10lt_paper_lines(c10, ["bs", "ncl"])
+    assert lines[2] == "| Balanced Softmax | 80.00 | - | no paper number |"
+    assert lines[3].startswith("| NCL | 80.00 | 84.7 | Li et al., Nested Collaborative")
