@@ -238,7 +238,10 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
         f"augmentation, two runs side by side on one thread each ({_machine_label(plan)}; "
         f"{plan['steps']} steps, `train_cifar10lt.py measure`, in bf16). The runs train in fp32 "
         "(what `auto` is on a CPU); their estimate multiplies the bf16 hours by the fp32/bf16 "
-        "time ratio of the train-step table (an estimate, not a measurement):",
+        "time ratio of the train-step table (an estimate, not a measurement). Shot groups are "
+        "ltzoo's everywhere (many > 100 training images, medium 20-100, few < 20): at rho 100 "
+        "CIFAR-10-LT has 8 many-shot classes, 2 medium (83 and 50 images) and no few-shot class, "
+        "so its 'few' column stays empty:",
         "",
         "| recipe | images/s (bf16, 1 thread) | hours at the paper's epochs, bf16 | fp32 estimate |",
         "|---|---|---|---|",
