@@ -233,7 +233,8 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
         "",
         "One run per method, one seed (Fashion-MNIST-LT gives the seed spread), trained in the "
         "background across sessions with `benchmarks/train_cifar10lt.py` (runs in "
-        "`~/ltzoo-runs/cifar10lt/`, a checkpoint every epoch). Validation: 20 images per class, "
+        "`~/ltzoo-runs/cifar10lt/`, a checkpoint every epoch; `queue` keeps two going in this "
+        "order and resumes them). Validation: 20 images per class, "
         "the head's taken from its training images (4,980). Images/s of each recipe with its full "
         f"augmentation, two runs side by side on one thread each ({_machine_label(plan)}; "
         f"{plan['steps']} steps, `train_cifar10lt.py measure`, in bf16). The runs train in fp32 "
