@@ -295,15 +295,17 @@ def _precision_parity_lines(fm: dict[str, Any]) -> list[str]:
     """fp32 runs vs the same recipes in bf16: mean top-1 / ECE, the difference, the verdict
     (issue #25: within 0.5 points or inside the fp32 seed spread)."""
     rows = []
-    for tag in ("bs", "ncl"):
-        fp32, bf16 = fm.get(tag), fm.get(f"bf16_{tag}")
+    arms = [(tag, f"bf16_{tag}", LABELS[tag]) for tag in ("bs", "ncl")]
+    arms.append(("ncl", "bf16clip_ncl", "NCL, bf16 run with `optim.grad_clip=5`"))
+    for tag, bf16_tag, name in arms:
+        fp32, bf16 = fm.get(tag), fm.get(bf16_tag)
         if not (fp32 and bf16):
             continue
         for key, label in (("top1", "top-1"), ("ece_after", "ECE after calibration")):
             d = bf16[key]["mean"] - fp32[key]["mean"]
             ok = abs(d) <= max(0.5, fp32[key]["std"])
             rows.append(
-                f"| {LABELS[tag]} | {label} | {_pm(fp32, key)} | {_pm(bf16, key)} | "
+                f"| {name} | {label} | {_pm(fp32, key)} | {_pm(bf16, key)} | "
                 f"{d:+.2f} | {'parity' if ok else '**no parity**'} |"
             )
     if not rows:
@@ -327,6 +329,20 @@ def _precision_parity_lines(fm: dict[str, Any]) -> list[str]:
         "no fp32 seed shows; Balanced Softmax trained smoothly."
         if any("no parity" in r for r in rows)
         else "Parity holds for both methods.",
+        "",
+        *_bf16_clip_lines(fm),
+    ]
+
+
+def _bf16_clip_lines(fm: dict[str, Any]) -> list[str]:
+    if "bf16clip_ncl" not in fm:
+        return []
+    return [
+        "The spikes are deterministic (seed 2 in bf16 repeats bit for bit, with or without "
+        "channels-last) and gradient clipping removes them: with `optim.grad_clip=5` no bf16 NCL "
+        "seed spikes and the row above holds parity. Not adopted yet: the fp32 recipe was not "
+        "re-run with the same clip (part of the gain may be the clip's, not bf16's), and the "
+        "CIFAR-10-LT runs keep fp32 until a CIFAR check says the same.",
         "",
     ]
 
