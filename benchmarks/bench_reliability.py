@@ -486,7 +486,8 @@ def connection_cases(
     }
 
 
-def _metric(c: httpx.Client, kind: str) -> float:
+def errors_total(c: httpx.Client, kind: str) -> float:
+    """``ltzoo_http_errors_total`` of ``kind`` on /predict, from ``/metrics``."""
     prefix = f'ltzoo_http_errors_total{{kind="{kind}",path="/predict"}} '
     lines = [x for x in c.get("/metrics").text.splitlines() if x.startswith(prefix)]
     return float(lines[0].split()[-1]) if lines else 0.0
@@ -500,7 +501,7 @@ def client_disconnects(server: Server) -> dict[str, Any]:
         f"X-API-Key: {API_KEY}\r\n"
     ).encode()
     with httpx.Client(base_url=server.url, timeout=10.0, headers=server.headers) as c:
-        before = {kind: _metric(c, kind) for kind in ("server", "client_abort")}
+        before = {kind: errors_total(c, kind) for kind in ("server", "client_abort")}
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(head + b"Content-Length: 1000\r\n\r\n" + b"{" * 10)
             s.shutdown(socket.SHUT_WR)
@@ -515,10 +516,11 @@ def client_disconnects(server: Server) -> dict[str, Any]:
         )
         deadline = time.monotonic() + 10
         while (
-            _metric(c, "client_abort") < before["client_abort"] + 2 and time.monotonic() < deadline
+            errors_total(c, "client_abort") < before["client_abort"] + 2
+            and time.monotonic() < deadline
         ):
             time.sleep(0.2)
-        after = {kind: _metric(c, kind) for kind in ("server", "client_abort")}
+        after = {kind: errors_total(c, kind) for kind in ("server", "client_abort")}
     return {
         "client_aborts_counted": after["client_abort"] - before["client_abort"],
         "server_errors_counted": after["server"] - before["server"],

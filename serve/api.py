@@ -76,7 +76,7 @@ from .decoding import (
     request_error,
     top_k_predictions,
 )
-from .http11 import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_MAX_HEAD_BYTES, uvicorn_settings
+from .http11 import DEFAULT_HEAD_TIMEOUT_S, uvicorn_settings
 from .supervisor import die_with_parent
 from .ui import add_ui
 
@@ -89,8 +89,6 @@ DOCS_PATHS = frozenset({"/docs", "/openapi.json", "/redoc"})
 #: status noted (in /metrics, never sent) for a request whose client left before the whole
 #: body arrived: nginx's "499 Client Closed Request"
 CLIENT_CLOSED_REQUEST = 499
-#: largest request head (request line and headers)
-MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
 #: where the Swagger UI / ReDoc assets shipped by ``fastapi-offline`` are served (no CDN)
 DOCS_ASSETS = "/docs-assets"
 
@@ -659,7 +657,7 @@ def uvicorn_limits(
     """The uvicorn settings of ``ltzoo serve`` (``server.run(**uvicorn_limits())``).
 
     The connection layer is :mod:`ltzoo.serve.http11` (shared with the local Hub): a request
-    head must arrive within ``head_timeout_s`` (408) and within :data:`MAX_HEAD_BYTES`
+    head must arrive within ``head_timeout_s`` (408) and within 64 KiB
     (431), ambiguous framing gets 400, past ``max_connections`` connections 503, idle
     keep-alive connections close after ``keep_alive_s``; every such answer is JSON.
     """
@@ -668,7 +666,6 @@ def uvicorn_limits(
         max_connections=max_connections,
         keep_alive_s=keep_alive_s,
         head_timeout_s=head_timeout_s,
-        max_head_bytes=MAX_HEAD_BYTES,
     )
 
 

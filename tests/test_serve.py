@@ -32,6 +32,9 @@ from serving import Server, running
 
 from ltzoo import zoo
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_reliability import errors_total
+
 TIMEOUT = httpx.Timeout(20.0, connect=5.0)
 API_KEY = "s3cret-key"
 COUNTS = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
@@ -563,15 +566,9 @@ def _raw_error(answer: bytes, status: int) -> dict:
     return json.loads(body)["detail"]
 
 
-def _errors_total(client: httpx.Client, kind: str) -> float:
-    prefix = f'ltzoo_http_errors_total{{kind="{kind}",path="/predict"}} '
-    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith(prefix)]
-    return float(lines[0].split()[-1]) if lines else 0.0
-
-
 def test_client_aborts_are_not_server_errors_and_framing_errors_are_json(client, servers):
     server = servers["torch"]
-    before = {kind: _errors_total(client, kind) for kind in ("server", "client_abort")}
+    before = {kind: errors_total(client, kind) for kind in ("server", "client_abort")}
     log_start = server.log.stat().st_size
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     # a body shorter than its Content-Length, then a half-close: nobody is left to answer
@@ -584,10 +581,10 @@ def test_client_aborts_are_not_server_errors_and_framing_errors_are_json(client,
     # a malformed request line never reaches the app
     assert _raw_error(_raw(server, b"NOT HTTP AT ALL\r\n\r\n"), 400)["error"] == "malformed_http"
     deadline = time.monotonic() + 10
-    while _errors_total(client, "client_abort") < before["client_abort"] + 2:
+    while errors_total(client, "client_abort") < before["client_abort"] + 2:
         assert time.monotonic() < deadline, client.get("/metrics").text
         time.sleep(0.1)
-    assert _errors_total(client, "server") == before["server"]
+    assert errors_total(client, "server") == before["server"]
     log = server.log.read_bytes()[log_start:].decode(errors="replace")
     assert "ClientDisconnect" not in log and "Traceback" not in log, log[-3000:]
     assert client.post("/predict", json={"image": b64(GOOD)}).status_code == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from typing import Any
 from ltzoo.serve.http11 import DEFAULT_HEAD_TIMEOUT_S, uvicorn_settings
 
 from .app import create_app
-from .validation import DEFAULT_MAX_BODY_BYTES
+from .validation import DEFAULT_MAX_BODY_BYTES, error_response
 
 #: concurrent connections past which the server answers 503 (the Hub client uses a few)
 DEFAULT_MAX_CONNECTIONS = 64
@@ -21,7 +20,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 
 def _error_body(code: str, message: str) -> bytes:
     """The Hub's error shape (``{"error": ...}``) for answers given before the app runs."""
-    return json.dumps({"error": message}).encode()
+    return bytes(error_response(400, message).body)  # the status travels separately
 
 
 def connection_settings(
