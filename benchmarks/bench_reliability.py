@@ -53,7 +53,7 @@ from ltzoo.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.machine import LoadGuard, add_allow_busy  # noqa: E402
+from benchmarks.machine import LoadGuard, add_allow_busy, cmdline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "reliability_cpu.json"
 API_KEY = "bench-key"
@@ -172,8 +172,8 @@ class Server:
         cmdline = Path(f"/proc/{main}/cmdline").read_bytes()
         kids = _proc_children().get(main, [])
         # by start time, not PID: PIDs wrap around (pid_max is often 32768)
-        forks = sorted((p for p in kids if _cmdline(p) == cmdline), key=_start_time)
-        spawned = [p for p in kids if b"spawn_main" in _cmdline(p)]
+        forks = sorted((p for p in kids if cmdline(p) == cmdline), key=_start_time)
+        spawned = [p for p in kids if b"spawn_main" in cmdline(p)]
         return {"main": main, "manager": forks[0], "http": forks[-1], "worker": spawned[0]}
 
     def kill_all(self) -> None:
@@ -201,13 +201,6 @@ def _start_time(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def stop_check(server: Server, pids: list[int], how: str, target: int) -> dict[str, Any]:
     """Send ``how`` to ``target``; time until every server process is gone and the port free."""
     sig = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}.get(how, signal.SIGKILL)
@@ -224,7 +217,7 @@ def stop_check(server: Server, pids: list[int], how: str, target: int) -> dict[s
         time.sleep(0.05)
     elapsed = time.monotonic() - start
     left = [p for p in pids if alive(p)]
-    left_cmdlines = [_cmdline(p).replace(b"\0", b" ").decode(errors="replace")[:120] for p in left]
+    left_cmdlines = [cmdline(p).replace(b"\0", b" ").decode(errors="replace")[:120] for p in left]
     server.kill_all()
     code = server.proc.returncode
     return {

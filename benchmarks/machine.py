@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from ltzoo.training.precision import cpu_info
 
@@ -43,6 +44,14 @@ def add_allow_busy(parser: argparse.ArgumentParser) -> None:
 
 #: instruction-set extensions that change which kernels (fp32, INT8, bf16) are fast
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cmdline(pid: int | str) -> bytes:
+    """A process's NUL-separated argv from /proc (b"" once it is gone or unreadable)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def cpu_model_and_isa(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:

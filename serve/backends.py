@@ -169,6 +169,11 @@ class OnnxRuntimeBackend:
         self, batch: np.ndarray, log_prior_shift: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         _check_inputs(batch, log_prior_shift, self.config.num_classes)
+        return self._run_graph(batch, log_prior_shift)
+
+    def _run_graph(
+        self, batch: np.ndarray, log_prior_shift: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         feed = {
             "pixel_values": np.ascontiguousarray(batch, dtype=np.float32),
             "log_prior_shift": np.ascontiguousarray(log_prior_shift, dtype=np.float32),
@@ -227,11 +232,7 @@ class TensorRTBackend(OnnxRuntimeBackend):
         self, batch: np.ndarray, log_prior_shift: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         _check_inputs(batch, log_prior_shift, self.config.num_classes)
-        feed = {
-            "pixel_values": np.ascontiguousarray(batch, dtype=np.float32),
-            "log_prior_shift": self.default_shift.astype(np.float32),
-        }
-        probs, disagreement = self.session.run(["probs", "disagreement"], feed)
+        probs, disagreement = self._run_graph(batch, self.default_shift)
         return self.reweight(probs, log_prior_shift), disagreement
 
     def reweight(self, probs: np.ndarray, log_prior_shift: np.ndarray) -> np.ndarray:
