@@ -207,7 +207,8 @@ CIFAR10LT_BUDGETS = {
     "ncl": ("NCL", "200 of the paper's 400 epochs, AutoAugment + Cutout, MoCo on"),
     "ncl_e100": ("NCL (half budget)", "100 epochs: the slope towards convergence"),
     "cbd": ("CBD", "2 teachers + student, 200 epochs each"),
-    "ecl": ("ECL (reconstruction)", "200 epochs, as NCL"),
+    "ecl": ("ECL (reconstruction)", "200 of the recipe's 400 epochs, as NCL"),
+    "ecl_e100": ("ECL (half budget)", "100 epochs: the slope towards convergence"),
 }
 #: what the ``measure`` rows stand for, and which fp32/bf16 ratio of bench_train_step applies
 _PLAN_ROWS = {

@@ -45,6 +45,7 @@ PLAN: dict[str, tuple[str, list[str]]] = {
     "ncl_e100": ("cifar10lt_r100_ncl", ["optim.epochs=100"]),
     "cbd": ("cifar10lt_r100_cbd", []),
     "ecl": ("cifar10lt_r100_ecl", ["optim.epochs=200"]),
+    "ecl_e100": ("cifar10lt_r100_ecl", ["optim.epochs=100"]),
 }
 
 
