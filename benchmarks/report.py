@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
+from ltzoo.zoo.registry import get_entry
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.* when run as a script
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 MEASURED = ROOT / "zoo" / "data" / "measured.json"
@@ -28,6 +32,18 @@ REGISTRY_NAMES = {
     "cbd": "cbd-resnet32-fmnistlt",
     "ecl": "ecl-resnet32-fmnistlt",
 }
+#: CIFAR-10-LT tag -> registry name of the model it trains (one seed, seed 0)
+CIFAR10LT_NAMES = {
+    "ce": "ce-resnet32-cifar10lt-r100",
+    "bs": "bs-resnet32-cifar10lt-r100",
+    "ncl": "ncl-resnet32-cifar10lt-r100",
+    "cbd": "cbd-resnet32-cifar10lt-r100",
+    "ecl": "ecl-resnet32-cifar10lt-r100",
+}
+
+
+#: the zoos that ship: results JSON -> (benchmark tag -> registry name)
+ZOOS = {"fmnistlt.json": REGISTRY_NAMES, "cifar10lt.json": CIFAR10LT_NAMES}
 LABELS = {
     "ce": "CE",
     "bs": "Balanced Softmax",
@@ -118,8 +134,6 @@ def _paper_table() -> list[str]:
     from ltzoo.zoo.registry import list_models
 
     lines = ["| model | method | dataset | paper top-1 (%) | source |", "|---|---|---|---|---|"]
-    from ltzoo.zoo.registry import get_entry
-
     for row in list_models():
         if row["paper"]:
             lines.append(
@@ -257,37 +271,101 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
         )
     lines += ["", "| run | budget | status |", "|---|---|---|"]
     for tag, (label, budget) in CIFAR10LT_BUDGETS.items():
-        lines.append(f"| {label} | {budget} | {'trained' if tag in c10 else 'not finished'} |")
+        wall = c10.get(tag, {}).get("budget", {}).get("wall_h")
+        status = "not finished" if tag not in c10 else f"trained ({wall} h of wall time)"
+        lines.append(f"| {label} | {budget} | {status} |")
     if c10:
         tags = [t for t in CIFAR10LT_BUDGETS if t in c10]
         lines += ["", *_accuracy_table(c10, tags), "", *_cifar10lt_paper_lines(c10, tags)]
+        lines += ["", "Issue #26's targets, read off the numbers above:", ""]
+        lines += _cifar10lt_claims(c10)
+    if all((ROOT / "docs" / "img" / f"cifar10lt_ncl_{k}.png").is_file() for k in PLOT_KINDS):
+        lines += [
+            "",
+            "NCL on CIFAR-10-LT: per-class accuracy against class size, and its reliability "
+            "diagram after calibration:",
+            "",
+            "![per-class accuracy](docs/img/cifar10lt_ncl_per_class_accuracy.png) "
+            "![reliability](docs/img/cifar10lt_ncl_reliability.png)",
+        ]
     return [*lines, ""]
 
 
-#: CIFAR-10-LT tag -> registry name of the model it trains
-CIFAR10LT_NAMES = {
-    "ce": "ce-resnet32-cifar10lt-r100",
-    "bs": "bs-resnet32-cifar10lt-r100",
-    "ncl": "ncl-resnet32-cifar10lt-r100",
-    "cbd": "cbd-resnet32-cifar10lt-r100",
-    "ecl": "ecl-resnet32-cifar10lt-r100",
-}
+#: issue #26's targets on CIFAR-10-LT
+CIFAR10LT_GAIN_OVER_CE, CIFAR10LT_ECE_TARGET, PAPER_TOLERANCE = 8.0, 3.0, 2.0
+
+
+def _cifar10lt_claims(c10: dict[str, Any]) -> list[str]:
+    """Issue #26's targets, checked against the one-seed runs that have finished."""
+
+    def top1(tag: str) -> float:
+        return c10[tag]["top1"]["mean"]
+
+    rows: list[tuple[str, str, bool]] = []
+    for tag in ("bs", "ncl"):
+        if {tag, "ce"} <= c10.keys():
+            gap = top1(tag) - top1("ce")
+            target = f"{CIFAR10LT_BUDGETS[tag][0]} >= CE + {CIFAR10LT_GAIN_OVER_CE:.0f} (top-1)"
+            rows.append((target, f"{gap:+.2f}", gap >= CIFAR10LT_GAIN_OVER_CE))
+    if "ncl" in c10:
+        best = _best_expert(c10["ncl"])
+        rows.append(
+            (
+                "NCL: ensemble beats its best single expert",
+                f"{top1('ncl'):.2f} vs {best:.2f}",
+                top1("ncl") > best,
+            )
+        )
+        paper = get_entry(CIFAR10LT_NAMES["ncl"]).paper.get("top1")
+        epochs = c10["ncl"].get("epochs")
+        slope = (
+            f"; 100 -> {epochs} epochs: {top1('ncl') - top1('ncl_e100'):+.2f}"
+            if "ncl_e100" in c10
+            else ""
+        )
+        rows.append(
+            (
+                f"NCL within {PAPER_TOLERANCE:.0f} points of the paper's {paper} (400 epochs; "
+                f"ours {epochs})",
+                f"{top1('ncl') - paper:+.2f}{slope}",
+                top1("ncl") - paper >= -PAPER_TOLERANCE,
+            )
+        )
+    for tag in (t for t in CIFAR10LT_BUDGETS if t in c10):
+        ece = c10[tag]["ece_after"]["mean"]
+        rows.append(
+            (
+                f"{CIFAR10LT_BUDGETS[tag][0]}: ECE after calibration <= {CIFAR10LT_ECE_TARGET:.0f} %",
+                f"{ece:.2f}",
+                ece <= CIFAR10LT_ECE_TARGET,
+            )
+        )
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {text} | {value} | {'yes' if ok else '**no**'} |" for text, value, ok in rows]
+    return lines
+
+
+def _best_expert(entry: dict[str, Any]) -> float:
+    """Top-1 of the best single expert, averaged over seeds (each seed's own best)."""
+    return statistics.mean(max(experts) for experts in entry["experts_top1"])
 
 
 def _cifar10lt_paper_lines(c10: dict[str, Any], tags: list[str]) -> list[str]:
     """Our top-1 next to the paper's for the same setting, each labelled with its data."""
-    from ltzoo.zoo.registry import get_entry
-
     lines = [
-        "| run | ours: top-1 on CIFAR-10 (JPEG copy) | paper top-1 (original arrays) | paper |",
-        "|---|---|---|---|",
+        "| run | epochs | ours: top-1 on CIFAR-10 (JPEG copy) | best single expert "
+        "| paper top-1 (original arrays) | paper |",
+        "|---|---|---|---|---|---|",
     ]
     for tag in tags:
+        e = c10[tag]
         entry = get_entry(CIFAR10LT_NAMES[tag.split("_")[0]])
         paper = entry.paper.get("top1")
+        best = _best_expert(e) if len(e["experts_top1"][0]) > 1 else None
         lines.append(
-            f"| {CIFAR10LT_BUDGETS[tag][0]} | {_pm(c10[tag], 'top1')} | "
-            f"{'-' if paper is None else paper} | {entry.paper_ref or 'no paper number'} |"
+            f"| {CIFAR10LT_BUDGETS[tag][0]} | {e.get('epochs', '-')} | {_pm(e, 'top1')} | "
+            f"{'-' if best is None else f'{best:.2f}'} | {'-' if paper is None else paper} | "
+            f"{entry.paper_ref or 'no paper number'} |"
         )
     return lines
 
@@ -593,15 +671,23 @@ def plot_loss_curves() -> Path | None:
     return out
 
 
+PLOT_KINDS = ("per_class_accuracy", "reliability")
+
+
 def copy_plots() -> None:
-    """Seed-0 plots the engine drew for each shipped recipe -> docs/img/<tag>_*.png."""
+    """Seed-0 plots the engine drew for each shipped recipe -> docs/img/<tag>_*.png, and the
+    CIFAR-10-LT NCL run's (outside the work tree) -> docs/img/cifar10lt_ncl_*.png."""
     import shutil
 
-    for tag in REGISTRY_NAMES:
-        for kind in ("per_class_accuracy", "reliability"):
-            src = ROOT / "runs" / "bench" / f"{tag}-s0" / "plots" / f"{kind}.png"
+    from benchmarks.train_cifar10lt import run_dir
+
+    runs = {f"{tag}_": ROOT / "runs" / "bench" / f"{tag}-s0" for tag in REGISTRY_NAMES}
+    runs["cifar10lt_ncl_"] = run_dir("ncl")
+    for prefix, run in runs.items():
+        for kind in PLOT_KINDS:
+            src = run / "plots" / f"{kind}.png"
             if src.is_file():
-                shutil.copyfile(src, ROOT / "docs" / "img" / f"{tag}_{kind}.png")
+                shutil.copyfile(src, ROOT / "docs" / "img" / f"{prefix}{kind}.png")
 
 
 def build_section() -> str:
@@ -689,17 +775,18 @@ BUNDLED = ROOT / "zoo" / "weights"
 SHIPPED_SEED = 0
 
 
-def _shipped(tag: str, name: str, fm: dict[str, Any]) -> dict[str, Any]:
+def _shipped(tag: str, name: str, results: dict[str, Any], source: str) -> dict[str, Any]:
     """The shipped model's own figures, from its bundled config's ``metrics`` (what `ltzoo
-    eval NAME` recomputes); checked against seed 0 of ``fmnistlt.json``'s per-seed runs."""
+    eval NAME` recomputes); checked against seed 0 of ``source``'s per-seed runs."""
     metrics = json.loads((BUNDLED / name / "config.json").read_text())["metrics"]
-    e = fm[tag]
+    e = results[tag]
     i = e.get("seed_list", list(range(e["seeds"]))).index(SHIPPED_SEED)
     for key in ("top1", "many", "medium", "few"):
-        if abs(e[key]["runs"][i] - metrics["accuracy"][key]) > 1e-3:
+        ran, bundled = e[key]["runs"][i], metrics["accuracy"][key]
+        if (ran is None) != (bundled is None) or (ran is not None and abs(ran - bundled) > 1e-3):
             raise ValueError(
-                f"{name}: bundled {key} {metrics['accuracy'][key]:.2f} is not seed "
-                f"{SHIPPED_SEED}'s {e[key]['runs'][i]:.2f} in fmnistlt.json: rebundle"
+                f"{name}: bundled {key} {bundled} is not seed {SHIPPED_SEED}'s {ran} in "
+                f"{source}: rebundle"
             )
     return {
         "seed": SHIPPED_SEED,
@@ -713,30 +800,40 @@ def _shipped(tag: str, name: str, fm: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shipped_runs() -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(results JSON, tag, registry name, its results) of every model that ships."""
+    rows = []
+    for source, names in ZOOS.items():
+        results = _load(source)
+        for tag, name in names.items():
+            if tag in results and (BUNDLED / name / "config.json").is_file():
+                rows.append((source, tag, name, results))
+    return rows
+
+
 def write_measured() -> None:
     """``zoo/data/measured.json``: per registry name, the figures of the model that ships
-    (``shipped``: seed 0, raw and calibrated as ``predict`` returns) and the method's mean
-    ± std over its seeds (``over_seeds``)."""
-    fm = _load("fmnistlt.json")
+    (``shipped``: seed 0, raw and calibrated as ``predict`` returns), the method's mean
+    ± std over its seeds where it has several (``over_seeds``) and the run's budget where
+    its results record one (CIFAR-10-LT)."""
     measured = {}
-    for tag, name in REGISTRY_NAMES.items():
-        if tag in fm:
-            e = fm[tag]
-            keys = ("top1", "many", "medium", "few", "top1_calibrated")
-            measured[name] = {
-                "shipped": _shipped(tag, name, fm),
-                "over_seeds": {
-                    "seeds": e["seeds"],
-                    "seed_list": e.get("seed_list", list(range(e["seeds"]))),
-                    **{
-                        k: {"mean": e[k]["mean"], "std": e[k]["std"]}
-                        for k in (*keys, "ece_before", "ece_after", "temperature")
-                        if k in e
-                    },
+    keys = ("top1", "many", "medium", "few", "top1_calibrated")
+    for source, tag, name, results in _shipped_runs():
+        e = results[tag]
+        measured[name] = {"shipped": _shipped(tag, name, results, source)}
+        if e["seeds"] > 1:
+            measured[name]["over_seeds"] = {
+                "seeds": e["seeds"],
+                "seed_list": e.get("seed_list", list(range(e["seeds"]))),
+                **{
+                    k: {"mean": e[k]["mean"], "std": e[k]["std"]}
+                    for k in (*keys, "ece_before", "ece_after", "temperature")
+                    if k in e
                 },
-                "source": "benchmarks/results/fmnistlt.json",
-                "benchmark_tag": tag,
             }
+        if "budget" in e:
+            measured[name]["budget"] = e["budget"]
+        measured[name].update(source=f"benchmarks/results/{source}", benchmark_tag=tag)
     MEASURED.write_text(json.dumps(measured, indent=2) + "\n")
 
 
@@ -746,7 +843,7 @@ def _shipped_sentence() -> str:
     parts = []
     for tag, name in REGISTRY_NAMES.items():
         if tag in fm:
-            s = _shipped(tag, name, fm)
+            s = _shipped(tag, name, fm, "fmnistlt.json")
             parts.append(
                 f"{LABELS[tag]} {s['accuracy']['top1']:.2f} raw / {s['top1_calibrated']:.2f} calibrated"
             )
@@ -759,26 +856,34 @@ def _shipped_sentence() -> str:
     )
 
 
+def _card_footer(source: str, entry: dict[str, Any]) -> str:
+    """What the card says under the shipped model's figures: its seed, and where the rest is."""
+    if entry["seeds"] > 1:
+        return f"\nMetrics above: seed 0. Means over seeds: `benchmarks/results/{source}`.\n"
+    b = entry.get("budget", {})
+    return (
+        "\nMetrics above: seed 0, the only training seed (one run per method here; the "
+        "Fashion-MNIST-LT zoo gives the seed spread). Test set: CIFAR-10 (JPEG copy), 10,000 "
+        f"images. Budget: {b.get('epochs')} epochs, augmentation {' + '.join(b.get('augment', []))}"
+        f", MoCo {'on' if b.get('moco') else 'off'}, {b.get('precision')}, "
+        f"{b.get('wall_h')} h of wall time on a 2-core CPU. All figures: "
+        f"`benchmarks/results/{source}`.\n"
+    )
+
+
 def write_cards() -> None:
+    """A model card per shipped model, rendered from its bundled config (the weights that ship)."""
     from ltzoo import zoo
     from ltzoo.zoo.cards import render_card
 
-    for tag, name in REGISTRY_NAMES.items():
-        model_dir = ROOT / "runs" / "bench" / f"{tag}-s0" / "model"
-        if not (model_dir / "config.json").is_file():
-            continue
-        cfg = zoo.EnsembleConfig.load(model_dir / "config.json")
+    for source, tag, name, results in _shipped_runs():
+        cfg = zoo.EnsembleConfig.load(BUNDLED / name / "config.json")
         if tag.startswith("ecl"):
             from ltzoo.training.methods.ecl import ECL
 
             cfg.extra.setdefault("card_notes", ECL.card_notes)
-        (CARDS / f"{name}.md").write_text(
-            render_card(
-                cfg,
-                extra="\nMetrics above: seed 0. Means over seeds: "
-                "`benchmarks/results/fmnistlt.json`.\n",
-            )
-        )
+        footer = _card_footer(source, results[tag])
+        (CARDS / f"{name}.md").write_text(render_card(cfg, extra=footer))
 
 
 def main() -> None:

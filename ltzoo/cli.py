@@ -82,7 +82,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             row["measured_note"] = (
                 "measured.shipped: the model that ships (seed 0), raw top-1 and top1_calibrated "
                 "as `predict` and the server return it; `ltzoo eval NAME` recomputes them. "
-                "measured.over_seeds: the method's mean ± std over its training seeds."
+                "measured.over_seeds: the method's mean ± std over its training seeds (none "
+                "where one seed was trained, as on CIFAR-10-LT; measured.budget says its run)."
             )
         print(json.dumps(row, indent=2, default=str))
         return 0

@@ -72,5 +72,38 @@ def test_cifar10lt_table_renders_an_empty_shot_group_and_sets_ours_beside_the_pa
     (row,) = [line for line in report._accuracy_table(c10, ["ncl"]) if line.startswith("| NCL")]
     assert "| 80.00 | 80.00 | 80.00 | - | 80.00 |" in row
     lines = report._cifar10lt_paper_lines(c10, ["bs", "ncl"])
-    assert lines[2] == "| Balanced Softmax | 80.00 | - | no paper number |"
-    assert lines[3].startswith("| NCL | 80.00 | 84.7 | Li et al., Nested Collaborative")
+    assert lines[2] == "| Balanced Softmax | 200 | 80.00 | 79.00 | - | no paper number |"
+    assert lines[3].startswith(
+        "| NCL | 200 | 80.00 | 79.00 | 84.7 | Li et al., Nested Collaborative"
+    )
+
+
+def test_cifar10lt_targets_are_read_off_the_runs():
+    """Issue #26's targets: a gain over CE, the ensemble over its best expert, the paper's
+    number with the half-budget slope, ECE after calibration; each can fail."""
+
+    def run(top1: float, experts: list[float], ece_after: float, epochs: int = 200) -> dict:
+        return {
+            "epochs": epochs,
+            "top1": {"mean": top1},
+            "experts_top1": [experts],
+            "ece_after": {"mean": ece_after},
+        }
+
+    c10 = {
+        "ce": run(70.0, [70.0], 2.5),
+        "bs": run(77.5, [77.5], 3.5),
+        "ncl": run(83.0, [82.0, 83.5, 81.0], 1.0),
+        "ncl_e100": run(80.0, [79.0, 79.5, 78.0], 1.0, epochs=100),
+    }
+    rows = {line.split(" | ")[0][2:]: line for line in report._cifar10lt_claims(c10)[2:]}
+    assert rows["Balanced Softmax >= CE + 8 (top-1)"].endswith("| +7.50 | **no** |")
+    assert rows["NCL >= CE + 8 (top-1)"].endswith("| +13.00 | yes |")
+    assert rows["NCL: ensemble beats its best single expert"].endswith(
+        "| 83.00 vs 83.50 | **no** |"
+    )
+    paper = next(k for k in rows if k.startswith("NCL within 2 points"))
+    assert "84.7 (400 epochs; ours 200)" in paper
+    assert rows[paper].endswith("| -1.70; 100 -> 200 epochs: +3.00 | yes |")
+    assert rows["CE: ECE after calibration <= 3 %"].endswith("| 2.50 | yes |")
+    assert rows["Balanced Softmax: ECE after calibration <= 3 %"].endswith("| 3.50 | **no** |")

@@ -278,3 +278,48 @@ def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsy
     plan.queue(["ce", "bs", "ncl", "cbd"], streams=2, max_starts=2)
     assert started == ["bs", "bs", "ncl", "cbd"]  # never a second ce; bs given up after 2
     assert "given up after 2 starts: ['bs']" in capsys.readouterr().out
+
+
+def _shipped_cifar10lt() -> list[str]:
+    from ltzoo.zoo import bundle
+
+    manifest = bundle.read_manifest()
+    return [
+        n
+        for n in (f"{m}-resnet32-cifar10lt-r100" for m in ("ce", "bs", "ncl", "cbd", "ecl"))
+        if n in manifest
+    ]
+
+
+def test_every_shipped_cifar10lt_model_loads_offline_and_predicts_as_measured(
+    tmp_path, monkeypatch
+):
+    """Each CIFAR-10-LT model that ships loads offline from an empty cache, `predict` on 1,000
+    test JPEGs (every 10th) reaches its measured calibrated top-1 (+-3 points), and an RGB
+    image of another size is resized as the config says."""
+    from huggingface_hub import constants
+
+    from ltzoo import zoo
+    from ltzoo.zoo import bundle
+
+    names = _shipped_cifar10lt()
+    if not names:
+        pytest.skip("no CIFAR-10-LT weights bundled yet")
+    monkeypatch.delenv(bundle.BUNDLE_ENV, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    test = build_lt_dataset("cifar10_lt", root=_shared_cifar(), rho=100, val_per_class=0).test
+    picked = range(0, len(test.labels), 10)
+    images = [Image.fromarray(test._np[i]) for i in picked]
+    labels = torch.tensor([test.labels[i] for i in picked])
+    odd = Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 41, 3), np.uint8))
+    manifest = bundle.read_manifest()
+    for name in names:
+        model = zoo.load(name)
+        assert model.config.extra["source"]["bundled"] == name
+        assert manifest[name]["files"]["model.safetensors"]["sha256"]
+        probs = torch.cat([model.predict(images[i : i + 250]).probs for i in range(0, 1000, 250)])
+        top1 = (probs.argmax(1) == labels).float().mean().item() * 100
+        expected = model.config.metrics["accuracy_calibrated"]
+        assert abs(top1 - expected) <= 3.0, f"{name}: top-1 {top1:.1f} vs {expected:.1f}"
+        assert model.predict(odd).probs.shape == (1, 10)
