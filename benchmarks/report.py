@@ -269,10 +269,21 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
             f"| {label} ({row['recipe_epochs']} epochs) | {row['images_per_s']} | "
             f"{row['hours_at_recipe_epochs']} | {fp32:.1f} |"
         )
-    lines += ["", "| run | budget | status |", "|---|---|---|"]
+    lines += [
+        "",
+        "Run time: the sum of a run's epochs (sessions' pauses and other work on the 2 cores "
+        "included) and its median epoch, one thread beside one other run:",
+        "",
+        "| run | budget | status |",
+        "|---|---|---|",
+    ]
     for tag, (label, budget) in CIFAR10LT_BUDGETS.items():
-        wall = c10.get(tag, {}).get("budget", {}).get("wall_h")
-        status = "not finished" if tag not in c10 else f"trained ({wall} h of wall time)"
+        b = c10.get(tag, {}).get("budget", {})
+        status = (
+            "not finished"
+            if tag not in c10
+            else f"trained: {b.get('wall_h')} h of epochs, median {b.get('median_epoch_s')} s"
+        )
         lines.append(f"| {label} | {budget} | {status} |")
     if c10:
         tags = [t for t in CIFAR10LT_BUDGETS if t in c10]
@@ -866,7 +877,8 @@ def _card_footer(source: str, entry: dict[str, Any]) -> str:
         "Fashion-MNIST-LT zoo gives the seed spread). Test set: CIFAR-10 (JPEG copy), 10,000 "
         f"images. Budget: {b.get('epochs')} epochs, augmentation {' + '.join(b.get('augment', []))}"
         f", MoCo {'on' if b.get('moco') else 'off'}, {b.get('precision')}, "
-        f"{b.get('wall_h')} h of wall time on a 2-core CPU. All figures: "
+        f"{b.get('wall_h')} h of epochs on a 2-core CPU (median epoch {b.get('median_epoch_s')} "
+        "s, one thread beside another run). All figures: "
         f"`benchmarks/results/{source}`.\n"
     )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -195,13 +196,18 @@ def budget(tag: str) -> dict:
     out = run_dir(tag)
     run = json.loads((out / "run.json").read_text())
     cfg = run["config"]
-    seconds = sum(r.get("epoch_s", 0.0) for p in out.rglob("metrics.jsonl") for r in _metrics(p))
+    seconds = [
+        r["epoch_s"] for p in out.rglob("metrics.jsonl") for r in _metrics(p) if "epoch_s" in r
+    ]
     return {
         "epochs": cfg["optim"]["epochs"],
         "augment": cfg["data"]["augment"],
         "moco": cfg["method_params"].get("contrastive_weight", 0) > 0,
         "precision": run.get("precision", {}).get("used", "fp32"),
-        "wall_h": round(seconds / 3600, 2),
+        # the sum holds the sessions' pauses and whatever shared the 2 cores; the median
+        # epoch is what one epoch takes beside one other run
+        "wall_h": round(sum(seconds) / 3600, 2),
+        "median_epoch_s": round(statistics.median(seconds), 1) if seconds else None,
         "run_overrides": PLAN[tag][1],
     }
 
