@@ -296,11 +296,13 @@ def test_every_shipped_cifar10lt_model_loads_offline_and_predicts_as_measured(
 ):
     """Each CIFAR-10-LT model that ships loads offline from an empty cache, `predict` on 1,000
     test JPEGs (every 10th) reaches its measured calibrated top-1 (+-3 points), and an RGB
-    image of another size is resized as the config says."""
+    image of another size is resized as the config says; its fused ONNX export agrees."""
     from huggingface_hub import constants
 
     from ltzoo import zoo
+    from ltzoo.export.onnx import export_onnx, graph_feed, make_session
     from ltzoo.zoo import bundle
+    from ltzoo.zoo.preprocess import Preprocess
 
     names = _shipped_cifar10lt()
     if not names:
@@ -323,3 +325,9 @@ def test_every_shipped_cifar10lt_model_loads_offline_and_predicts_as_measured(
         expected = model.config.metrics["accuracy_calibrated"]
         assert abs(top1 - expected) <= 3.0, f"{name}: top-1 {top1:.1f} vs {expected:.1f}"
         assert model.predict(odd).probs.shape == (1, 10)
+        # the fused ONNX export (experts + combination + calibration) returns the same
+        onnx_path = export_onnx(model, tmp_path / f"{name}.onnx")
+        pixels = torch.stack([Preprocess(model.config.preprocess)(im) for im in images[:8]])
+        session = make_session(onnx_path)
+        (graph,) = session.run(["probs"], graph_feed(session, pixels.numpy()))
+        np.testing.assert_allclose(graph, probs[:8].numpy(), atol=1e-4)
