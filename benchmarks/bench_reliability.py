@@ -53,7 +53,7 @@ from ltzoo.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.machine import LoadGuard, add_allow_busy, cmdline  # noqa: E402
+from benchmarks.machine import LoadGuard, add_allow_busy, process_cmdline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "reliability_cpu.json"
 API_KEY = "bench-key"
@@ -169,11 +169,11 @@ class Server:
     def roles(self) -> dict[str, int]:
         """PIDs by role: main, manager (first fork), http (last fork), worker (spawned)."""
         main = self.proc.pid
-        cmdline = Path(f"/proc/{main}/cmdline").read_bytes()
+        cmdline = process_cmdline(main)
         kids = _proc_children().get(main, [])
         # by start time, not PID: PIDs wrap around (pid_max is often 32768)
-        forks = sorted((p for p in kids if cmdline(p) == cmdline), key=_start_time)
-        spawned = [p for p in kids if b"spawn_main" in cmdline(p)]
+        forks = sorted((p for p in kids if process_cmdline(p) == cmdline), key=_start_time)
+        spawned = [p for p in kids if b"spawn_main" in process_cmdline(p)]
         return {"main": main, "manager": forks[0], "http": forks[-1], "worker": spawned[0]}
 
     def kill_all(self) -> None:
@@ -217,7 +217,9 @@ def stop_check(server: Server, pids: list[int], how: str, target: int) -> dict[s
         time.sleep(0.05)
     elapsed = time.monotonic() - start
     left = [p for p in pids if alive(p)]
-    left_cmdlines = [cmdline(p).replace(b"\0", b" ").decode(errors="replace")[:120] for p in left]
+    left_cmdlines = [
+        process_cmdline(p).replace(b"\0", b" ").decode(errors="replace")[:120] for p in left
+    ]
     server.kill_all()
     code = server.proc.returncode
     return {

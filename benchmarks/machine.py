@@ -46,7 +46,7 @@ def add_allow_busy(parser: argparse.ArgumentParser) -> None:
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def cmdline(pid: int | str) -> bytes:
+def process_cmdline(pid: int | str) -> bytes:
     """A process's NUL-separated argv from /proc (b"" once it is gone or unreadable)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

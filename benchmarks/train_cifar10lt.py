@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import LoadGuard, cmdline  # noqa: E402
+from benchmarks.machine import LoadGuard, process_cmdline  # noqa: E402
 from benchmarks.train_fmnistlt import collect  # noqa: E402
 
 RUNS = Path(os.environ.get("LTZOO_RUNS", Path.home() / "ltzoo-runs")) / "cifar10lt"
@@ -69,7 +69,7 @@ def training_pid(tag: str) -> int | None:
     """The pid of the ``ltzoo train`` writing ``tag``'s run directory, if one is running."""
     needle = str(run_dir(tag)).encode()
     for proc in Path("/proc").iterdir():
-        argv = cmdline(proc.name).split(b"\0") if proc.name.isdigit() else []
+        argv = process_cmdline(proc.name).split(b"\0") if proc.name.isdigit() else []
         if b"ltzoo" in argv and b"train" in argv and needle in argv:
             return int(proc.name)
     return None
