@@ -282,12 +282,11 @@ def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsy
 
 def _shipped_cifar10lt() -> list[str]:
     from ltzoo.zoo import bundle
+    from ltzoo.zoo.registry import list_models
 
     manifest = bundle.read_manifest()
     return [
-        n
-        for n in (f"{m}-resnet32-cifar10lt-r100" for m in ("ce", "bs", "ncl", "cbd", "ecl"))
-        if n in manifest
+        r["name"] for r in list_models() if r["dataset"] == "cifar10_lt" and r["name"] in manifest
     ]
 
 
@@ -312,7 +311,7 @@ def test_every_shipped_cifar10lt_model_loads_offline_and_predicts_as_measured(
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     test = build_lt_dataset("cifar10_lt", root=_shared_cifar(), rho=100, val_per_class=0).test
     picked = range(0, len(test.labels), 10)
-    images = [Image.fromarray(test._np[i]) for i in picked]
+    images = [Image.fromarray(test.images[i].numpy()) for i in picked]
     labels = torch.tensor([test.labels[i] for i in picked])
     odd = Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 41, 3), np.uint8))
     manifest = bundle.read_manifest()
