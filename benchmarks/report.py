@@ -130,6 +130,10 @@ def _cbd_lines(fm: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: registry method -> how tables name it (the rest: upper case, as the papers write them)
+METHOD_LABELS = {"balanced_softmax": "Balanced Softmax"}
+
+
 def _paper_table() -> list[str]:
     from ltzoo.zoo.registry import list_models
 
@@ -137,7 +141,8 @@ def _paper_table() -> list[str]:
     for row in list_models():
         if row["paper"]:
             lines.append(
-                f"| `{row['name']}` | {row['method'].upper()} | {row['dataset']} | "
+                f"| `{row['name']}` | {METHOD_LABELS.get(row['method'], row['method'].upper())} | "
+                f"{row['dataset']} | "
                 f"{row['paper']['top1']} | {get_entry(row['name']).paper_ref} |"
             )
     return lines
@@ -317,7 +322,8 @@ def _cifar10lt_claims(c10: dict[str, Any]) -> list[str]:
         if {tag, "ce"} <= c10.keys():
             gap = top1(tag) - top1("ce")
             target = f"{CIFAR10LT_BUDGETS[tag][0]} >= CE + {CIFAR10LT_GAIN_OVER_CE:.0f} (top-1)"
-            rows.append((target, f"{gap:+.2f}", gap >= CIFAR10LT_GAIN_OVER_CE))
+            measured = f"{gap:+.2f}{_published_gap_over_ce(tag)}"
+            rows.append((target, measured, gap >= CIFAR10LT_GAIN_OVER_CE))
     if "ncl" in c10:
         best = _best_expert(c10["ncl"])
         rows.append(
@@ -354,6 +360,15 @@ def _cifar10lt_claims(c10: dict[str, Any]) -> list[str]:
     lines = ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {text} | {value} | {'yes' if ok else '**no**'} |" for text, value, ok in rows]
     return lines
+
+
+def _published_gap_over_ce(tag: str) -> str:
+    """The same gain as published, when one source trained both ``tag`` and CE alike."""
+    ce, other = (get_entry(CIFAR10LT_NAMES[t]) for t in ("ce", tag))
+    if not (ce.paper and other.paper and ce.paper_ref == other.paper_ref):
+        return ""
+    gap = other.paper["top1"] - ce.paper["top1"]
+    return f" (published, same recipe: {gap:+.2f})"
 
 
 def _best_expert(entry: dict[str, Any]) -> float:

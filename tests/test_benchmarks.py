@@ -72,7 +72,7 @@ def test_cifar10lt_table_renders_an_empty_shot_group_and_sets_ours_beside_the_pa
     (row,) = [line for line in report._accuracy_table(c10, ["ncl"]) if line.startswith("| NCL")]
     assert "| 80.00 | 80.00 | 80.00 | - | 80.00 |" in row
     lines = report._cifar10lt_paper_lines(c10, ["bs", "ncl"])
-    assert lines[2] == "| Balanced Softmax | 200 | 80.00 | 79.00 | - | no paper number |"
+    assert lines[2].startswith("| Balanced Softmax | 200 | 80.00 | 79.00 | 76.37 | Zhang et al.")
     assert lines[3].startswith(
         "| NCL | 200 | 80.00 | 79.00 | 84.7 | Li et al., Nested Collaborative"
     )
@@ -97,7 +97,10 @@ def test_cifar10lt_targets_are_read_off_the_runs():
         "ncl_e100": run(80.0, [79.0, 79.5, 78.0], 1.0, epochs=100),
     }
     rows = {line.split(" | ")[0][2:]: line for line in report._cifar10lt_claims(c10)[2:]}
-    assert rows["Balanced Softmax >= CE + 8 (top-1)"].endswith("| +7.50 | **no** |")
+    # CE and BS were published by one source with our recipe: its gap stands beside ours
+    assert rows["Balanced Softmax >= CE + 8 (top-1)"].endswith(
+        "| +7.50 (published, same recipe: +6.49) | **no** |"
+    )
     assert rows["NCL >= CE + 8 (top-1)"].endswith("| +13.00 | yes |")
     assert rows["NCL: ensemble beats its best single expert"].endswith(
         "| 83.00 vs 83.50 | **no** |"

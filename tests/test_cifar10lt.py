@@ -169,6 +169,10 @@ def test_registry_labels_paper_and_jpeg_copy_numbers():
 
     assert get_entry("ncl-resnet32-cifar10lt-r100").paper == {"top1": 84.7}
     assert get_entry("ncl-resnet32-cifar10lt-r50").paper == {"top1": 86.8}
+    # the baselines' like-for-like numbers: one published source, our exact recipe
+    ce, bs = (get_entry(f"{m}-resnet32-cifar10lt-r100") for m in ("ce", "bs"))
+    assert (ce.paper, bs.paper) == ({"top1": 69.88}, {"top1": 76.37})
+    assert ce.paper_ref == bs.paper_ref and "best on the test set" in ce.paper_ref
     for m in ("ce", "bs", "ncl", "ecl", "cbd"):
         entry = get_entry(f"{m}-resnet32-cifar10lt-r100")
         assert entry.recipe == f"cifar10lt_r100_{m}" and CIFAR10_JPEG_VARIANT in entry.notes
