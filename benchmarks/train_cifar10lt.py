@@ -168,7 +168,8 @@ def _metrics(path: Path) -> list[dict]:
 
 
 def progress(tag: str) -> dict:
-    """Epochs done (every stage), mean seconds per epoch, ETA of the stage in progress."""
+    """Epochs done (every stage), median seconds per epoch (a paused epoch does not skew
+    it), ETA of the stage in progress."""
     out = run_dir(tag)
     stages = sorted(out.rglob("metrics.jsonl"), key=lambda p: (p.parent != out, str(p)))
     report: dict = {"tag": tag, "finished": (out / "results.json").is_file(), "stages": []}
@@ -177,14 +178,14 @@ def progress(tag: str) -> dict:
         config = json.loads((path.parent / "run.json").read_text())["config"]
         epochs = config["optim"]["epochs"]
         seconds = [r["epoch_s"] for r in rows if "epoch_s" in r]
-        mean = sum(seconds) / len(seconds) if seconds else None
+        median = statistics.median(seconds) if seconds else None
         report["stages"].append(
             {
                 "dir": str(path.parent.relative_to(out)) or ".",
                 "epoch": len(rows),
                 "epochs": epochs,
-                "s_per_epoch": round(mean, 1) if mean else None,
-                "eta_h": round((epochs - len(rows)) * mean / 3600, 2) if mean else None,
+                "s_per_epoch": round(median, 1) if median else None,
+                "eta_h": round((epochs - len(rows)) * median / 3600, 2) if median else None,
                 "wall_h": round(sum(seconds) / 3600, 2),
             }
         )
