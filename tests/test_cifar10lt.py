@@ -7,6 +7,7 @@ read straight from that tar; tests that need it skip when neither exists.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -116,6 +117,26 @@ def test_lt_split_from_jpeg_tree_seeded_balanced_val_full_test(tmp_path):
     again = build_lt_dataset("cifar10_lt", root=str(tree), rho=5, n_max=10, val_per_class=2)
     other = build_lt_dataset("cifar10_lt", root=str(tree), rho=5, n_max=10, seed=1)
     assert again.train.indices == split.train.indices != other.train.indices
+
+
+def _first_jpeg(root: str) -> bytes:
+    if Path(root).is_dir():
+        return next(Path(root).rglob("*.jpg")).read_bytes()
+    with tarfile.open(root) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+        return tar.extractfile(member).read()
+
+
+def test_shared_jpeg_copy_is_quality_75_with_420_chroma_as_readme_says():
+    """What "lossy" means for the JPEG copy: libjpeg's standard tables at 50 % (quality 75) and
+    4:2:0 chroma, i.e. colour kept at 16x16 on 32x32 images."""
+    from PIL import JpegImagePlugin
+
+    image = Image.open(io.BytesIO(_first_jpeg(_shared_cifar())))
+    standard_luma = [16, 11, 10, 16, 24, 40, 51, 61]  # the first row of JPEG Annex K's table
+    assert list(image.quantization[0])[:8] == [(q * 50 + 50) // 100 for q in standard_luma]
+    assert JpegImagePlugin.get_sampling(image) == 2  # 4:2:0
+    assert "quality 75, 4:2:0 chroma" in (ROOT / "README.md").read_text()
 
 
 def test_shared_jpeg_copy_gives_the_papers_profile():
