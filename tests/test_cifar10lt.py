@@ -355,3 +355,42 @@ def test_every_shipped_cifar10lt_model_loads_offline_and_predicts_as_measured(
         session = make_session(onnx_path)
         (graph,) = session.run(["probs"], graph_feed(session, pixels.numpy()))
         np.testing.assert_allclose(graph, probs[:8].numpy(), atol=1e-4)
+
+
+def test_a_shipped_cifar10lt_model_serves_real_jpegs_over_http(tmp_path):
+    """`ltzoo serve NAME` on a shipped CIFAR-10-LT model, offline from an empty cache: a test
+    JPEG as uploaded and an RGB PNG of another size come back with the CIFAR-10 class names and
+    the calibrated probabilities `predict` gives for the same decoded images."""
+    import httpx
+    from serving import Server, running
+
+    from ltzoo import zoo
+
+    names = _shipped_cifar10lt()
+    if not names:
+        pytest.skip("no CIFAR-10-LT weights bundled yet")
+    name, root = names[0], _shared_cifar()
+    jpeg = _first_jpeg(root)
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 57, 3), np.uint8)).save(
+        png, "PNG"
+    )
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    server = Server([name, "--threads", "1"], tmp_path / "serve.log", env=offline)
+    with running({"cifar": server}), httpx.Client(base_url=server.url, timeout=60) as client:
+        replies = [
+            client.post(
+                "/predict",
+                files={"file": (f"x.{kind}", data, f"image/{kind}")},
+                data={"top_k": "10"},
+            )
+            for kind, data in (("jpeg", jpeg), ("png", png.getvalue()))
+        ]
+    model = zoo.load(name)
+    for reply, data in zip(replies, (jpeg, png.getvalue()), strict=True):
+        assert reply.status_code == 200, reply.text
+        got = {p["label"]: p["probability"] for p in reply.json()["predictions"]}
+        assert sorted(got) == sorted(CIFAR10_CLASSES)
+        probs = model.predict(Image.open(io.BytesIO(data))).probs[0]
+        want = {CIFAR10_CLASSES[i]: float(p) for i, p in enumerate(probs)}
+        assert got == pytest.approx(want, abs=1e-5)
