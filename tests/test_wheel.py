@@ -5,6 +5,7 @@ name, without the source tree. Everything installs under the one ``ltzoo`` names
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ltzoo.zoo.bundle import add_to_bundle
+from ltzoo.zoo.bundle import add_to_bundle, read_manifest
 from ltzoo.zoo.ensemble import Ensemble
 from ltzoo.zoo.registry import get_entry
 
@@ -56,6 +57,13 @@ def test_installed_wheel_writes_cards_and_loads_bundled_weights(tmp_path):
     add_to_bundle(tmp_path / "model", src / "zoo" / "weights")
     _pip("wheel", "--no-build-isolation", "-w", str(tmp_path / "dist"), ".", cwd=src)
     [wheel] = (tmp_path / "dist").glob("ltzoo-*.whl")
+    # README says how big the wheel is and how many models it carries: still true
+    stated = re.search(
+        r"With (\d+) models the wheel is (\d+\.\d) MB", (ROOT / "README.md").read_text()
+    )
+    assert stated, "README no longer states the wheel size"
+    assert int(stated[1]) == len(read_manifest()), "README's model count is out of date"
+    assert abs(wheel.stat().st_size / 1e6 - float(stated[2])) <= 0.5, wheel.stat().st_size
     members = zipfile.ZipFile(wheel).namelist()
     top_level = {m.split("/")[0] for m in members if not m.split("/")[0].endswith(".dist-info")}
     assert top_level == {"ltzoo"}, top_level  # no generic `training`, `export`, `serve`, `zoo`
