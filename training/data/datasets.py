@@ -205,14 +205,24 @@ def _finish_info(info: dict, counts: list[int], train: Any, val: Any | None, tes
     return info
 
 
+@dataclass(frozen=True)
+class _Arrays:
+    """A dataset read into memory: uint8 images and labels of the official train / test sets,
+    where they came from, and ``variant``, which labels a copy that is not the official one
+    (recorded in ``info["variant"]``)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str
+    variant: str | None = None
+
+
 def _lt_from_arrays(
     name: str,
+    arrays: _Arrays,
     *,
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    test_images: np.ndarray,
-    test_labels: np.ndarray,
-    base_names: list[str],
     rho: float,
     n_max: int,
     seed: int,
@@ -220,13 +230,14 @@ def _lt_from_arrays(
     val_per_class: int,
     train_transform: Callable,
     eval_transform: Callable,
-    source: str,
-    variant: str | None = None,
     val_from_train: bool = False,
 ) -> LTSplit:
-    """Shared path of the in-memory datasets (Fashion-MNIST, CIFAR); ``variant`` labels a
-    copy of the data that is not the official one (recorded in ``info["variant"]``)."""
+    """The one path of the in-memory datasets (Fashion-MNIST, CIFAR): the exponential
+    profile of ``rho`` / ``n_max`` over ``arrays``' training set, a balanced val split, the
+    official test set."""
     cfg = DATASETS[name].preprocess_config()
+    base_names = DATASETS[name].class_names()
+    train_images, train_labels = arrays.train_images, arrays.train_labels
     num_classes = len(base_names)
     order = check_class_order(class_order, num_classes)
     tr_idx, tr_lab, va_idx, va_lab, v, counts = select_lt(
@@ -250,8 +261,8 @@ def _lt_from_arrays(
         else None
     )
     test = ArrayImageDataset(
-        torch.from_numpy(np.array(test_images, dtype=np.uint8)),
-        inv[np.asarray(test_labels, dtype=np.int64)],
+        torch.from_numpy(np.array(arrays.test_images, dtype=np.uint8)),
+        inv[np.asarray(arrays.test_labels, dtype=np.int64)],
         eval_transform,
         preprocess=cfg,
     )
@@ -263,12 +274,12 @@ def _lt_from_arrays(
         seed=int(seed),
         class_order=order,
         val_per_class=v,
-        source=source,
+        source=arrays.source,
     )
     if val_from_train:
         info["val_from_train"] = True
-    if variant:
-        info["variant"] = variant
+    if arrays.variant:
+        info["variant"] = arrays.variant
     return LTSplit(
         train,
         val,
@@ -322,35 +333,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     return _read_idx_cached(str(p), p.stat().st_mtime)
 
 
-def _fashion_mnist(
-    root, rho, n_max, seed, class_order, val_per_class, ttf, etf, val_from_train
-) -> LTSplit:
+def _fashion_mnist(root: str | None) -> _Arrays:
     r = Path(root or FASHION_MNIST_DIR)
-    files = {
-        s: _idx_file(r, s)
-        for s in (
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-        )
-    }
-    return _lt_from_arrays(
-        "fashion_mnist_lt",
-        train_images=read_idx(files["train-images-idx3-ubyte"]),
-        train_labels=read_idx(files["train-labels-idx1-ubyte"]),
-        test_images=read_idx(files["t10k-images-idx3-ubyte"]),
-        test_labels=read_idx(files["t10k-labels-idx1-ubyte"]),
-        base_names=DATASETS["fashion_mnist_lt"].class_names(),
-        rho=rho,
-        n_max=n_max,
-        seed=seed,
-        class_order=class_order,
-        val_per_class=val_per_class,
-        train_transform=ttf,
-        eval_transform=etf,
+
+    def read(stem: str) -> np.ndarray:
+        return read_idx(_idx_file(r, stem))
+
+    return _Arrays(
+        train_images=read("train-images-idx3-ubyte"),
+        train_labels=read("train-labels-idx1-ubyte"),
+        test_images=read("t10k-images-idx3-ubyte"),
+        test_labels=read("t10k-labels-idx1-ubyte"),
         source=str(r),
-        val_from_train=val_from_train,
     )
 
 
@@ -490,16 +484,13 @@ def is_jpeg_tree(root: Path) -> bool:
     return root.is_file() and tarfile.is_tarfile(root)
 
 
-def _cifar(
-    name, root, rho, n_max, seed, class_order, val_per_class, ttf, etf, val_from_train
-) -> LTSplit:
+def _cifar(name: str, root: str | None) -> _Arrays:
     r = Path(root or _default_root())
-    variant = None
     if name == "cifar10_lt" and is_jpeg_tree(r):
         tree = read_jpeg_tree(r, DATASETS[name].class_names())
         (tr_x, tr_y), (te_x, te_y) = tree["train"], tree["test"]
-        d, variant = r, CIFAR10_JPEG_VARIANT
-    elif name == "cifar10_lt":
+        return _Arrays(tr_x, tr_y, te_x, te_y, source=str(r), variant=CIFAR10_JPEG_VARIANT)
+    if name == "cifar10_lt":
         sub = "cifar-10-batches-py"
         d = r if (r / "data_batch_1").is_file() else r / sub
         parts = [_cifar_arrays(_unpickle(d / f"data_batch_{i}"), b"labels") for i in range(1, 6)]
@@ -511,24 +502,7 @@ def _cifar(
         d = r if (r / "train").is_file() else r / sub
         tr_x, tr_y = _cifar_arrays(_unpickle(d / "train"), b"fine_labels")
         te_x, te_y = _cifar_arrays(_unpickle(d / "test"), b"fine_labels")
-    return _lt_from_arrays(
-        name,
-        train_images=tr_x,
-        train_labels=tr_y,
-        test_images=te_x,
-        test_labels=te_y,
-        base_names=DATASETS[name].class_names(),
-        rho=rho,
-        n_max=n_max,
-        seed=seed,
-        class_order=class_order,
-        val_per_class=val_per_class,
-        train_transform=ttf,
-        eval_transform=etf,
-        source=str(d),
-        variant=variant,
-        val_from_train=val_from_train,
-    )
+    return _Arrays(tr_x, tr_y, te_x, te_y, source=str(d))
 
 
 # --------------------------------------------------------------------------- split files
@@ -800,11 +774,19 @@ def build_lt_dataset(
     etf = eval_transform if eval_transform is not None else Preprocess(cfg)
     ttf = train_transform if train_transform is not None else etf
     if name in DEFAULT_N_MAX:  # the profile-based builders (Fashion-MNIST, CIFAR)
-        rho_, n_max_ = DEFAULT_RHO if rho is None else rho, n_max or DEFAULT_N_MAX[name]
-        args = (root, rho_, n_max_, seed, class_order, val_per_class, ttf, etf, val_from_train)
-        if name == "fashion_mnist_lt":
-            return _fashion_mnist(*args)
-        return _cifar(name, *args)
+        arrays = _fashion_mnist(root) if name == "fashion_mnist_lt" else _cifar(name, root)
+        return _lt_from_arrays(
+            name,
+            arrays,
+            rho=DEFAULT_RHO if rho is None else rho,
+            n_max=n_max or DEFAULT_N_MAX[name],
+            seed=seed,
+            class_order=class_order,
+            val_per_class=val_per_class,
+            train_transform=ttf,
+            eval_transform=etf,
+            val_from_train=val_from_train,
+        )
     if name in SPLIT_FILES:
         if n_max is not None or rho not in (None, DEFAULT_RHO):
             warnings.warn(
