@@ -6,6 +6,7 @@ collect the finished ones into benchmarks/results/cifar10lt.json.
     python benchmarks/train_cifar10lt.py queue           # keep 2 going, in PLAN order, detached
     python benchmarks/train_cifar10lt.py status          # epoch reached, s/epoch, ETA
     python benchmarks/train_cifar10lt.py collect         # finished runs -> the results JSON
+    python benchmarks/train_cifar10lt.py ship            # collect, bundle what is new, report
 
 Runs live outside the work tree, in ``$LTZOO_RUNS`` (default ``~/ltzoo-runs``)
 ``/cifar10lt/<tag>-s0``, so a fresh checkout keeps them. Each checkpoints every epoch, and
@@ -222,11 +223,28 @@ def collect_results() -> dict:
     return summary
 
 
+def ship() -> list[str]:
+    """Everything a finished run needs to ship: collect the results, bundle each finished run
+    of a shipping model (not the half-budget runs) that is not bundled yet, under its registry
+    name, then re-render README, measured.json and the cards. Returns the names bundled."""
+    from benchmarks.report import CIFAR10LT_NAMES
+    from ltzoo.zoo.bundle import add_to_bundle, read_manifest
+
+    collect_results()
+    bundled = read_manifest()
+    new = {t: n for t, n in CIFAR10LT_NAMES.items() if finished(t) and n not in bundled}
+    for tag, name in new.items():
+        add_to_bundle(run_dir(tag), name=name)
+        print(f"bundled {name} from {run_dir(tag)}")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")], check=True)
+    return list(new.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["measure", "start", "queue", "status", "collect"])
+    ap.add_argument("command", choices=["measure", "start", "queue", "status", "collect", "ship"])
     ap.add_argument("tags", nargs="*", help=f"runs, of {', '.join(PLAN)} (default: all)")
     ap.add_argument("--streams", type=int, default=2, help="queue: runs side by side")
     ap.add_argument("--foreground", action="store_true", help="queue: do not detach")
@@ -257,6 +275,12 @@ def main() -> None:
         for tag in tags:
             if run_dir(tag).is_dir():
                 print(json.dumps(progress(tag)))
+    elif args.command == "ship":
+        names = ship()
+        if names:  # the wheel test holds README's "With N models the wheel is X MB" to the wheel
+            print(
+                "new in the wheel: update README's wheel size (tests/test_wheel.py says by how much)"
+            )
     else:
         print(json.dumps({t: e.get("top1", {}).get("mean") for t, e in collect_results().items()}))
 

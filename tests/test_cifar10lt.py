@@ -305,6 +305,39 @@ def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsy
     assert "given up after 2 starts: ['bs']" in capsys.readouterr().out
 
 
+def test_ship_bundles_each_new_finished_model_once_and_never_a_half_budget_run(
+    tmp_path, monkeypatch
+):
+    """``ship``: ncl and ncl_e100 have finished, ce is bundled already; only ncl is bundled,
+    under its registry name, and the report is re-rendered once."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    from ltzoo.zoo import bundle
+    from ltzoo.zoo.ensemble import Ensemble
+    from ltzoo.zoo.registry import get_entry
+
+    root = tmp_path / "weights"
+    monkeypatch.setenv(bundle.BUNDLE_ENV, str(root))
+    runs = {t: tmp_path / f"{t}-s0" for t in ("ce", "ncl", "ncl_e100")}
+    for tag, run in runs.items():
+        name = f"{tag.split('_')[0]}-resnet32-cifar10lt-r100"
+        Ensemble(get_entry(name).build_config()).save_pretrained(run / "model")
+    bundle.add_to_bundle(runs["ce"], root, name="ce-resnet32-cifar10lt-r100")
+    reports: list[list[str]] = []
+    monkeypatch.setattr(plan, "collect_results", dict)
+    monkeypatch.setattr(plan, "finished", lambda tag: tag in runs)
+    monkeypatch.setattr(plan, "run_dir", lambda tag: runs[tag])
+    monkeypatch.setattr(plan.subprocess, "run", lambda argv, check: reports.append(argv))
+    assert plan.ship() == ["ncl-resnet32-cifar10lt-r100"]
+    assert sorted(bundle.read_manifest(root)) == [
+        "ce-resnet32-cifar10lt-r100",
+        "ncl-resnet32-cifar10lt-r100",
+    ]
+    assert len(reports) == 1 and reports[0][-1].endswith("report.py")
+    assert plan.ship() == []  # nothing new the second time
+
+
 def _shipped_cifar10lt() -> list[str]:
     from ltzoo.zoo import bundle
     from ltzoo.zoo.registry import list_models
