@@ -134,7 +134,7 @@ def _published_row(name: str) -> str:
         return ""
     return (
         f"\n\nPublished for this setting, not measured by ltzoo: top-1 "
-        f"{entry.paper['top1']} ({entry.paper_ref}). {entry.notes}".rstrip()
+        f"{entry.paper['top1']} ({entry.paper_ref})."
     )
 
 

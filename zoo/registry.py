@@ -360,9 +360,9 @@ _C10: dict[str, Any] = dict(backbone="resnet32", dataset="cifar10_lt", notes=_CI
 #: wd 2e-4, 5 warm-up epochs, x0.01 at 160 / 180, crop + flip; their configs
 #: cui_cifar/{baseline,loss/bsce}/cifar10_im100.yaml), so theirs is the like-for-like number.
 _BAG_OF_TRICKS_REF = (
-    "Zhang et al., Bag of Tricks for Long-Tailed Visual Recognition with Deep CNNs, AAAI 2021 "
-    "(official repository's trick gallery): our recipe, but their checkpoint is the best on "
-    "the test set, ours the last epoch"
+    "Zhang et al., Bag of Tricks for Long-Tailed Visual Recognition with Deep CNNs, AAAI 2021, "
+    "official repository's trick gallery: our recipe, but their checkpoint is the best on the "
+    "test set, ours the last epoch"
 )
 for _method, _prefix, _top1 in [("ce", "ce", 69.88), ("balanced_softmax", "bs", 76.37)]:
     register(
