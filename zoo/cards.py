@@ -124,20 +124,6 @@ def _over_seeds_rows(name: str) -> str:
     )
 
 
-def _published_row(name: str) -> str:
-    """The published top-1 for the same setting, when the registry has one, set apart from
-    ltzoo's measurements; "" otherwise (unregistered names included)."""
-    from .registry import get_entry, is_registered
-
-    entry = get_entry(name) if is_registered(name) else None
-    if entry is None or "top1" not in entry.paper:
-        return ""
-    return (
-        f"\n\nPublished for this setting, not measured by ltzoo: top-1 "
-        f"{entry.paper['top1']} ({entry.paper_ref})."
-    )
-
-
 _LOGIT_ADJUSTMENT = (
     "\n\nThe raw logits of plain CE carry the training prior; `predict`'s default "
     '`prior="balanced"` subtracts its log, so what `predict` returns is CE + post-hoc logit '
@@ -194,7 +180,6 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
         f"{config.name or 'MODEL'}` recomputes these):\n\n"
         + table
         + (_LOGIT_ADJUSTMENT if config.method == "ce" and config.metrics else "")
-        + _over_seeds_rows(config.name)
-        + _published_row(config.name),
+        + _over_seeds_rows(config.name),
         extra=extra,
     )
