@@ -375,11 +375,8 @@ def _pipeline_offset(c10: dict[str, Any]) -> str:
     """Ours minus the published top-1 where both trained the same recipe (CE, BS): what the
     JPEG copy, last-epoch vs best-on-test checkpoints and one seed cost together, to read the
     NCL gap against (not to correct it)."""
-    gaps = [
-        c10[t]["top1"]["mean"] - get_entry(CIFAR10LT_NAMES[t]).paper["top1"]
-        for t in ("ce", "bs")
-        if t in c10 and get_entry(CIFAR10LT_NAMES[t]).paper
-    ]
+    papers = {t: get_entry(CIFAR10LT_NAMES[t]).paper for t in ("ce", "bs") if t in c10}
+    gaps = [c10[t]["top1"]["mean"] - p["top1"] for t, p in papers.items() if p]
     if not gaps:
         return ""
     return f"; CE / BS vs the same recipe published: {statistics.mean(gaps):+.2f}"

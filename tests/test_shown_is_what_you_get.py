@@ -91,12 +91,11 @@ def _data_root_args(name: str) -> list[str]:
     """``--data-root`` for a CIFAR-10-LT model (the JPEG copy; skip without it)."""
     if "cifar10lt" not in name:
         return []
+    from test_cifar10lt import _shared_cifar  # the one place that finds the JPEG copy
+
     if name not in SHIPPED:
         pytest.skip(f"{name} does not ship yet")
-    root = os.environ.get("LTZOO_CIFAR10_JPEG")
-    if not root:
-        pytest.skip("CIFAR-10 JPEG copy not found: set LTZOO_CIFAR10_JPEG (scripts/test.sh does)")
-    return ["--data-root", root]
+    return ["--data-root", _shared_cifar()]
 
 
 @pytest.mark.parametrize("name", ["ce-resnet32-fmnistlt", "bs-resnet32-cifar10lt-r100"])
