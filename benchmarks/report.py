@@ -130,8 +130,9 @@ def _cbd_lines(fm: dict[str, Any]) -> list[str]:
     return lines
 
 
-#: registry method -> how tables name it (the rest: upper case, as the papers write them)
-METHOD_LABELS = {"balanced_softmax": "Balanced Softmax"}
+#: registry method -> how the paper table names it (the rest: upper case, as the papers write
+#: them; not LABELS itself, whose "(student)" / "(reconstruction)" describe our runs)
+METHOD_LABELS = {"balanced_softmax": LABELS["bs"]}
 
 
 def _paper_table() -> list[str]:
