@@ -342,7 +342,8 @@ def _cifar10lt_claims(c10: dict[str, Any]) -> list[str]:
             # one more doubling at the measured rate: an upper estimate, gains per doubling
             # shrink as a run converges
             slope = (
-                f"; 100 -> {epochs} epochs: {gain:+.2f}, so {epochs} -> {2 * epochs} at "
+                f"; {c10['ncl_e100']['epochs']} -> {epochs} epochs: {gain:+.2f}, so {epochs} -> "
+                f"{2 * epochs} at "
                 f"that rate (likely less): {top1('ncl') + gain - paper:+.2f} vs the paper"
             )
         rows.append(
