@@ -4,6 +4,7 @@ collect the finished ones into benchmarks/results/cifar10lt.json.
     python benchmarks/train_cifar10lt.py measure         # images/s of each recipe -> the plan
     python benchmarks/train_cifar10lt.py start ce bs     # one detached `ltzoo train` per tag
     python benchmarks/train_cifar10lt.py queue           # keep 2 going, in PLAN order, detached
+                                                         # (default: runs not in the results)
     python benchmarks/train_cifar10lt.py status          # epoch reached, s/epoch, ETA
     python benchmarks/train_cifar10lt.py collect         # finished runs -> the results JSON
     python benchmarks/train_cifar10lt.py ship            # collect, bundle what is new, report
@@ -78,6 +79,13 @@ def training_pid(tag: str) -> int | None:
 
 def finished(tag: str) -> bool:
     return (run_dir(tag) / "results.json").is_file()
+
+
+def unlanded(tags: list[str]) -> list[str]:
+    """``tags`` whose numbers are not in the results JSON yet: a run whose numbers landed is
+    never retrained, even on a new machine that lost its directory."""
+    landed = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    return [t for t in tags if t not in landed]
 
 
 def start(tag: str) -> subprocess.Popen:
@@ -245,13 +253,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("command", choices=["measure", "start", "queue", "status", "collect", "ship"])
-    ap.add_argument("tags", nargs="*", help=f"runs, of {', '.join(PLAN)} (default: all)")
+    ap.add_argument(
+        "tags",
+        nargs="*",
+        help=f"runs, of {', '.join(PLAN)} (default: all; queue: those not in the results JSON)",
+    )
     ap.add_argument("--streams", type=int, default=2, help="queue: runs side by side")
     ap.add_argument("--foreground", action="store_true", help="queue: do not detach")
     args = ap.parse_args()
     tags = args.tags or list(PLAN)
     if set(tags) - set(PLAN):
         ap.error(f"unknown run(s) {sorted(set(tags) - set(PLAN))}; choose from {list(PLAN)}")
+    if args.command == "queue" and not args.tags:
+        tags = unlanded(tags)
+        if not tags:
+            print(f"queue: every run's numbers are in {RESULTS.name}; nothing to train")
+            return
     if args.command == "measure":
         measure()
     elif args.command == "start":

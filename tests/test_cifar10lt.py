@@ -312,6 +312,28 @@ def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsy
     assert "given up after 2 starts: ['bs']" in capsys.readouterr().out
 
 
+def test_the_queue_never_retrains_a_run_whose_numbers_landed(tmp_path, monkeypatch, capsys):
+    """A new machine has no run directories: ``queue`` with no tags queues only the runs the
+    results JSON lacks (CE and BS landed here), and with every run landed it trains nothing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    results = tmp_path / "cifar10lt.json"
+    monkeypatch.setattr(plan, "RESULTS", results)
+    queued: list[list[str]] = []
+    monkeypatch.setattr(plan, "queue", lambda tags, streams: queued.append(tags))
+    monkeypatch.setattr(sys, "argv", ["train_cifar10lt.py", "queue", "--foreground"])
+    results.write_text(json.dumps({"ce": {}, "bs": {}}))
+    plan.main()
+    assert queued == [[t for t in plan.PLAN if t not in ("ce", "bs")]]
+    results.write_text(json.dumps({tag: {} for tag in plan.PLAN}))
+    plan.main()
+    assert len(queued) == 1 and "nothing to train" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["train_cifar10lt.py", "queue", "ce", "--foreground"])
+    plan.main()  # named runs are what the user asked for: trained again
+    assert queued[-1] == ["ce"]
+
+
 def test_ship_bundles_each_new_finished_model_once_and_never_a_half_budget_run(
     tmp_path, monkeypatch
 ):
