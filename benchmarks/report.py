@@ -81,7 +81,9 @@ def _pm(entry: dict[str, Any], key: str) -> str:
     return f"{v['mean']:.2f} ± {v['std']:.2f}" if entry.get("seeds", 1) > 1 else f"{v['mean']:.2f}"
 
 
-def _accuracy_table(fm: dict[str, Any], tags: list[str]) -> list[str]:
+def _accuracy_table(
+    fm: dict[str, Any], tags: list[str], labels: dict[str, str] = LABELS
+) -> list[str]:
     lines = [
         "| method | epochs | seeds | top-1 | many | medium | few | top-1 calibrated | "
         "ECE before → after (%) | experts |",
@@ -92,7 +94,7 @@ def _accuracy_table(fm: dict[str, Any], tags: list[str]) -> list[str]:
         if not e:
             continue
         lines.append(
-            f"| {LABELS.get(tag, tag)} | {e.get('epochs', '-')} | {e['seeds']} | {_pm(e, 'top1')} | "
+            f"| {labels.get(tag, tag)} | {e.get('epochs', '-')} | {e['seeds']} | {_pm(e, 'top1')} | "
             f"{_pm(e, 'many')} | {_pm(e, 'medium')} | {_pm(e, 'few')} | {_pm(e, 'top1_calibrated')} | "
             f"{e['ece_before']['mean']:.2f} → {e['ece_after']['mean']:.2f} | {len(e['experts_top1'][0])} |"
         )
@@ -295,7 +297,8 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
         lines.append(f"| {label} | {budget} | {status} |")
     if c10:
         tags = [t for t in CIFAR10LT_BUDGETS if t in c10]
-        lines += ["", *_accuracy_table(c10, tags), "", *_cifar10lt_paper_lines(c10, tags)]
+        labels = {t: CIFAR10LT_BUDGETS[t][0] for t in tags}
+        lines += ["", *_accuracy_table(c10, tags, labels), "", *_cifar10lt_paper_lines(c10, tags)]
         lines += ["", "Issue #26's targets, read off the numbers above:", ""]
         lines += _cifar10lt_claims(c10)
     if all((ROOT / "docs" / "img" / f"cifar10lt_ncl_{k}.png").is_file() for k in PLOT_KINDS):
