@@ -260,3 +260,45 @@ def test_calibrate_and_evaluate_reports_validation_top1_of_ensemble_and_experts(
     top1 = [float((z.argmax(1) == labels).float().mean() * 100) for z in logits]
     ensemble = float((logits.mean(0).argmax(1) == labels).float().mean() * 100)
     assert results["val"] == {"top1": pytest.approx(ensemble), "experts": pytest.approx(top1)}
+
+
+def _drawn_from(logits, temperature=1.0, bias=None, seed=0):
+    """Labels drawn from softmax(logits / T + bias): the calibration those logits need."""
+    g = torch.Generator().manual_seed(seed)
+    adjusted = logits / temperature + (0.0 if bias is None else bias)
+    return torch.multinomial(torch.softmax(adjusted, -1), 1, generator=g)[:, 0]
+
+
+def test_select_calibrator_fits_nothing_to_logits_already_calibrated_on_a_small_split():
+    """A balanced split of 20 images per class (what ltzoo holds out), labels drawn from
+    softmax(z): the logits need no calibration, and T + 10 biases would fit noise."""
+    logits = torch.randn(4000, 10, generator=torch.Generator().manual_seed(1)) * 2
+    labels = _drawn_from(logits)
+    keep = torch.cat([(labels == c).nonzero()[:20, 0] for c in range(10)])
+    family, nll = cal.select_calibrator(logits[keep], labels[keep])
+    assert family != "temperature + class bias", nll
+    assert nll["temperature + class bias"] > min(nll.values())
+
+
+@pytest.mark.parametrize(
+    ("temperature", "bias", "expected"),
+    [
+        (3.0, None, "temperature"),
+        (2.0, torch.tensor([1.5, -1.0, 0.5, -1.5, 0.5]), "temperature + class bias"),
+    ],
+)
+def test_select_calibrator_finds_the_miscalibration_there_is(temperature, bias, expected):
+    logits = torch.randn(2000, 5, generator=torch.Generator().manual_seed(2)) * 3
+    family, nll = cal.select_calibrator(logits, _drawn_from(logits, temperature, bias))
+    assert family == expected, nll
+
+
+def test_select_calibrator_is_seeded_and_stratified():
+    logits = torch.randn(60, 3, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(60) % 3
+    assert cal.select_calibrator(logits, labels) == cal.select_calibrator(logits, labels)
+    positions = cal._stratified_positions(labels, torch.Generator().manual_seed(0))
+    for c in range(3):  # each class's images take positions 0..19 once: even folds
+        assert sorted(positions[labels == c].tolist()) == list(range(20))
+    with pytest.raises(ValueError, match="unknown calibrator"):
+        cal.fit_calibrator("platt", logits, labels)

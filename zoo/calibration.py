@@ -19,6 +19,7 @@ fused ONNX graph and its parity check, the serve backends and evaluation all cal
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -242,12 +243,75 @@ def fit_temperature_and_bias(
     return _fit_nll(logits, labels, True, max_iter, (0.05, 100.0))
 
 
+#: the calibrator families :func:`select_calibrator` chooses from, simplest first
+CALIBRATORS = ("none", "temperature", "temperature + class bias")
+
+
+def fit_calibrator(
+    family: str, logits: torch.Tensor, labels: torch.Tensor, warn: bool = True
+) -> tuple[float, list[float]]:
+    """``(T, class_bias)`` of one of :data:`CALIBRATORS` fitted by NLL (``none``: T = 1)."""
+    if family not in CALIBRATORS:
+        raise ValueError(f"unknown calibrator {family!r}; choose from {CALIBRATORS}")
+    if family == "none":
+        return 1.0, []
+    with_bias = family == "temperature + class bias"
+    return _fit_nll(logits, labels, with_bias, 200, (0.05, 100.0), warn)
+
+
+def select_calibrator(
+    logits: torch.Tensor, labels: torch.Tensor, folds: int = 5, repeats: int = 4, seed: int = 0
+) -> tuple[str, dict[str, float]]:
+    """The calibrator family with the lowest held-out NLL on the validation split itself
+    (``repeats`` x stratified ``folds``-fold cross-validation, seeded: the same split gives
+    the same choice). Returns the family and each family's mean held-out NLL.
+
+    Eleven parameters (T + 10 biases) fitted on 200 validation images can overfit it: an NCL
+    model whose balanced logits were already calibrated (CIFAR-10-LT, ECE 1.96 %) left the
+    fit at 5.06 %. Cross-validation sees that on the validation split, without the test set.
+    The choice is the simplest family within one standard error of the best (Breiman et al.,
+    1984): a bias that wins by less than the folds' noise is fitting the split."""
+    logits, labels = logits.detach().double(), labels.clone()
+    g = torch.Generator().manual_seed(seed)
+    losses: dict[str, list[float]] = {f: [] for f in CALIBRATORS}
+    for _ in range(repeats):
+        fold = _stratified_positions(labels, g) % folds  # which fold each image falls in
+        for k in range(folds):
+            held_out = fold == k
+            if held_out.all() or not held_out.any():
+                continue
+            for family in CALIBRATORS:
+                t, bias = fit_calibrator(family, logits[~held_out], labels[~held_out], warn=False)
+                adjusted = logits[held_out] / t + (torch.tensor(bias).double() if bias else 0.0)
+                losses[family].append(float(F.cross_entropy(adjusted, labels[held_out])))
+    if not losses["none"]:
+        raise ValueError(
+            f"cross-validating a calibrator needs at least 2 images, got {len(labels)}"
+        )
+    mean = {f: statistics.fmean(v) for f, v in losses.items()}
+    best = min(CALIBRATORS, key=mean.__getitem__)
+    # the one-standard-error rule: more parameters must earn more than the folds' noise
+    bound = mean[best] + statistics.stdev(losses[best]) / len(losses[best]) ** 0.5
+    return next(f for f in CALIBRATORS if mean[f] <= bound), mean
+
+
+def _stratified_positions(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image's position among the images of its class, in a fresh shuffle of the class:
+    taken modulo the fold count, every fold gets an even share of every class."""
+    positions = torch.empty_like(labels)
+    for c in labels.unique():
+        members = (labels == c).nonzero()[:, 0]
+        positions[members[torch.randperm(len(members), generator=g)]] = torch.arange(len(members))
+    return positions
+
+
 def _fit_nll(
     logits: torch.Tensor,
     labels: torch.Tensor,
     with_bias: bool,
     max_iter: int,
     temperature_range: tuple[float, float],
+    warn: bool = True,
 ) -> tuple[float, list[float]]:
     logits = logits.detach().double().clone()  # clone: may be an inference-mode tensor
     labels = labels.clone()
@@ -269,7 +333,10 @@ def _fit_nll(
     fitted = float(log_t.detach().exp().item())
     temperature = min(max(fitted, temperature_range[0]), temperature_range[1])
     centred = (bias - bias.mean()).detach()
-    _warn_if_unreliable(logits, labels, fitted, temperature_range, centred if with_bias else None)
+    if warn:
+        _warn_if_unreliable(
+            logits, labels, fitted, temperature_range, centred if with_bias else None
+        )
     return temperature, centred.tolist() if with_bias else []
 
 
@@ -434,6 +501,7 @@ def estimate_prior_em(
 
 
 __all__ = [
+    "CALIBRATORS",
     "EM_PRIOR_STRENGTH",
     "MIN_ESTIMATE_BATCH",
     "CalibrationTail",
@@ -448,6 +516,7 @@ __all__ = [
     "estimate_prior_em",
     "expected_calibration_error",
     "expert_disagreement",
+    "fit_calibrator",
     "fit_temperature",
     "fit_temperature_and_bias",
     "is_estimate",
@@ -456,5 +525,6 @@ __all__ = [
     "requested_prior",
     "resolve_prior",
     "reweight_probs",
+    "select_calibrator",
     "source_prior",
 ]
