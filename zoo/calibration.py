@@ -270,7 +270,8 @@ def select_calibrator(
     model whose balanced logits were already calibrated (CIFAR-10-LT, ECE 1.96 %) left the
     fit at 5.06 %. Cross-validation sees that on the validation split, without the test set.
     The choice is the simplest family within one standard error of the best (Breiman et al.,
-    1984): a bias that wins by less than the folds' noise is fitting the split."""
+    1984; the standard error of the per-fold differences): a bias that wins by less than the
+    folds' noise is fitting the split."""
     logits, labels = logits.detach().double(), labels.clone()
     g = torch.Generator().manual_seed(seed)
     losses: dict[str, list[float]] = {f: [] for f in CALIBRATORS}
@@ -284,15 +285,18 @@ def select_calibrator(
                 t, bias = fit_calibrator(family, logits[~held_out], labels[~held_out], warn=False)
                 adjusted = logits[held_out] / t + (torch.tensor(bias).double() if bias else 0.0)
                 losses[family].append(float(F.cross_entropy(adjusted, labels[held_out])))
-    if not losses["none"]:
+    if len(losses["none"]) < 2:  # the standard error needs two folds
         raise ValueError(
             f"cross-validating a calibrator needs at least 2 images, got {len(labels)}"
         )
     mean = {f: statistics.fmean(v) for f, v in losses.items()}
     best = min(CALIBRATORS, key=mean.__getitem__)
-    # the one-standard-error rule: more parameters must earn more than the folds' noise
-    bound = mean[best] + statistics.stdev(losses[best]) / len(losses[best]) ** 0.5
-    return next(f for f in CALIBRATORS if mean[f] <= bound), mean
+
+    def within_one_se(family: str) -> bool:  # paired: every family is scored on the same folds
+        gaps = [a - b for a, b in zip(losses[family], losses[best], strict=True)]
+        return statistics.fmean(gaps) <= statistics.stdev(gaps) / len(gaps) ** 0.5
+
+    return next(f for f in CALIBRATORS if within_one_se(f)), mean
 
 
 def _stratified_positions(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
