@@ -259,7 +259,22 @@ def test_calibrate_and_evaluate_reports_validation_top1_of_ensemble_and_experts(
     logits, labels = collect_logits(model, split.val)
     top1 = [float((z.argmax(1) == labels).float().mean() * 100) for z in logits]
     ensemble = float((logits.mean(0).argmax(1) == labels).float().mean() * 100)
-    assert results["val"] == {"top1": pytest.approx(ensemble), "experts": pytest.approx(top1)}
+    val = results["val"]
+    assert (val["top1"], val["experts"]) == (pytest.approx(ensemble), pytest.approx(top1))
+    # the calibrator was chosen on the val split, and what is stored is what was chosen
+    assert val["calibrator"] == results["calibration"]["method"] in cal.CALIBRATORS
+    assert set(val["calibrator_held_out_nll"]) == set(cal.CALIBRATORS)
+    fitted = cal.fit_calibrator(val["calibrator"], *_balanced_val(model, split), warn=False)
+    assert (model.config.temperature, model.config.class_bias) == fitted
+    calibrate_and_evaluate(model, split, batch_size=16, class_bias=False)  # --temperature-only
+    assert model.config.class_bias == [] and model.config.temperature != 1.0
+
+
+def _balanced_val(model, split):
+    from ltzoo.training.evaluate import collect_logits
+
+    logits, labels = collect_logits(model, split.val)
+    return logits.mean(0) + cal.balanced_shift(model.config), labels
 
 
 def _drawn_from(logits, temperature=1.0, bias=None, seed=0):

@@ -192,6 +192,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model.save_pretrained(out)
     bias = " and per-class bias" if fit["class_bias"] else ""
     print(
+        f"calibrator {fit['method']!r} (chosen by cross-validation unless --temperature-only): "
         f"temperature {fit['temperature']:.4f}{bias} fitted on {fit['val_images']} validation "
         f"images (ECE there {fit['ece_before']:.2f}% -> {fit['ece_after']:.2f}%); saved to {out}; "
         f"test-set figures: ltzoo eval {shlex.quote(str(out))}"
@@ -247,7 +248,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--temperature-only",
             action="store_true",
-            help="fit only the temperature, no per-class bias (plain temperature scaling)",
+            help="fit only the temperature (plain temperature scaling); default: none, the temperature "
+            "or the temperature and a per-class bias, whichever cross-validates best on the "
+            "validation split",
         )
         if name == "eval":
             p.add_argument("--out", default=None, help="write the results JSON here")

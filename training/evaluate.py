@@ -93,18 +93,22 @@ def _fit_on_val(
     counts: Sequence[int],
     class_bias: bool,
 ) -> dict[str, Any]:
-    """Fit the temperature (and, with ``class_bias``, the per-class bias) on the val split's
-    balanced-prior logits and store them in ``model.config``; the val split's top-1 of the
-    ensemble and of each expert."""
+    """Fit the calibration on the val split's balanced-prior logits and store it in
+    ``model.config``: with ``class_bias``, the family (none, temperature, temperature + class
+    bias) that :func:`~ltzoo.zoo.calibration.select_calibrator` picks by cross-validation on
+    the val split, else the temperature alone. Returns the family, each family's held-out NLL
+    and the val split's top-1 of the ensemble and of each expert."""
     expert_val, val_labels = val_logits
     val_combined = expert_val.mean(0)
     balanced_val = val_combined + cal.balanced_shift(model.config)
-    if class_bias:
-        temperature, bias = cal.fit_temperature_and_bias(balanced_val, val_labels)
-    else:
-        temperature, bias = cal.fit_temperature(balanced_val, val_labels), []
+    family, held_out_nll = "temperature", dict[str, float]()
+    if class_bias and len(val_labels) >= 2:
+        family, held_out_nll = cal.select_calibrator(balanced_val, val_labels)
+    temperature, bias = cal.fit_calibrator(family, balanced_val, val_labels)
     model.config = dataclasses.replace(model.config, temperature=temperature, class_bias=bias)
     return {
+        "calibrator": family,
+        "calibrator_held_out_nll": held_out_nll,
         "top1": accuracy_report(val_combined, val_labels, counts)["top1"],
         "experts": [accuracy_report(z, val_labels, counts)["top1"] for z in expert_val],
     }
@@ -139,7 +143,7 @@ def fit_calibration(
     metrics = {k: v for k, v in model.config.metrics.items() if k not in stale}
     model.config = dataclasses.replace(model.config, metrics=metrics)
     return {
-        "method": "temperature + class bias" if model.config.class_bias else "temperature",
+        "method": val["calibrator"],
         "temperature": model.config.temperature,
         "class_bias": model.config.class_bias,
         "val_images": len(val_labels),
@@ -186,13 +190,14 @@ def calibrate_and_evaluate(
         # what choices between runs are made on (never the test set)
         results["val"] = _fit_on_val(model, val_logits, counts, class_bias)
     temperature, bias = model.config.temperature, model.config.class_bias
+    method = results["val"]["calibrator"] if "val" in results else "none"
     calibrated = cal.calibrated_probs(
         combined, cal.log_prior_shift(model.config, "balanced"), temperature
     )
     results["accuracy_calibrated"] = accuracy_report(calibrated.log(), test_labels, counts)
     after = _grouped_calibration(calibrated, test_labels, counts)
     results["calibration"] = {
-        "method": "temperature + class bias" if bias else "temperature",
+        "method": method,
         "temperature": temperature,
         "class_bias": bias,
         "before": before,
