@@ -3,8 +3,8 @@
     python benchmarks/recalibrate_fmnistlt.py runs/bench/*-s[0-9]     # then --collect, report
 
 For each run directory: rebuild its data split from the model's recorded data settings, fit
-the temperature and per-class bias on the balanced validation split (``--temperature-only``:
-the temperature alone), save the calibrated model in ``RUN/model`` and update the calibration
+the calibration on the balanced validation split (the family cross-validation picks there;
+``--temperature-only``: the temperature alone), save the calibrated model in ``RUN/model`` and update the calibration
 entries of ``RUN/results.json`` (its accuracy entries come from the same logits and stay).
 """
 
@@ -21,15 +21,16 @@ from ltzoo.training.data import split_for_model
 from ltzoo.training.evaluate import calibrate_and_evaluate
 
 
-def recalibrate(run: Path, class_bias: bool) -> dict:
+def recalibrate(run: Path, class_bias: bool, data_root: str | None = None) -> dict:
     model = zoo.load(str(run / "model"))
-    split = split_for_model(model.config)
-    results = calibrate_and_evaluate(model, split, class_bias=class_bias)
+    split = split_for_model(model.config, root=data_root)
+    results = calibrate_and_evaluate(model, split, class_bias=class_bias, plots_dir=run / "plots")
     model.save_pretrained(run / "model")
     path = run / "results.json"
     stored = json.loads(path.read_text())
     stored["calibration"] = results["calibration"]
     stored["accuracy_calibrated"] = results["accuracy_calibrated"]
+    stored["val"] = results["val"]  # the calibrator chosen there
     path.write_text(json.dumps(stored, indent=2))
     return results["calibration"]
 
@@ -38,11 +39,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of ltzoo train")
     parser.add_argument("--temperature-only", action="store_true", help="no per-class bias")
+    parser.add_argument(
+        "--data-root", default=None, help="dataset root (CIFAR-10-LT: the JPEG tar)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for run in args.runs:
-        c = recalibrate(run, class_bias=not args.temperature_only)
+        c = recalibrate(run, not args.temperature_only, args.data_root)
         print(
             f"{run}: {c['method']}, T {c['temperature']:.3f}, ECE {c['ece_before']:.2f}% -> {c['ece_after']:.2f}%"
         )

@@ -759,7 +759,8 @@ def build_section() -> str:
         "Mean ± std over seeds, accuracies in %. top-1: argmax of the raw combined logits, "
         "the method's own result; top-1 calibrated and ECE after: the calibrated predictions "
         "that `predict`, the ONNX graph and the server return, after bias-corrected temperature "
-        "scaling (a temperature and a per-class bias) fitted on a balanced validation split of "
+        "scaling (a temperature and a per-class bias; of the models that ship, cross-validation "
+        "picks this calibrator for each) fitted on a balanced validation split of "
         "500 images per class (unused Fashion-MNIST training images; `benchmarks/"
         "recalibrate_fmnistlt.py`). ECE before: the balanced-prior softmax at T = 1. "
         + _shipped_sentence(),
