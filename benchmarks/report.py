@@ -762,8 +762,7 @@ def build_section() -> str:
         "scaling (a temperature and a per-class bias; of the models that ship, cross-validation "
         "picks this calibrator for each) fitted on a balanced validation split of "
         "500 images per class (unused Fashion-MNIST training images; `benchmarks/"
-        "recalibrate_fmnistlt.py`). ECE before: the balanced-prior softmax at T = 1. "
-        + _shipped_sentence(),
+        "recalibrate.py`). ECE before: the balanced-prior softmax at T = 1. " + _shipped_sentence(),
         "",
         *_accuracy_table(fm, list(REGISTRY_NAMES)),
         "",

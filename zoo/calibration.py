@@ -219,20 +219,14 @@ class CalibrationTail(nn.Module):
         return probs, disagreement, expert_probs
 
 
-def fit_temperature(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    max_iter: int = 200,
-    min_temperature: float = 0.05,
-    max_temperature: float = 100.0,
-) -> float:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T), clamped to a sane range."""
-    temperature, _ = _fit_nll(logits, labels, False, max_iter, (min_temperature, max_temperature))
+    temperature, _ = fit_calibrator("temperature", logits, labels)
     return temperature
 
 
 def fit_temperature_and_bias(
-    logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200
+    logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[float, list[float]]:
     """Bias-corrected temperature scaling (Alexandari et al., ICML 2020): ``T`` and a mean-zero
     per-class bias ``b`` minimising NLL of ``softmax(logits / T + b)``.
@@ -240,7 +234,7 @@ def fit_temperature_and_bias(
     One temperature cannot undo class-dependent miscalibration, which long-tailed training
     leaves behind; the bias can, and it keeps EM prior estimation (``prior="estimate"``)
     well founded. Fit on a balanced split with every class present."""
-    return _fit_nll(logits, labels, True, max_iter, (0.05, 100.0))
+    return fit_calibrator("temperature + class bias", logits, labels)
 
 
 #: the calibrator families :func:`select_calibrator` chooses from, simplest first
@@ -256,7 +250,7 @@ def fit_calibrator(
     if family == "none":
         return 1.0, []
     with_bias = family == "temperature + class bias"
-    return _fit_nll(logits, labels, with_bias, 200, (0.05, 100.0), warn)
+    return _fit_nll(logits, labels, with_bias, warn)
 
 
 def select_calibrator(
@@ -309,12 +303,16 @@ def _stratified_positions(labels: torch.Tensor, g: torch.Generator) -> torch.Ten
     return positions
 
 
+# The fit's constants, shared by every calibrator family: LBFGS converges well within 200
+# iterations on 10-1,000 classes, and T outside 0.05-100 means a broken model, not calibration.
+_LBFGS_MAX_ITER = 200
+_TEMPERATURE_RANGE = (0.05, 100.0)
+
+
 def _fit_nll(
     logits: torch.Tensor,
     labels: torch.Tensor,
     with_bias: bool,
-    max_iter: int,
-    temperature_range: tuple[float, float],
     warn: bool = True,
 ) -> tuple[float, list[float]]:
     logits = logits.detach().double().clone()  # clone: may be an inference-mode tensor
@@ -324,7 +322,7 @@ def _fit_nll(
         logits.shape[-1] if with_bias else 1, dtype=torch.float64, requires_grad=True
     )
     params = [log_t, bias] if with_bias else [log_t]
-    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=_LBFGS_MAX_ITER, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -335,12 +333,10 @@ def _fit_nll(
     opt.step(closure)
     # An untrained model's NLL keeps falling as T grows (towards uniform); keep T finite.
     fitted = float(log_t.detach().exp().item())
-    temperature = min(max(fitted, temperature_range[0]), temperature_range[1])
+    temperature = min(max(fitted, _TEMPERATURE_RANGE[0]), _TEMPERATURE_RANGE[1])
     centred = (bias - bias.mean()).detach()
     if warn:
-        _warn_if_unreliable(
-            logits, labels, fitted, temperature_range, centred if with_bias else None
-        )
+        _warn_if_unreliable(logits, labels, fitted, centred if with_bias else None)
     return temperature, centred.tolist() if with_bias else []
 
 
@@ -348,13 +344,12 @@ def _warn_if_unreliable(
     logits: torch.Tensor,
     labels: torch.Tensor,
     fitted: float,
-    temperature_range: tuple[float, float],
     bias: torch.Tensor | None,
 ) -> None:
     """Warn (one line) when a fit stopped at a bound of the temperature or does not lower the
     ECE of the split it was fitted on: what it stores then calibrates nothing (a diverged or
     untrained model, or too few validation images)."""
-    low, high = temperature_range
+    low, high = _TEMPERATURE_RANGE
     temperature = min(max(fitted, low), high)
     adjusted = logits / temperature + (0.0 if bias is None else bias)
     before = expected_calibration_error(torch.softmax(logits, -1), labels) * 100

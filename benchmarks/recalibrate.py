@@ -1,11 +1,12 @@
-"""Refit the calibration of trained Fashion-MNIST-LT runs without retraining them.
+"""Refit the calibration of trained runs (Fashion-MNIST-LT, CIFAR-10-LT) without retraining them.
 
-    python benchmarks/recalibrate_fmnistlt.py runs/bench/*-s[0-9]     # then --collect, report
+    python benchmarks/recalibrate.py runs/bench/*-s[0-9]     # then --collect, report
+    python benchmarks/recalibrate.py --data-root DIR ~/ltzoo-runs/cifar10lt/ncl_e100-s0
 
 For each run directory: rebuild its data split from the model's recorded data settings, fit
 the calibration on the balanced validation split (the family cross-validation picks there;
-``--temperature-only``: the temperature alone), save the calibrated model in ``RUN/model`` and update the calibration
-entries of ``RUN/results.json`` (its accuracy entries come from the same logits and stay).
+``--temperature-only``: the temperature alone), save the calibrated model in ``RUN/model`` and
+update the calibration entries of ``RUN/results.json`` (its accuracy entries come from the same logits and stay).
 """
 
 from __future__ import annotations
