@@ -413,7 +413,7 @@ def _cifar10lt_paper_lines(c10: dict[str, Any], tags: list[str]) -> list[str]:
         lines.append(
             f"| {CIFAR10LT_BUDGETS[tag][0]} | {e.get('epochs', '-')} | {_pm(e, 'top1')} | "
             f"{'-' if best is None else f'{best:.2f}'} | {'-' if paper is None else paper} | "
-            f"{entry.paper_ref or 'no paper number'} |"
+            f"{entry.paper_ref or entry.notes} |"  # notes: why there is no paper number
         )
     return lines
 

@@ -68,14 +68,17 @@ def test_cifar10lt_table_renders_an_empty_shot_group_and_sets_ours_beside_the_pa
         "ece_after": {"mean": 2.0},
         "experts_top1": [[79.0, 78.0, 77.0]],
     }
-    c10 = {"ncl": entry, "bs": entry}
+    c10 = {"ncl": entry, "bs": entry, "cbd": entry, "ecl": entry}
     (row,) = [line for line in report._accuracy_table(c10, ["ncl"]) if line.startswith("| NCL")]
     assert "| 80.00 | 80.00 | 80.00 | - | 80.00 |" in row
-    lines = report._cifar10lt_paper_lines(c10, ["bs", "ncl"])
+    lines = report._cifar10lt_paper_lines(c10, ["bs", "ncl", "cbd", "ecl"])
     assert lines[2].startswith("| Balanced Softmax | 200 | 80.00 | 79.00 | 76.37 | Zhang et al.")
     assert lines[3].startswith(
         "| NCL | 200 | 80.00 | 79.00 | 84.7 | Li et al., Nested Collaborative"
     )
+    # no paper number: the row says why instead of leaving the column blank
+    assert "| - | No paper number: Iscen et al." in lines[4]
+    assert "| - | Reconstruction from the abstract" in lines[5]
 
 
 def test_cifar10lt_targets_are_read_off_the_runs():
