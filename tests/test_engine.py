@@ -309,6 +309,9 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job (`pytest &`) starts with SIGINT ignored, and the child would
+        # inherit that: give it the default a terminal's process has, so Ctrl+C interrupts
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
