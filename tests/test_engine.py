@@ -303,16 +303,20 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path):
     from ltzoo.cli import main
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        _train_cmd(run, 200),
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell's background job (`pytest &`) starts with SIGINT ignored, and the child would
-        # inherit that: give it the default a terminal's process has, so Ctrl+C interrupts
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # A shell's background job (`pytest &`) starts with SIGINT ignored, which a child inherits
+    # through exec; a handled SIGINT is reset to the default there, as a terminal's process has.
+    # (Not preexec_fn: it is unsafe in a process with threads, as torch's.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            _train_cmd(run, 200),
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
