@@ -336,7 +336,7 @@ def _fit_nll(
     temperature = min(max(fitted, _TEMPERATURE_RANGE[0]), _TEMPERATURE_RANGE[1])
     centred = (bias - bias.mean()).detach()
     if warn:
-        _warn_if_unreliable(logits, labels, fitted, centred if with_bias else None)
+        _warn_if_unreliable(logits, labels, fitted, temperature, centred if with_bias else None)
     return temperature, centred.tolist() if with_bias else []
 
 
@@ -344,13 +344,13 @@ def _warn_if_unreliable(
     logits: torch.Tensor,
     labels: torch.Tensor,
     fitted: float,
+    temperature: float,
     bias: torch.Tensor | None,
 ) -> None:
     """Warn (one line) when a fit stopped at a bound of the temperature or does not lower the
     ECE of the split it was fitted on: what it stores then calibrates nothing (a diverged or
     untrained model, or too few validation images)."""
-    low, high = _TEMPERATURE_RANGE
-    temperature = min(max(fitted, low), high)
+    low, high = _TEMPERATURE_RANGE  # ``temperature``: ``fitted`` clamped to this range
     adjusted = logits / temperature + (0.0 if bias is None else bias)
     before = expected_calibration_error(torch.softmax(logits, -1), labels) * 100
     after = expected_calibration_error(torch.softmax(adjusted, -1), labels) * 100
