@@ -34,11 +34,6 @@ class ModelRef:
     revision: str | None = None
 
     @property
-    def is_local(self) -> bool:
-        """A file or directory on this machine (calibrate can write it in place)."""
-        return self.kind in ("onnx", "run", "directory")
-
-    @property
     def spec(self) -> str:
         """The string :func:`zoo.load` (and ``serve``'s ``prepare``) understand."""
         return (
