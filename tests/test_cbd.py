@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ltzoo.training.config import ConfigError, load_recipe
-from ltzoo.training.data import build_sampler
+from ltzoo.training.data import build_sampler, build_transforms
 from ltzoo.training.methods import METHODS
 from ltzoo.training.methods.cbd import (
     CBD,
@@ -57,10 +57,29 @@ def test_registered_with_class_balanced_sampler_and_uniform_prior():
     assert CBD.sampler == "class_balanced" and CBD.logit_prior == "uniform"
     cfg = load_recipe("fmnistlt_cbd")
     assert cfg.method == "cbd" and cfg.model == ENTRY
+    # 0.5: the strength the shipped Fashion-MNIST-LT teachers trained with (recipe comment)
     assert CBDParams.from_dict(cfg.method_params).specs() == [
-        TeacherSpec(0, False),
-        TeacherSpec(1, True),
+        TeacherSpec(0, False, 0.5),
+        TeacherSpec(1, True, 0.5),
     ]
+
+
+def test_cifar10lt_jitter_teacher_trains_with_the_official_strength():
+    """The official code jitters with SimCLR's ``color_jitter(strength=1.0)``: brightness,
+    contrast and saturation 0.8, hue 0.2 (twice what ``simclr_jitter`` alone gives)."""
+    cfg = load_recipe("cifar10lt_r100_cbd")
+    t0, t1 = (
+        teacher_run_config(cfg, i, spec)
+        for i, spec in enumerate(CBDParams.from_dict(cfg.method_params).specs())
+    )
+    assert t0.data.augment == ["crop_flip"] and t1.data.augment == ["crop_flip", "simclr_jitter:1"]
+    pre = get_entry(cfg.model).build_config().preprocess
+    (jitter,) = [s for s in build_transforms(pre, t1.data.augment).pil_steps if "Jitter" in repr(s)]
+    assert (jitter.p, jitter.transforms[0].brightness, jitter.transforms[0].hue) == (
+        0.8,
+        pytest.approx((0.2, 1.8)),
+        pytest.approx((-0.2, 0.2)),
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,6 +121,9 @@ def test_params_validation():
         CBDParams(num_teachers=2, teacher_jitter=[True])
     with pytest.raises(ConfigError, match="keys seed, jitter"):
         CBDParams(teachers=[{"seed": 0, "color": True}])
+    for strength in (0.0, 3.0):
+        with pytest.raises(ConfigError, match="jitter_strength"):
+            CBDParams(num_teachers=1, jitter_strength=strength)
     with pytest.raises(ConfigError, match="unknown key"):
         load_recipe("fmnistlt_cbd", ["method_params.gamma=1"])
 
@@ -194,9 +216,9 @@ def test_neck_dim_mismatch_fails_before_training():
 
 def test_teacher_config_instance_sampling_cosine_no_neck():
     cfg = load_recipe("fmnistlt_cbd")
-    t1 = teacher_run_config(cfg, 1, TeacherSpec(1, True))
+    t1 = teacher_run_config(cfg, 1, CBDParams.from_dict(cfg.method_params).specs()[1])
     assert t1.method == "ce" and METHODS[t1.method].sampler == "instance"
-    assert t1.run.seed == 1 and t1.data.augment == ["crop_flip", "simclr_jitter"]
+    assert t1.run.seed == 1 and t1.data.augment == ["crop_flip", "simclr_jitter:0.5"]
     assert t1.data == cfg.data.__class__(**{**cfg.data.__dict__, "augment": t1.data.augment})
     assert t1.optim == cfg.optim
     teacher = Ensemble(get_entry(t1.model).build_config(class_counts=COUNTS, **t1.model_overrides))
@@ -253,7 +275,7 @@ def test_teachers_stage_resumes_run_by_run(tmp_path, monkeypatch):
     )
     (tmp_path / "teachers" / "t1").mkdir()
     assert engine.Trainer(cfg, tmp_path).fit() == tmp_path
-    assert calls == [("t1", True, "ce", 1, ["crop_flip", "simclr_jitter"])]
+    assert calls == [("t1", True, "ce", 1, ["crop_flip", "simclr_jitter:0.5"])]
     assert not (tmp_path / "model").exists()  # the student stage was not asked for
     calls.clear()
     engine.Trainer(cfg, tmp_path, resume=True).fit()  # everything trained: nothing runs
@@ -264,14 +286,12 @@ def test_prepare_loads_trained_teachers_and_keeps_the_rng_stream(tmp_path):
     from ltzoo.training.engine import Trainer
 
     cfg = load_recipe("fmnistlt_cbd")
-    for i, top1 in enumerate((60.0, 61.5)):
+    params = CBDParams.from_dict(cfg.method_params)
+    for i, (spec, top1) in enumerate(zip(params.specs(), (60.0, 61.5), strict=True)):
         _finished_teacher(
-            tmp_path / "teachers" / f"t{i}",
-            teacher_run_config(cfg, i, TeacherSpec(i, i == 1)),
-            top1,
-            seed=i,
+            tmp_path / "teachers" / f"t{i}", teacher_run_config(cfg, i, spec), top1, seed=i
         )
-    method = CBD(_student(), COUNTS, CBDParams.from_dict(cfg.method_params))
+    method = CBD(_student(), COUNTS, params)
     split = SimpleNamespace(
         test=TensorDataset(torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])),
         class_counts=COUNTS,
@@ -329,14 +349,19 @@ def test_cli_resumes_a_run_killed_while_training_teachers(tmp_path, capsys):
     assert "resuming" in capsys.readouterr().out
 
 
-def test_prepare_rejects_teacher_from_other_config(tmp_path):
-    cfg = load_recipe("fmnistlt_cbd")
-    t0 = tmp_path / "teachers" / "t0"
-    t0.mkdir(parents=True)
-    other = teacher_run_config(
-        load_recipe("fmnistlt_cbd", ["optim.lr=0.5"]), 0, TeacherSpec(0, False)
-    )
-    (t0 / "run.json").write_text(json.dumps({"config": other.to_dict()}, default=str))
+@pytest.mark.parametrize(
+    ("index", "spec", "overrides"),
+    [(0, TeacherSpec(0, False), ["optim.lr=0.5"]), (1, TeacherSpec(1, True, 1.0), [])],
+    ids=["other lr", "other jitter strength"],
+)
+def test_prepare_rejects_teacher_from_other_config(tmp_path, index, spec, overrides):
+    cfg = load_recipe("fmnistlt_cbd")  # its jitter teacher's strength is 0.5
+    for i, ok in enumerate(CBDParams.from_dict(cfg.method_params).specs()[:index]):
+        _finished_teacher(tmp_path / "teachers" / f"t{i}", teacher_run_config(cfg, i, ok), 60, i)
+    tdir = tmp_path / "teachers" / f"t{index}"
+    tdir.mkdir(parents=True)
+    other = teacher_run_config(load_recipe("fmnistlt_cbd", overrides), index, spec)
+    (tdir / "run.json").write_text(json.dumps({"config": other.to_dict()}, default=str))
     method = CBD(_student(), COUNTS, CBDParams.from_dict(cfg.method_params))
     with pytest.raises(ValueError, match="different configuration"):
         method.prepare({"trainer": _fake_trainer(tmp_path, cfg), "split": None})
@@ -374,7 +399,7 @@ def test_two_stage_smoke(tmp_path):
     t1 = Ensemble.from_pretrained(tmp_path / "teachers" / "t1" / "model")
     assert t1.config.neck_dim is None and t1.config.logit_prior == "train"
     run = json.loads((tmp_path / "teachers" / "t1" / "run.json").read_text())["config"]
-    assert run["method"] == "ce" and "simclr_jitter" in run["data"]["augment"]
+    assert run["method"] == "ce" and "simclr_jitter:0.5" in run["data"]["augment"]
     # resuming the whole run reuses both teachers and the finished student checkpoint
     mtime = (tmp_path / "teachers" / "t0" / "model" / "model.safetensors").stat().st_mtime
     train(cfg, tmp_path, resume=True)

@@ -326,6 +326,29 @@ def test_unknown_augmentation():
     assert "simclr_jitter" in str(e.value)
     with pytest.raises(ValueError):
         build_transforms(GRAY, ["randaugment:x:y"])
+    for bad in ("simclr_jitter:0", "simclr_jitter:2.6", "simclr_jitter:x", "simclr_jitter:1:2"):
+        with pytest.raises(ValueError, match="simclr_jitter"):
+            build_transforms(CIFAR, [bad])
+
+
+@pytest.mark.parametrize(
+    ("augment", "strength"), [("simclr_jitter", 0.5), ("simclr_jitter:1.0", 1.0)]
+)
+def test_simclr_jitter_strength_scales_as_simclr(augment, strength):
+    """SimCLR's ``color_jitter(strength=s)``: brightness, contrast, saturation 0.8 s, hue 0.2 s,
+    applied with p = 0.8, then grayscale with p = 0.2; one channel keeps brightness/contrast."""
+    *_, apply, grayscale = build_transforms(CIFAR, [augment]).pil_steps
+    jitter = apply.transforms[0]
+    assert apply.p == 0.8 and grayscale.p == 0.2 and "Grayscale" in repr(grayscale)
+    for got, amount in (
+        (jitter.brightness, 0.8),
+        (jitter.contrast, 0.8),
+        (jitter.saturation, 0.8),
+    ):
+        assert got == pytest.approx((1 - amount * strength, 1 + amount * strength))
+    assert jitter.hue == pytest.approx((-0.2 * strength, 0.2 * strength))
+    (grey,) = [s for s in build_transforms(GRAY, [augment]).pil_steps if "Jitter" in repr(s)]
+    assert grey.transforms[0].saturation is None and grey.transforms[0].hue is None
 
 
 # ----------------------------------------------------------------------------- split files

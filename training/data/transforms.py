@@ -11,8 +11,10 @@ order of the names:
    ``RandomResizedCrop`` + flip for larger ones;
 3. ``autoaugment`` (CIFAR-10 policy; ``autoaugment:imagenet`` / ``:svhn`` also accepted)
    and ``randaugment`` (``n=2, m=10``; ``randaugment:N:M`` to choose);
-4. ``simclr_jitter`` -- SimCLR colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8 + random
-   grayscale p=0.2 (1-channel images: brightness/contrast only, no grayscale);
+4. ``simclr_jitter`` -- SimCLR colour jitter of strength ``s`` (``simclr_jitter:S``, default
+   0.5, SimCLR's CIFAR setting): brightness, contrast and saturation ``0.8 s``, hue ``0.2 s``,
+   with p=0.8, + random grayscale p=0.2 (1-channel images: brightness/contrast only, no
+   grayscale);
 5. resize to ``input_size`` and normalise with the config's mean/std (``Preprocess``);
 6. ``cutout`` -- one zeroed square on the normalised tensor, 16 px at 32 px input and
    scaled with the input size otherwise.
@@ -168,9 +170,23 @@ def parse_augmentation(name: str) -> tuple[str, list[str]]:
     if base not in AUGMENTATIONS:
         raise ValueError(
             f"unknown augmentation {name!r}; valid names: {', '.join(AUGMENTATIONS)} "
-            "(randaugment also as 'randaugment:N:M', autoaugment as 'autoaugment:POLICY')"
+            "(randaugment also as 'randaugment:N:M', autoaugment as 'autoaugment:POLICY', "
+            "simclr_jitter as 'simclr_jitter:STRENGTH')"
         )
     return base, args
+
+
+def _jitter_strength(args: list[str]) -> float:
+    """The ``S`` of ``simclr_jitter:S`` (default 0.5). torchvision caps hue at 0.5, so S <= 2.5."""
+    try:
+        strength = float(args[0]) if args else 0.5
+    except ValueError:
+        raise ValueError(
+            f"simclr_jitter takes 'simclr_jitter:S' with a number, got {args}"
+        ) from None
+    if len(args) > 1 or not 0 < strength <= 2.5:
+        raise ValueError(f"simclr_jitter needs one strength in (0, 2.5], got {args}")
+    return strength
 
 
 def build_transforms(
@@ -227,11 +243,12 @@ def build_transforms(
         pil.append(T.RandAugment(num_ops=n, magnitude=m))
 
     if "simclr_jitter" in opts:
+        s = _jitter_strength(opts["simclr_jitter"])
         if channels == 1:
             # Hue/saturation/grayscale are meaningless on one channel: keep brightness/contrast.
-            pil.append(T.RandomApply([T.ColorJitter(0.4, 0.4)], p=0.8))
+            pil.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s)], p=0.8))
         else:
-            pil.append(T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8))
+            pil.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
             pil.append(T.RandomGrayscale(p=0.2))
 
     tensor: list[Callable] = []

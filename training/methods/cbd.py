@@ -6,7 +6,8 @@ Checked against the official TF2 code (google-research ``class_balanced_distilla
 * **Stage 1 (teachers).** Each teacher is an ordinary engine run (method ``"ce"``, instance
   sampling) of the same model entry as a single network with a cosine classifier (fixed
   scale 20, no bias) straight on the pooled feature (no projection neck). Teachers differ by
-  seed and by SimCLR colour jitter (augmentation ``"simclr_jitter"``). Teacher ``i`` lives
+  seed and by SimCLR colour jitter (augmentation ``"simclr_jitter:S"``; the official code's
+  strength S is 1.0: ``simclr_data.color_jitter(strength=1.0)``). Teacher ``i`` lives
   in ``<run_dir>/teachers/t<i>/`` (its own ``checkpoint.pt``, ``results.json``, ``model/``).
 * **Teacher feature.** Each teacher's pooled feature (``expert.body`` output) is
   L2-normalised, the T features are concatenated (teacher order) and the result is
@@ -71,13 +72,21 @@ ENSEMBLE_RESULTS = "ensemble_results.json"
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """One stage-1 teacher: its seed and whether it trains with SimCLR colour jitter."""
+    """One stage-1 teacher: its seed and whether it trains with SimCLR colour jitter (of
+    strength ``jitter_strength``)."""
 
     seed: int = 0
     jitter: bool = False
+    jitter_strength: float = 1.0
 
     def describe(self) -> str:
-        return f"seed {self.seed}, {'with' if self.jitter else 'no'} colour jitter"
+        if not self.jitter:
+            return f"seed {self.seed}, no colour jitter"
+        return f"seed {self.seed}, with colour jitter (strength {self.jitter_strength:g})"
+
+    def augmentation(self) -> str | None:
+        """The ``data.augment`` entry this teacher adds, if any."""
+        return f"{JITTER}:{self.jitter_strength:g}" if self.jitter else None
 
 
 @dataclass
@@ -91,6 +100,8 @@ class CBDParams(MethodParams):
     teachers: list[dict[str, Any]] = field(default_factory=list)
     num_teachers: int = 0
     teacher_jitter: list[bool] = field(default_factory=list)
+    #: SimCLR colour-jitter strength of the jitter teachers (the official code's 1.0)
+    jitter_strength: float = 1.0
     #: epochs of each teacher run; 0: the student's ``optim.epochs``
     teacher_epochs: int = 0
     alpha: float = 0.4
@@ -103,6 +114,10 @@ class CBDParams(MethodParams):
             raise ConfigError(f"method_params.alpha must be in [0, 1], got {self.alpha}")
         if self.beta < 0:
             raise ConfigError(f"method_params.beta must be >= 0, got {self.beta}")
+        if not 0 < self.jitter_strength <= 2.5:
+            raise ConfigError(
+                f"method_params.jitter_strength must be in (0, 2.5], got {self.jitter_strength}"
+            )
         if self.teacher_epochs < 0:
             raise ConfigError("method_params.teacher_epochs must be >= 0 (0: the student's epochs)")
         if self.teachers and (self.num_teachers or self.teacher_jitter):
@@ -134,11 +149,13 @@ class CBDParams(MethodParams):
         """The teachers, in the order their features are concatenated."""
         if self.teachers:
             return [
-                TeacherSpec(int(t.get("seed", 0)), bool(t.get("jitter", False)))
+                TeacherSpec(
+                    int(t.get("seed", 0)), bool(t.get("jitter", False)), self.jitter_strength
+                )
                 for t in self.teachers
             ]
         jitter = self.teacher_jitter or [False] * self.num_teachers
-        return [TeacherSpec(i, bool(j)) for i, j in enumerate(jitter)]
+        return [TeacherSpec(i, bool(j), self.jitter_strength) for i, j in enumerate(jitter)]
 
 
 def teacher_feature(teachers: Sequence[Ensemble], images: torch.Tensor) -> torch.Tensor:
@@ -177,7 +194,7 @@ def teacher_run_config(cfg: RunConfig, index: int, spec: TeacherSpec, epochs: in
 
     Method "ce" (instance sampling), the same model entry as one network with a cosine
     classifier (scale 20, no bias) and no neck, seed ``spec.seed``, the student's data and
-    optimiser settings, plus ``simclr_jitter`` when ``spec.jitter``.
+    optimiser settings, plus ``simclr_jitter:S`` when ``spec.jitter``.
     """
     t = copy.deepcopy(cfg)
     t.method = "ce"
@@ -201,7 +218,7 @@ def teacher_run_config(cfg: RunConfig, index: int, spec: TeacherSpec, epochs: in
     t.run.seed = spec.seed
     t.run.out = ""
     augment = [a for a in cfg.data.augment if a.split(":")[0].strip().lower() != JITTER]
-    t.data.augment = [*augment, JITTER] if spec.jitter else augment
+    t.data.augment = [*augment, jitter] if (jitter := spec.augmentation()) else augment
     if epochs and epochs != cfg.optim.epochs:
         t.optim.epochs = epochs
         t.optim.rescale(cfg.optim.epochs)
@@ -338,6 +355,7 @@ class CBD(Method):
             "index": index,
             "seed": spec.seed,
             "jitter": spec.jitter,
+            "jitter_strength": spec.jitter_strength if spec.jitter else None,
             "epochs": tcfg.optim.epochs,
             "path": rel,
             "top1": top1,
