@@ -242,6 +242,22 @@ _PLAN_ROWS = {
 }
 
 
+def _plan_layout_changes(rows: dict[str, Any]) -> list[str]:
+    """A note for each measured row whose model has changed its expert layout since."""
+    notes = []
+    for tag, row in rows.items():
+        if "model" not in row:
+            continue
+        now = get_entry(row["model"]).build_config().layout
+        if now != row.get("layout"):
+            notes.append(
+                f"{_PLAN_ROWS.get(tag, (tag, ''))[0]} was measured with layout "
+                f"`{row.get('layout')}`; `{row['model']}` now has layout `{now}`, so the row "
+                "may not be its cost now (not measured again: the runs hold both cores)."
+            )
+    return ["", *notes] if notes else []
+
+
 def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, Any]) -> list[str]:
     """The CIFAR-10-LT zoo: measured plan, budgets, progress / results (issue #26)."""
     if not plan.get("rows"):
@@ -269,16 +285,18 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
         "CIFAR-10-LT has 8 many-shot classes, 2 medium (83 and 50 images) and no few-shot class, "
         "so its 'few' column stays empty:",
         "",
-        "| recipe | images/s (bf16, 1 thread) | hours at the paper's epochs, bf16 | fp32 estimate |",
-        "|---|---|---|---|",
+        "| recipe | experts (as measured) | images/s (bf16, 1 thread) | hours at the paper's "
+        "epochs, bf16 | fp32 estimate |",
+        "|---|---|---|---|---|",
     ]
     for tag, row in plan["rows"].items():
         label, method = _PLAN_ROWS.get(tag, (tag, ""))
         fp32 = row["hours_at_recipe_epochs"] * ratio.get(method, float("nan"))
         lines.append(
-            f"| {label} ({row['recipe_epochs']} epochs) | {row['images_per_s']} | "
-            f"{row['hours_at_recipe_epochs']} | {fp32:.1f} |"
+            f"| {label} ({row['recipe_epochs']} epochs) | {row.get('layout', '-')} | "
+            f"{row['images_per_s']} | {row['hours_at_recipe_epochs']} | {fp32:.1f} |"
         )
+    lines += _plan_layout_changes(plan["rows"])
     lines += [
         "",
         "Run time: the sum of a run's epochs (sessions' pauses and other work on the 2 cores "

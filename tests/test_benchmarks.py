@@ -118,3 +118,17 @@ def test_cifar10lt_targets_are_read_off_the_runs():
     )
     assert rows["CE: ECE after calibration <= 3 %"].endswith("| 2.50 | yes |")
     assert rows["Balanced Softmax: ECE after calibration <= 3 %"].endswith("| 3.50 | **no** |")
+
+
+def test_a_plan_row_measured_with_another_expert_layout_says_so():
+    """A row keeps the layout it was timed with; when the model's layout changes later the
+    README says the row may no longer be its cost instead of passing it off as current."""
+    rows = {
+        "ncl_moco": {"model": "ncl-resnet32-cifar10lt-r100", "layout": "independent"},
+        "ecl": {"model": "ecl-resnet32-cifar10lt-r100", "layout": "shared"},
+    }
+    (note,) = [line for line in report._plan_layout_changes(rows) if line]
+    assert note.startswith("ECL (MoCo on) was measured with layout `shared`")
+    assert "now has layout `independent`" in note
+    rows["ecl"]["layout"] = "independent"
+    assert report._plan_layout_changes(rows) == []

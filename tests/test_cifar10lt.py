@@ -185,6 +185,19 @@ def test_cifar10lt_recipes_validate(recipe):
     assert cfg.data.rho == (50 if "_r50_" in recipe else 100)
 
 
+def test_ecl_mirrors_ncl_so_the_two_compare():
+    """ECL's part 1 is NCL's collaborative learning: the same three independent experts
+    (the shared stem is what the Fashion-MNIST-LT diversity study dropped), data and optimiser."""
+    from ltzoo.zoo.registry import get_entry
+
+    ncl, ecl = (get_entry(f"{m}-resnet32-cifar10lt-r100").build_config() for m in ("ncl", "ecl"))
+    for key in ("backbone", "num_experts", "layout", "shared_stages", "head"):
+        assert getattr(ecl, key) == getattr(ncl, key), key
+    assert ecl.layout == "independent"
+    ncl_cfg, ecl_cfg = load_recipe("cifar10lt_r100_ncl"), load_recipe("cifar10lt_r100_ecl")
+    assert (ecl_cfg.data, ecl_cfg.optim) == (ncl_cfg.data, ncl_cfg.optim)
+
+
 def test_registry_labels_paper_and_jpeg_copy_numbers():
     from ltzoo.zoo.registry import get_entry
 
