@@ -237,3 +237,30 @@ def test_registry_measured_metrics_match_benchmark_results():
         else:  # one seed: no mean to show, the run's budget instead
             assert "over_seeds" not in entry and entry["budget"] == run["budget"]
         assert get_entry(name).measured == measured[name]
+
+
+def test_save_pretrained_killed_mid_write_leaves_the_saved_model_whole(tmp_path, monkeypatch):
+    """Every file goes through a temp file and a rename, config.json after the weights: a
+    run killed while saving (a session's hard stop) leaves the previous model loadable and
+    no half-written file that a resume would take for a saved model."""
+    import ltzoo.zoo.files as files
+
+    directory = tmp_path / "model"
+    first = zoo.Ensemble(zoo.EnsembleConfig(name="first", num_experts=1, layout="single"))
+    first.save_pretrained(directory)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    real_replace = files.os.replace
+
+    def killed_at_config(src, dst):
+        if str(dst).endswith("config.json"):
+            raise KeyboardInterrupt  # the signal arrives between the weights and the config
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed_at_config)
+    second = zoo.Ensemble(zoo.EnsembleConfig(name="second", num_experts=1, layout="single"))
+    with pytest.raises(KeyboardInterrupt):
+        second.save_pretrained(directory)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(before)  # no temp file left
+    assert (directory / "config.json").read_bytes() == before["config.json"]
+    reloaded = zoo.Ensemble.from_pretrained(directory)  # new weights, old config: still whole
+    assert reloaded.config.name == "first"

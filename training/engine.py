@@ -9,11 +9,9 @@ SIGKILL and resumed ends with the same weights as an uninterrupted run (CPU).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ltzoo.zoo import Ensemble
-from ltzoo.zoo.files import CONFIG_NAME
+from ltzoo.zoo.files import CONFIG_NAME, atomic_write
 from ltzoo.zoo.registry import get_entry
 
 from .config import RunConfig, check_same_run
@@ -112,23 +110,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file then rename: a kill never leaves a half-written checkpoint.
-
-    A failed save removes the temp file; a full disk raises ``OSError(ENOSPC)`` saying
-    "no space left on device: <path>" (torch's own error names a C++ source file).
-    """
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:  # a Python file: write errors keep their errno
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on device: {path}") from exc
-        raise
+    """torch.save through :func:`~ltzoo.zoo.files.atomic_write`: a kill never leaves a
+    half-written checkpoint."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

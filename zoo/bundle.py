@@ -17,13 +17,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError, ModelNotAvailableError
-from .files import CONFIG_NAME, WEIGHTS_NAME
+from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -147,8 +146,4 @@ def add_to_bundle(
 def _write_manifest(root: Path, models: dict[str, Any]) -> None:
     """Write the manifest atomically (temp file + rename)."""
     text = json.dumps({"format": 1, "models": dict(sorted(models.items()))}, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, root / MANIFEST_NAME)
+    atomic_write(root / MANIFEST_NAME, text.encode())

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .files import atomic_write
+
 Layout = Literal["independent", "shared", "single"]
 HeadKind = Literal["linear", "cosine"]
 LogitPrior = Literal["uniform", "train"]
@@ -310,7 +312,7 @@ class EnsembleConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> EnsembleConfig:

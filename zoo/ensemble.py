@@ -21,6 +21,7 @@ from .cards import render_card
 from .config import EnsembleConfig
 from .files import CONFIG_NAME as CONFIG_NAME  # re-exported: zoo.ensemble.CONFIG_NAME
 from .files import WEIGHTS_NAME as WEIGHTS_NAME
+from .files import atomic_write
 from .models import Expert, as_experts, build_experts
 from .preprocess import Preprocess
 
@@ -166,10 +167,12 @@ class Ensemble(nn.Module):
         # written through open() (not safetensors' own writer, which creates files with mode
         # 0600), so the file gets the usual umask-derived mode like config.json and README.md
         data = save_safetensors(state, metadata={"format": "pt", "library": "ltzoo"})
-        (directory / WEIGHTS_NAME).write_bytes(data)
+        # each file atomic, config.json (what marks a directory as a model) after the weights:
+        # a training run killed mid-save never leaves a model that counts as saved but is torn
+        atomic_write(directory / WEIGHTS_NAME, data)
         self.config.save(directory / CONFIG_NAME)
         if card:
-            (directory / "README.md").write_text(render_card(self.config))
+            atomic_write(directory / "README.md", render_card(self.config).encode())
         return directory
 
     @classmethod

@@ -3,7 +3,11 @@ and where a local directory keeps its model."""
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -29,3 +33,25 @@ def local_model_dir(directory: str | Path) -> Path:
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "local_model_dir"]
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> None:
+    """Write ``path`` through a temp file and a rename (``write``: the bytes, or a function
+    that writes to the open file): a kill leaves the old file or the new one, never half of
+    one. A failed write removes the temp file; a full disk raises ``OSError(ENOSPC)`` naming
+    ``path`` (torch's own error names a C++ source file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process
+    try:
+        with open(tmp, "wb") as fh:  # a Python file: write errors keep their errno
+            if isinstance(write, bytes):
+                fh.write(write)
+            else:
+                write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device: {path}") from exc
+        raise

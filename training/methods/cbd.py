@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ltzoo.zoo import Ensemble
-from ltzoo.zoo.files import CONFIG_NAME, WEIGHTS_NAME
+from ltzoo.zoo.files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 
 from ..config import ConfigError, RunConfig, check_same_run
 from ..evaluate import accuracy_report, collect_logits
@@ -398,9 +398,7 @@ class CBD(Method):
         }
         if trainer.dist.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out, indent=2))
-            tmp.replace(cache)  # atomic: other ranks may be reading it
+            atomic_write(cache, json.dumps(out, indent=2).encode())  # other ranks may read it
         return out
 
     # -- stage 2 -------------------------------------------------------------------------
