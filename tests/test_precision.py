@@ -181,6 +181,26 @@ def test_a_nonfinite_loss_skips_the_step_with_a_warning(tmp_path, caplog):
     assert not torch.equal(method.w.detach(), torch.ones(3))
 
 
+@pytest.mark.parametrize("recipe", ["fmnistlt_ncl", "fmnistlt_ecl"])
+def test_a_skipped_step_leaves_the_moco_queue_as_it_was(tmp_path, recipe, monkeypatch):
+    """Keys that overflowed (fp16 autocast) make the loss non-finite; the engine skips the
+    step, and the queue must not keep them, or every later loss would be non-finite too."""
+    trainer = _trainer(tmp_path, "fp32")
+    method = _method(recipe, contrastive_weight=1.0, moco_queue=16)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01)
+    moco = method.moco
+    queues, ptr = moco.queues.clone(), moco.queue_ptr.clone()
+    real_keys = moco._keys
+    monkeypatch.setattr(moco, "_keys", lambda images: [k * float("nan") for k in real_keys(images)])
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    assert trainer.train_step(method, method, opt, trainer.grad_scaler(), x, y, "e0 s0") is None
+    assert torch.equal(moco.queues, queues) and torch.equal(moco.queue_ptr, ptr)
+    monkeypatch.setattr(moco, "_keys", real_keys)
+    loss, _ = trainer.train_step(method, method, opt, trainer.grad_scaler(), x, y, "e0 s1")
+    assert torch.isfinite(loss) and torch.isfinite(moco.queues).all()
+    assert (moco.queue_ptr == 4).all()  # the taken step's 4 keys, and only those, were queued
+
+
 @pytest.mark.parametrize(
     "name, advice", [("bf16", "run.precision=fp32"), ("fp32", "a lower optim.lr")]
 )

@@ -94,6 +94,8 @@ class MoCoBranch(nn.Module):
         self.register_buffer("queues", F.normalize(torch.randn(k, queue_size, dim), dim=2))
         self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))
         self.temperature, self.momentum = temperature, momentum
+        #: the last forward's keys, queued by :meth:`after_step` once its step was taken
+        self.pending_keys: list[torch.Tensor] = []
 
     @torch.no_grad()
     def momentum_update(self, model: Ensemble) -> None:
@@ -123,11 +125,23 @@ class MoCoBranch(nn.Module):
         """Sum over experts of InfoNCE(query = projected feature, key = EMA encoder on a second view)."""
         keys = self._keys(images)
         loss = images.new_zeros(())
-        for i, (feat, head, key) in enumerate(zip(expert_features, self.heads, keys, strict=True)):
+        for feat, head, key, queue in zip(
+            expert_features, self.heads, keys, self.queues, strict=True
+        ):
             q = F.normalize(head(feat), dim=1)
-            loss = loss + info_nce(q, key, self.queues[i].clone().detach(), self.temperature)
-            self._enqueue(i, key)
+            loss = loss + info_nce(q, key, queue.detach(), self.temperature)
+        self.pending_keys = keys
         return loss
+
+    @torch.no_grad()
+    def after_step(self, model: Ensemble) -> None:
+        """Queue the keys of the step just taken, then move the key encoder. A step the engine
+        skips (non-finite loss) queues nothing: an fp16 overflow in its keys would otherwise
+        stay in the queue and make every later loss non-finite."""
+        for i, key in enumerate(self.pending_keys):
+            self._enqueue(i, key)
+        self.pending_keys = []
+        self.momentum_update(model)
 
 
 def optional_moco(model: Ensemble, params: MoCoParams) -> MoCoBranch | None:

@@ -275,9 +275,10 @@ class ECL(Method):
 
     def after_step(self) -> None:
         """The class weights' EMA update from the last training batch's gaps (the step used
-        the weights from before it), then the MoCo key encoder's momentum update."""
+        the weights from before it), then the MoCo branch's (queue the step's keys, move
+        the key encoder)."""
         if self.pending_gap is not None:
             self.update_class_weights(*self.pending_gap)
             self.pending_gap = None
         if self.moco is not None:
-            self.moco.momentum_update(self.model)
+            self.moco.after_step(self.model)

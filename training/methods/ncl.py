@@ -147,4 +147,4 @@ class NCL(Method):
 
     def after_step(self) -> None:
         if self.moco is not None:
-            self.moco.momentum_update(self.model)
+            self.moco.after_step(self.model)
