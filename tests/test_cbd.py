@@ -192,8 +192,27 @@ def test_teachers_get_no_gradient_and_stay_out_of_optimiser_and_state_dict():
         for k, v in t.state_dict().items():  # weights and BN running stats unchanged
             torch.testing.assert_close(v, b[k])
     assert method.model.experts[0].neck.fc.weight.grad is not None
-    assert all(k.startswith("model.") for k in method.state_dict())
-    assert set(method.state_dict()) == {f"model.{k}" for k in method.model.state_dict()}
+    # the student's weights and the digest that pins its teachers; no teacher tensor
+    assert set(method.state_dict()) == {
+        "teacher_digest",
+        *(f"model.{k}" for k in method.model.state_dict()),
+    }
+
+
+def test_a_student_checkpoint_resumes_only_with_the_teachers_it_distilled():
+    method = _method()
+    state = method.state_dict()
+    assert state["teacher_digest"].any()  # set from the teachers' weights
+    resumed = _method()  # the same teachers (same seeds): the checkpoint loads
+    resumed.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "teacher_digest"}
+    resumed.load_state_dict(older)  # a checkpoint from before the digest still loads
+    retrained = _method()
+    with torch.no_grad():
+        retrained.teachers[1].experts[0].classifier.weight.add_(1e-3)
+    retrained.set_teachers(retrained.teachers)
+    with pytest.raises(ValueError, match="other teacher weights"):
+        retrained.load_state_dict(state)
 
 
 def test_teachers_follow_to():

@@ -25,7 +25,8 @@ derived now), an interrupted teacher resumes from its own ``checkpoint.pt``, a m
 is trained; then the engine seeds, builds and resumes (or starts) the student from
 ``<run_dir>/checkpoint.pt``, so the student's random stream does not depend on whether the
 teachers were trained in this process or earlier. :meth:`CBD.prepare` loads the trained
-teachers into the student method.
+teachers into the student method; the student's checkpoints carry a sha256 of the teachers'
+weights (``teacher_digest``), and resuming with other teachers is refused.
 
 Teacher features are computed **live**, under ``torch.no_grad`` with the teachers in eval
 mode, on the very same augmented batch the student sees. We deliberately do not cache them:
@@ -48,6 +49,7 @@ checkpoint and of the published :class:`zoo.Ensemble`), yet follow ``.to(device)
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -158,6 +160,18 @@ class CBDParams(MethodParams):
         return [TeacherSpec(i, bool(j), self.jitter_strength) for i, j in enumerate(jitter)]
 
 
+def weights_digest(models: Sequence[Ensemble]) -> bytes:
+    """sha256 over the models' tensors, in order (what a checkpoint pins them by)."""
+    h = hashlib.sha256()
+    for m in models:
+        for name, tensor in m.state_dict().items():
+            h.update(name.encode())
+            h.update(
+                tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )
+    return h.digest()
+
+
 def teacher_feature(teachers: Sequence[Ensemble], images: torch.Tensor) -> torch.Tensor:
     """Normalised concatenation of the teachers' L2-normalised pooled features, (B, sum d_t).
 
@@ -231,6 +245,7 @@ class CBD(Method):
 
     name = "cbd"
     Params = CBDParams
+    teacher_digest: torch.Tensor
     sampler = "class_balanced"
     stages = ("teachers", "student")
 
@@ -252,6 +267,10 @@ class CBD(Method):
             )
         # A plain list: not sub-modules, so out of parameters(), state_dict() and the Ensemble.
         self._teachers: list[Ensemble] = []
+        # sha256 of the teachers' weights, in the student's checkpoints: a resume checks that
+        # the student goes on distilling the teachers it started with
+        self.register_buffer("teacher_digest", torch.zeros(32, dtype=torch.uint8))
+        self.register_load_state_dict_pre_hook(self._check_teacher_digest)
 
     # -- teachers ------------------------------------------------------------------------
     @property
@@ -274,6 +293,22 @@ class CBD(Method):
             t.requires_grad_(False)
             t.to(device)
         self._teachers = list(teachers)
+        self.teacher_digest.copy_(
+            torch.frombuffer(bytearray(weights_digest(teachers)), dtype=torch.uint8)
+        )
+
+    def _check_teacher_digest(self, module, state_dict, prefix, *args) -> None:
+        """Refuse a checkpoint of a student that distilled other teachers (e.g. a teacher
+        trained again between an interruption and the resume)."""
+        stored = state_dict.get(f"{prefix}teacher_digest")
+        if stored is None:  # a checkpoint from before the digest: nothing to compare
+            state_dict[f"{prefix}teacher_digest"] = self.teacher_digest.clone()
+        elif self._teachers and not torch.equal(stored.cpu(), self.teacher_digest.cpu()):
+            raise ValueError(
+                "CBD: this student checkpoint was trained with other teacher weights than the "
+                f"ones in {TEACHERS_DIR}/ now (a teacher was trained again?); resuming would "
+                "switch teachers mid-training. Restore those teachers or start the student anew"
+            )
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
