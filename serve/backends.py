@@ -335,12 +335,9 @@ def export_cached(model: Any) -> Path:
 
     from ltzoo.export.onnx import export_onnx
 
-    digest = hashlib.sha256(
-        json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+    digest = model.weights_digest(
+        hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     )
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     path = (
         cache_dir()
         / "onnx"

@@ -264,3 +264,14 @@ def test_save_pretrained_killed_mid_write_leaves_the_saved_model_whole(tmp_path,
     assert (directory / "config.json").read_bytes() == before["config.json"]
     reloaded = zoo.Ensemble.from_pretrained(directory)  # new weights, old config: still whole
     assert reloaded.config.name == "first"
+
+
+def test_weights_digest_is_the_weights_not_where_they_live():
+    """Equal weights digest equally on any memory format; one changed value changes it."""
+    torch.manual_seed(0)
+    model = zoo.Ensemble(zoo.EnsembleConfig(num_experts=2))
+    digest = model.weights_digest().hexdigest()
+    assert model.to(memory_format=torch.channels_last).weights_digest().hexdigest() == digest
+    with torch.no_grad():
+        model.experts[1].classifier.weight[0, 0] += 1e-6
+    assert model.weights_digest().hexdigest() != digest

@@ -508,16 +508,11 @@ class Trainer:
         """Under torchrun, write ddp.json: per rank a weight checksum and the shard it trained on."""
         if not self.dist.enabled:
             return
-        import hashlib
-
         import torch.distributed as dist
 
-        digest = hashlib.sha256()
-        for t in method.model.state_dict().values():
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         mine = {
             "rank": self.dist.rank,
-            "weights_sha256": digest.hexdigest(),
+            "weights_sha256": method.model.weights_digest().hexdigest(),
             "last_epoch_indices": [int(i) for i in loader.sampler],
         }
         gathered: list = [None] * self.dist.world_size

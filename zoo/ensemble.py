@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from .files import WEIGHTS_NAME as WEIGHTS_NAME
 from .files import atomic_write
 from .models import Expert, as_experts, build_experts
 from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 
 @dataclass
@@ -159,6 +163,17 @@ class Ensemble(nn.Module):
         return sub.to(next(self.parameters()).device).eval()
 
     # -- persistence -----------------------------------------------------------------
+    def weights_digest(self, digest: Hash | None = None) -> Hash:
+        """Feed every tensor's name and bytes (dtype-exact, layout-free) into ``digest`` (a
+        new sha256 by default) and return it: equal weights give equal digests, whatever
+        device or memory format holds them."""
+        digest = hashlib.sha256() if digest is None else digest
+        for name, tensor in self.state_dict().items():
+            digest.update(name.encode())
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        return digest
+
     def save_pretrained(self, directory: str | Path, card: bool = True) -> Path:
         """Write ``model.safetensors``, ``config.json`` and (``card``) a model card ``README.md``."""
         directory = Path(directory)

@@ -160,18 +160,6 @@ class CBDParams(MethodParams):
         return [TeacherSpec(i, bool(j), self.jitter_strength) for i, j in enumerate(jitter)]
 
 
-def weights_digest(models: Sequence[Ensemble]) -> bytes:
-    """sha256 over the models' tensors, in order (what a checkpoint pins them by)."""
-    h = hashlib.sha256()
-    for m in models:
-        for name, tensor in m.state_dict().items():
-            h.update(name.encode())
-            h.update(
-                tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            )
-    return h.digest()
-
-
 def teacher_feature(teachers: Sequence[Ensemble], images: torch.Tensor) -> torch.Tensor:
     """Normalised concatenation of the teachers' L2-normalised pooled features, (B, sum d_t).
 
@@ -293,9 +281,10 @@ class CBD(Method):
             t.requires_grad_(False)
             t.to(device)
         self._teachers = list(teachers)
-        self.teacher_digest.copy_(
-            torch.frombuffer(bytearray(weights_digest(teachers)), dtype=torch.uint8)
-        )
+        digest = hashlib.sha256()
+        for t in teachers:
+            t.weights_digest(digest)
+        self.teacher_digest.copy_(torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8))
 
     def _check_teacher_digest(self, module, state_dict, prefix, *args) -> None:
         """Refuse a checkpoint of a student that distilled other teachers (e.g. a teacher
