@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from ltzoo.zoo.config import PreprocessConfig
 from ltzoo.zoo.datasets_meta import CIFAR_PREPROCESS, DATASETS, IMAGENET_PREPROCESS
+from ltzoo.zoo.files import atomic_write
 from ltzoo.zoo.preprocess import Preprocess, to_model_mode
 
 from .profile import check_class_order, inverse_order, lt_counts, select_lt
@@ -454,9 +455,7 @@ def _read_jpeg_tree_cached(
         arrays = _decode_tree(Path(path), classes)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)  # type: ignore[arg-type]
-            os.replace(tmp, cache)
+            atomic_write(cache, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
         except OSError as exc:  # a read-only home: keep going without the disk cache
             warnings.warn(f"could not cache decoded images in {cache}: {exc}", stacklevel=3)
     for a in arrays.values():
