@@ -253,7 +253,7 @@ def _plan_layout_changes(rows: dict[str, Any]) -> list[str]:
             notes.append(
                 f"{_PLAN_ROWS.get(tag, (tag, ''))[0]} was measured with layout "
                 f"`{row.get('layout')}`; `{row['model']}` now has layout `{now}`, so the row "
-                "may not be its cost now (not measured again: the runs hold both cores)."
+                "may not be its cost now (not measured again since)."
             )
     return ["", *notes] if notes else []
 

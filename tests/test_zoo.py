@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -262,7 +264,8 @@ def test_save_pretrained_killed_mid_write_leaves_the_saved_model_whole(tmp_path,
         second.save_pretrained(directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted(before)  # no temp file left
     assert (directory / "config.json").read_bytes() == before["config.json"]
-    reloaded = zoo.Ensemble.from_pretrained(directory)  # new weights, old config: still whole
+    # the new weights with the old config: loadable here because both share an architecture
+    reloaded = zoo.Ensemble.from_pretrained(directory)
     assert reloaded.config.name == "first"
 
 
@@ -275,3 +278,23 @@ def test_weights_digest_is_the_weights_not_where_they_live():
     with torch.no_grad():
         model.experts[1].classifier.weight[0, 0] += 1e-6
     assert model.weights_digest().hexdigest() != digest
+
+
+def test_atomic_write_clears_what_killed_writers_left_and_nothing_else(tmp_path):
+    """A SIGKILL mid-write leaves the writer's temp file; the next write of that path removes
+    it, but never the temp file of a writer that is still alive."""
+    import os
+
+    from ltzoo.zoo.files import atomic_write
+
+    target = tmp_path / "checkpoint.pt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid belongs to no process now
+    killed = tmp_path / f".checkpoint.pt.{dead.pid}.tmp"
+    alive = tmp_path / f".checkpoint.pt.{os.getppid()}.tmp"
+    other = tmp_path / f".other.pt.{dead.pid}.tmp"
+    for p in (killed, alive, other):
+        p.write_bytes(b"half")
+    atomic_write(target, b"whole")
+    assert target.read_bytes() == b"whole"
+    assert not killed.exists() and alive.exists() and other.exists()

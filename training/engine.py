@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ltzoo.zoo import Ensemble
-from ltzoo.zoo.files import CONFIG_NAME, atomic_write
+from ltzoo.zoo.files import CONFIG_NAME, atomic_write, write_json
 from ltzoo.zoo.registry import get_entry
 
 from .config import RunConfig, check_same_run
@@ -370,17 +370,12 @@ class Trainer:
         """``run.json``: the run's settings (what ``--resume`` continues with) and its data."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run.json").write_text(
-                json.dumps(
-                    {
-                        "config": self.cfg.to_dict(),
-                        "precision": self.precision.record(),
-                        "data": data_info,
-                    },
-                    indent=2,
-                    default=str,
-                )
-            )
+            run = {
+                "config": self.cfg.to_dict(),
+                "precision": self.precision.record(),
+                "data": data_info,
+            }
+            write_json(self.run_dir / "run.json", run, default=str)
 
     def device_batch(
         self, images: torch.Tensor, labels: torch.Tensor
@@ -518,7 +513,7 @@ class Trainer:
         gathered: list = [None] * self.dist.world_size
         dist.all_gather_object(gathered, mine)
         if self.dist.is_main:
-            (self.run_dir / "ddp.json").write_text(json.dumps(gathered))
+            write_json(self.run_dir / "ddp.json", gathered)
 
     def _tensorboard(self):
         if not (self.cfg.run.tensorboard and self.dist.is_main):
@@ -554,7 +549,7 @@ class Trainer:
             plots_dir=self.run_dir / "plots",
         )
         results["precision"] = self.precision.record()
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(self.run_dir / "results.json", results)
         # published weights are plain contiguous tensors whatever layout trained them
         model.cpu().to(memory_format=torch.contiguous_format).save_pretrained(
             self.run_dir / "model"

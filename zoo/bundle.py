@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError, ModelNotAvailableError
-from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from .files import CONFIG_NAME, WEIGHTS_NAME, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -131,7 +131,7 @@ def add_to_bundle(
         shutil.copyfile(src / filename, dest / filename)
     if name:
         raw = json.loads((dest / "config.json").read_text())
-        (dest / "config.json").write_text(json.dumps({**raw, "name": name}, indent=2) + "\n")
+        write_json(dest / "config.json", {**raw, "name": name})
     entry: dict[str, Any] = {"files": {f: _file_pin(dest / f) for f in BUNDLED_FILES}}
     top1 = config.metrics.get("accuracy", {}).get("top1")
     if isinstance(top1, int | float):
@@ -145,5 +145,4 @@ def add_to_bundle(
 
 def _write_manifest(root: Path, models: dict[str, Any]) -> None:
     """Write the manifest atomically (temp file + rename)."""
-    text = json.dumps({"format": 1, "models": dict(sorted(models.items()))}, indent=2) + "\n"
-    atomic_write(root / MANIFEST_NAME, text.encode())
+    write_json(root / MANIFEST_NAME, {"format": 1, "models": dict(sorted(models.items()))})

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .files import atomic_write
+from .files import write_json
 
 Layout = Literal["independent", "shared", "single"]
 HeadKind = Literal["linear", "cosine"]
@@ -312,7 +312,7 @@ class EnsembleConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        atomic_write(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_json(Path(path), self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> EnsembleConfig:

@@ -4,10 +4,11 @@ and where a local directory keeps its model."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -32,15 +33,29 @@ def local_model_dir(directory: str | Path) -> Path:
     )
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "local_model_dir"]
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temp files that killed writers of ``path`` left (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, owned by someone else
+            pass
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> None:
     """Write ``path`` through a temp file and a rename (``write``: the bytes, or a function
     that writes to the open file): a kill leaves the old file or the new one, never half of
-    one. A failed write removes the temp file; a full disk raises ``OSError(ENOSPC)`` naming
-    ``path`` (torch's own error names a C++ source file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process
+    one. A failed write removes the temp file (a killed writer's is removed by the next
+    write); a full disk raises ``OSError(ENOSPC)`` naming ``path`` (torch's own error names
+    a C++ source file)."""
+    _remove_stale_temps(path)
+    # one per process: two processes may fill the same cache at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:  # a Python file: write errors keep their errno
             if isinstance(write, bytes):
@@ -55,3 +70,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> Non
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on device: {path}") from exc
         raise
+
+
+def write_json(path: Path, obj: Any, **dumps: Any) -> None:
+    """``obj`` as indented JSON through :func:`atomic_write` (``dumps``: more json.dumps options)."""
+    atomic_write(path, (json.dumps(obj, indent=2, **dumps) + "\n").encode())
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "local_model_dir", "write_json"]

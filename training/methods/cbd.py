@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ltzoo.zoo import Ensemble
-from ltzoo.zoo.files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ltzoo.zoo.files import CONFIG_NAME, WEIGHTS_NAME, write_json
 
 from ..config import ConfigError, RunConfig, check_same_run
 from ..evaluate import accuracy_report, collect_logits
@@ -422,7 +422,7 @@ class CBD(Method):
         }
         if trainer.dist.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, json.dumps(out, indent=2).encode())  # other ranks may read it
+            write_json(cache, out)  # atomic: other ranks may read it
         return out
 
     # -- stage 2 -------------------------------------------------------------------------

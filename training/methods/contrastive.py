@@ -5,7 +5,8 @@ Per expert: a projection head on the expert's feature (query), an EMA copy of th
 encoder + head (key), and a queue of negatives. The key view is a second, batch-level
 augmentation of the same images (random flip + random translation), so the data pipeline
 stays single-view; the official NCL code instead loads two augmented crops per image.
-Queues are per process (keys are not gathered across DDP ranks).
+Keys are not gathered across DDP ranks, and DDP's buffer broadcast gives every rank rank 0's
+queue before each forward: under torchrun the negatives are rank 0's keys only.
 """
 
 from __future__ import annotations
