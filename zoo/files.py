@@ -1,5 +1,6 @@
-"""File names of a saved ensemble (torch-free, so `ltzoo list` and the registry stay light),
-and where a local directory keeps its model."""
+"""File names of a saved ensemble, where a local directory keeps its model, and the one way
+files that must survive a kill are written (torch-free, so `ltzoo list` and the registry stay
+light)."""
 
 from __future__ import annotations
 
