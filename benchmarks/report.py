@@ -242,6 +242,11 @@ _PLAN_ROWS = {
 }
 
 
+def _plan_precision(row: dict[str, Any]) -> str:
+    # rows measured before the precision was recorded ran in bf16 (then what `auto` chose)
+    return row.get("precision", "bf16")
+
+
 def _plan_layout_changes(rows: dict[str, Any]) -> list[str]:
     """A note for each measured row whose model has changed its expert layout since."""
     notes = []
@@ -262,6 +267,7 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
     """The CIFAR-10-LT zoo: measured plan, budgets, progress / results (issue #26)."""
     if not plan.get("rows"):
         return []
+    estimated = any(_plan_precision(r) != "fp32" for r in plan["rows"].values())
     ratio = {  # fp32 / bf16 time on the CIFAR shape, from the same machine's train-step run
         r["method"]: r["speedup_bf16_vs_fp32"]
         for r in step.get("results", [])
@@ -278,24 +284,34 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
         "Validation: 20 images per class, "
         "the head's taken from its training images (4,980). Images/s of each recipe with its full "
         f"augmentation, two runs side by side on one thread each ({_machine_label(plan)}; "
-        f"{plan['steps']} steps, `train_cifar10lt.py measure`, in bf16). The runs train in fp32 "
-        "(what `auto` is on a CPU); their estimate multiplies the bf16 hours by the fp32/bf16 "
-        "time ratio of the train-step table (an estimate, not a measurement). Shot groups are "
+        f"{plan['steps']} steps, `train_cifar10lt.py measure`, in the precision each row names). "
+        "The runs train in fp32 (what `auto` is on a CPU)"
+        + (
+            "; a bf16 row's fp32 hours multiply its hours by the fp32/bf16 time ratio of the "
+            "train-step table (an estimate, not a measurement)"
+            if estimated
+            else ""
+        )
+        + ". Shot groups are "
         "ltzoo's everywhere (many > 100 training images, medium 20-100, few < 20): at rho 100 "
         "CIFAR-10-LT has 8 many-shot classes, 2 medium (83 and 50 images) and no few-shot class, "
         "so its 'few' column stays empty:",
         "",
-        "| recipe | experts (as measured) | images/s (bf16, 1 thread) | hours at the paper's "
-        "epochs, bf16 | fp32 estimate |",
-        "|---|---|---|---|---|",
+        "| recipe | experts (as measured) | precision | images/s (1 thread) | hours at the "
+        "paper's epochs |" + (" fp32 hours |" if estimated else ""),
+        "|---|---|---|---|---|" + ("---|" if estimated else ""),
     ]
     for tag, row in plan["rows"].items():
         label, method = _PLAN_ROWS.get(tag, (tag, ""))
-        fp32 = row["hours_at_recipe_epochs"] * ratio.get(method, float("nan"))
-        lines.append(
+        precision, hours = _plan_precision(row), row["hours_at_recipe_epochs"]
+        line = (
             f"| {label} ({row['recipe_epochs']} epochs) | {row.get('layout', '-')} | "
-            f"{row['images_per_s']} | {row['hours_at_recipe_epochs']} | {fp32:.1f} |"
+            f"{precision} | {row['images_per_s']} | {hours} |"
         )
+        if estimated:
+            fp32 = hours * ratio.get(method, float("nan")) if precision != "fp32" else hours
+            line += f" {fp32:.1f}{' (estimate)' if precision != 'fp32' else ''} |"
+        lines.append(line)
     lines += _plan_layout_changes(plan["rows"])
     lines += [
         "",

@@ -155,6 +155,7 @@ def measure(steps: int = 40) -> dict:
                     raise RuntimeError(f"measuring {tag} failed (exit {proc.returncode})")
                 (row,) = _metrics(next(Path(tmp, tag).rglob("metrics.jsonl")))
                 model = json.loads(next(Path(tmp, tag).rglob("model/config.json")).read_text())
+                run = json.loads(next(Path(tmp, tag).rglob("run.json")).read_text())
                 cfg = load_recipe(MEASURE[tag][0], [f"data.root={DATA}", *MEASURE[tag][1]])
                 images = (cfg.data.train_size() or 0) - 10 * cfg.data.val_per_class
                 rows[tag] = {
@@ -162,6 +163,7 @@ def measure(steps: int = 40) -> dict:
                     # what was timed: a recipe's layout can change after its row was measured
                     "model": cfg.model,
                     "layout": model["layout"],
+                    "precision": run["precision"]["used"],
                     "recipe_epochs": cfg.optim.epochs,
                     "hours_at_recipe_epochs": round(
                         cfg.optim.epochs * images / row["images_per_s"] / 3600, 1

@@ -132,3 +132,24 @@ def test_a_plan_row_measured_with_another_expert_layout_says_so():
     assert "now has layout `independent`" in note
     rows["ecl"]["layout"] = "independent"
     assert report._plan_layout_changes(rows) == []
+
+
+def test_the_plan_table_estimates_fp32_hours_only_for_rows_timed_in_bf16():
+    row = {"images_per_s": 50.0, "model": "ncl-resnet32-cifar10lt-r100", "layout": "independent"}
+    row |= {"recipe_epochs": 400, "hours_at_recipe_epochs": 20.0}
+    step = {"results": [{"method": "ncl", "shape": "cifar100", "speedup_bf16_vs_fp32": 1.5}]}
+    machine = {"label": "idle machine", "loadavg_before": [0.5], "loadavg_after": [1.0]}
+
+    def table(precision: str) -> list[str]:
+        plan = {
+            "steps": 40,
+            "machine": machine,
+            "rows": {"ncl_moco": {**row, "precision": precision}},
+        }
+        lines = report._cifar10lt_lines(plan, step, {})
+        return [line for line in lines if line.startswith("| NCL, MoCo on")]
+
+    assert table("fp32") == ["| NCL, MoCo on (400 epochs) | independent | fp32 | 50.0 | 20.0 |"]
+    assert table("bf16") == [
+        "| NCL, MoCo on (400 epochs) | independent | bf16 | 50.0 | 20.0 | 30.0 (estimate) |"
+    ]
