@@ -164,7 +164,10 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
 
 @needs_fmnist
 @pytest.mark.slow
-def test_torchrun_two_process_gloo(tmp_path):
+@pytest.mark.parametrize(
+    "recipe", [["fmnistlt_ce"], ["fmnistlt_ncl", "method_params.contrastive_weight=1.0"]]
+)
+def test_torchrun_two_process_gloo(tmp_path, recipe):
     run_dir = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -175,7 +178,7 @@ def test_torchrun_two_process_gloo(tmp_path):
         "-m",
         "ltzoo",
         "train",
-        "fmnistlt_ce",
+        *recipe,
         *TINY,
         "optim.epochs=2",
         "--out",
@@ -424,3 +427,84 @@ def test_the_progress_bar_follows_tqdm_mininterval_in_logs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     redraws = done.stderr.count("epoch 1/1:")
     assert 1 <= redraws <= 3, done.stderr[-2000:]  # 12 steps: 12+ redraws without throttling
+
+
+_RANK_WORKER = '''
+import json, sys
+import torch
+from ltzoo.training.config import load_recipe
+from ltzoo.training.engine import Trainer
+from ltzoo.training.methods import METHODS
+from ltzoo.zoo import Ensemble
+from ltzoo.zoo.registry import get_entry
+
+out = sys.argv[1]
+trainer = Trainer(load_recipe("fmnistlt_ncl"), out)  # joins torchrun's gloo group
+rank = trainer.dist.rank
+counts = [100, 60, 36, 22, 13, 8, 5, 3, 2, 1]
+cfg = load_recipe("fmnistlt_ncl")
+torch.manual_seed(0)  # the same initial queues, as DDP's first buffer broadcast would make them
+ncl = METHODS["ncl"](
+    Ensemble(get_entry(cfg.model).build_config(class_counts=counts)),
+    counts,
+    METHODS["ncl"].Params.from_dict(
+        {**cfg.method_params, "contrastive_weight": 1.0, "moco_queue": 8}
+    ),
+)
+moco = ncl.moco
+dim = moco.queues.shape[2]
+# three keys per expert, valued (rank + 1) * 10 + expert so the test can tell whose they are
+moco.pending_keys = [torch.full((3, dim), (rank + 1) * 10.0 + e) for e in range(len(moco.heads))]
+moco.after_step(ncl.model)
+
+
+class Lonely(torch.nn.Module):
+    """Diverges on rank 1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.after_steps = 0
+
+    def forward(self, x, y):
+        bad = float("nan") if rank == 1 else 1.0
+        return (self.w * x).sum() * bad, {}
+
+    def after_step(self):
+        self.after_steps += 1
+
+
+lonely = Lonely()
+opt = torch.optim.SGD(lonely.parameters(), lr=0.1)
+stepped = trainer.train_step(lonely, lonely, opt, trainer.grad_scaler(), torch.ones(1), None, "s0")
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({
+        "queue_first_values": moco.queues[:, :, 0].tolist(),
+        "queue_ptr": moco.queue_ptr.tolist(),
+        "stepped": stepped is not None,
+        "w": lonely.w.item(),
+        "after_steps": lonely.after_steps,
+    }, f)
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_moco_keys_and_skip_together(tmp_path):
+    """Under torchrun every rank queues every rank's MoCo keys (the official NCL gathers them),
+    and a loss that is non-finite on one rank skips the step on all, instead of leaving the
+    other ranks waiting in the gradient all-reduce."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_RANK_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [*cmd, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["queue_first_values"] == ranks[1]["queue_first_values"]
+    for expert, queue in enumerate(ranks[0]["queue_first_values"]):
+        # rank 0's 3 keys, then rank 1's, on both ranks
+        assert queue[:6] == [10.0 + expert] * 3 + [20.0 + expert] * 3
+    assert all(r["queue_ptr"] == [6] * len(r["queue_ptr"]) for r in ranks)
+    assert [(r["stepped"], r["w"], r["after_steps"]) for r in ranks] == [(False, 1.0, 0)] * 2

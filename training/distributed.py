@@ -37,6 +37,29 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank. Ranks must agree to skip a step together:
+    a rank that skipped alone would leave the others waiting in DDP's gradient all-reduce."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if _in_group():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank, concatenated along dim 0 in rank order (itself outside torchrun).
+    Every rank must pass the same shape."""
+    if not _in_group():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

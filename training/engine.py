@@ -30,7 +30,7 @@ from ltzoo.zoo.registry import get_entry
 
 from .config import RunConfig, check_same_run
 from .data.batched import BatchAugment, UInt8Batches, batched_augment_for, collate_uint8
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_ranks_finite, barrier, cleanup, init_distributed
 from .methods import METHODS, Method, StageRun
 from .precision import Precision, resolve_precision
 
@@ -408,7 +408,7 @@ class Trainer:
         one compiled. A non-finite loss skips the step (None; see :meth:`skip_nonfinite`)."""
         with self.precision.autocast():
             loss, parts = forward(images, labels)
-        if not torch.isfinite(loss):
+        if not all_ranks_finite(loss):
             self.skip_nonfinite(loss, parts, where)
             return None
         self.nonfinite_in_a_row = 0
@@ -426,7 +426,8 @@ class Trainer:
         """Log a skipped step; :data:`MAX_NONFINITE_STEPS` in a row stop the run with a
         message naming the setting to change."""
         self.nonfinite_in_a_row += 1
-        logger.warning("non-finite loss %s at %s %s: step skipped", loss.item(), where, parts or "")
+        whose = "on another rank" if torch.isfinite(loss) else loss.item()
+        logger.warning("non-finite loss %s at %s %s: step skipped", whose, where, parts or "")
         if self.nonfinite_in_a_row < MAX_NONFINITE_STEPS:
             return
         fix = (

@@ -5,8 +5,9 @@ Per expert: a projection head on the expert's feature (query), an EMA copy of th
 encoder + head (key), and a queue of negatives. The key view is a second, batch-level
 augmentation of the same images (random flip + random translation), so the data pipeline
 stays single-view; the official NCL code instead loads two augmented crops per image.
-Keys are not gathered across DDP ranks, and DDP's buffer broadcast gives every rank rank 0's
-queue before each forward: under torchrun the negatives are rank 0's keys only.
+Under torchrun every rank queues the keys of all ranks (gathered in rank order, as the official
+code's ``concat_all_gather``), so the queues stay identical across ranks and DDP's buffer
+broadcast changes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.models import as_experts
 
+from ..distributed import gather_from_ranks
 from ..precision import float32_loss
 from .base import MethodParams
 
@@ -117,6 +119,7 @@ class MoCoBranch(nn.Module):
     @torch.no_grad()
     def _enqueue(self, i: int, keys: torch.Tensor) -> None:
         size = self.queues.shape[1]
+        keys = keys[-size:]  # more keys than slots (many ranks, small queue): the newest fill it
         ptr = int(self.queue_ptr[i])
         idx = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
         self.queues[i, idx] = keys.to(self.queues.dtype)
@@ -138,9 +141,10 @@ class MoCoBranch(nn.Module):
     def after_step(self, model: Ensemble) -> None:
         """Queue the keys of the step just taken, then move the key encoder. A step the engine
         skips (non-finite loss) queues nothing: an fp16 overflow in its keys would otherwise
-        stay in the queue and make every later loss non-finite."""
+        stay in the queue and make every later loss non-finite. Under torchrun the keys of
+        every rank are queued."""
         for i, key in enumerate(self.pending_keys):
-            self._enqueue(i, key)
+            self._enqueue(i, gather_from_ranks(key))
         self.pending_keys = []
         self.momentum_update(model)
 
