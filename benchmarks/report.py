@@ -242,11 +242,6 @@ _PLAN_ROWS = {
 }
 
 
-def _plan_precision(row: dict[str, Any]) -> str:
-    # rows measured before the precision was recorded ran in bf16 (then what `auto` chose)
-    return row.get("precision", "bf16")
-
-
 def _plan_layout_changes(rows: dict[str, Any]) -> list[str]:
     """A note for each measured row whose model has changed its expert layout since."""
     notes = []
@@ -267,7 +262,7 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
     """The CIFAR-10-LT zoo: measured plan, budgets, progress / results (issue #26)."""
     if not plan.get("rows"):
         return []
-    estimated = any(_plan_precision(r) != "fp32" for r in plan["rows"].values())
+    estimated = any(r["precision"] != "fp32" for r in plan["rows"].values())
     ratio = {  # fp32 / bf16 time on the CIFAR shape, from the same machine's train-step run
         r["method"]: r["speedup_bf16_vs_fp32"]
         for r in step.get("results", [])
@@ -303,7 +298,7 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
     ]
     for tag, row in plan["rows"].items():
         label, method = _PLAN_ROWS.get(tag, (tag, ""))
-        precision, hours = _plan_precision(row), row["hours_at_recipe_epochs"]
+        precision, hours = row["precision"], row["hours_at_recipe_epochs"]
         line = (
             f"| {label} ({row['recipe_epochs']} epochs) | {row.get('layout', '-')} | "
             f"{precision} | {row['images_per_s']} | {hours} |"

@@ -63,6 +63,7 @@ from torch import nn
 from ltzoo.zoo import calibration as cal
 from ltzoo.zoo.calibration import PriorSpec
 from ltzoo.zoo.ensemble import Ensemble
+from ltzoo.zoo.files import atomic_write
 
 INPUT_NAMES = ("pixel_values", "log_prior_shift")
 OUTPUT_NAMES = ("probs", "disagreement", "expert_probs")
@@ -319,8 +320,8 @@ def export_onnx(
     onnx.checker.check_model(proto, full_check=True)
     if proto.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights go next to the file
         onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save(proto, str(path))
+    else:  # atomic, so a killed export (or two servers filling one cache) leaves no torn file
+        atomic_write(path, proto.SerializeToString())
     return path
 
 

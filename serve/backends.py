@@ -344,9 +344,7 @@ def export_cached(model: Any) -> Path:
         / f"{model.config.name or model.config.backbone}-{digest.hexdigest()[:16]}.onnx"
     )
     if not path.is_file():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.onnx")
-        export_onnx(model, tmp)
-        os.replace(tmp, path)
+        export_onnx(model, path)
     return path
 
 

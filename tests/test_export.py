@@ -328,3 +328,18 @@ def test_tensorrt_engine(exported, tmp_path):
     _, path = exported("independent")
     engine = build_engine(path, tmp_path / "m.engine", fp16=True, max_batch=8)
     assert engine.stat().st_size > 0
+
+
+def test_serve_cache_exports_once_by_content_and_leaves_no_temp(tmp_path, monkeypatch):
+    from ltzoo.serve.backends import export_cached
+
+    monkeypatch.setenv("LTZOO_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = zoo.Ensemble(zoo.EnsembleConfig(name="test-cache", **CASES["shared"])).eval()
+    path = export_cached(model)
+    mtime = path.stat().st_mtime_ns
+    assert export_cached(model) == path and path.stat().st_mtime_ns == mtime  # cached
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file beside it
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert export_cached(model) != path  # other weights, another file

@@ -48,6 +48,21 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; best effort, since some file systems (and
+    Windows) cannot open or fsync a directory, and the file itself is already written."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> None:
     """Write ``path`` through a temp file and a rename (``write``: the bytes, or a function
     that writes to the open file): a kill leaves the old file or the new one, never half of
@@ -66,6 +81,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> Non
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the rename itself survives a power cut too
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
