@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,8 @@ FORMAT = "ltzoo-fused-ensemble/1"
 #: metadata key listing the float32 calibration-tail nodes (kept fp32 by fp16/int8 variants)
 TAIL_NODES_KEY = "ltzoo_tail_nodes"
 _TAIL_SCOPE = "tail"
+#: graphs larger than this keep their weights in a ``.data`` file beside them (protobuf's 2 GB limit)
+EXTERNAL_DATA_BYTES = 1_900_000_000
 
 #: onnxruntime session settings used by :func:`make_session` (and recorded by benchmarks)
 SESSION_SETTINGS = {
@@ -318,11 +321,25 @@ def export_onnx(
         },
     )
     onnx.checker.check_model(proto, full_check=True)
-    if proto.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights go next to the file
-        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:  # atomic, so a killed export (or two servers filling one cache) leaves no torn file
+    # atomic either way, so a killed export (or two servers filling one cache) leaves no torn file
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        _save_with_external_data(proto, path)
+    else:
         atomic_write(path, proto.SerializeToString())
     return path
+
+
+def _save_with_external_data(proto: Any, path: Path) -> None:
+    """Save ``proto`` with its weights in ``<name>.data`` beside ``path``: both are written in a
+    private folder, then renamed into place, the data first (the graph names it)."""
+    import onnx
+
+    data = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        onnx.save(proto, str(staged), save_as_external_data=True, location=data)
+        os.replace(staged.with_name(data), path.with_name(data))
+        os.replace(staged, path)
 
 
 # -- runtime helpers ------------------------------------------------------------------------

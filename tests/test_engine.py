@@ -162,6 +162,28 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _torchrun(args: list[str], timeout: float = 600) -> None:
+    """Two CPU ranks (gloo) under ``torch.distributed.run``; on failure or timeout the whole
+    process group goes, and the assertion shows both outputs' tails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [*cmd, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, f"stdout: {out[-2000:]}\nstderr: {err[-8000:]}"
+
+
 @needs_fmnist
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -169,24 +191,7 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
 )
 def test_torchrun_two_process_gloo(tmp_path, recipe):
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "ltzoo",
-        "train",
-        *recipe,
-        *TINY,
-        "optim.epochs=2",
-        "--out",
-        str(run_dir),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    _torchrun(["-m", "ltzoo", "train", *recipe, *TINY, "optim.epochs=2", "--out", str(run_dir)])
     ranks = json.loads((run_dir / "ddp.json").read_text())
     assert [r["rank"] for r in ranks] == [0, 1]
     assert (
@@ -432,7 +437,10 @@ def test_the_progress_bar_follows_tqdm_mininterval_in_logs(tmp_path):
 _RANK_WORKER = '''
 import json, sys
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from ltzoo.training.config import load_recipe
+from ltzoo.training.distributed import cleanup
 from ltzoo.training.engine import Trainer
 from ltzoo.training.methods import METHODS
 from ltzoo.zoo import Ensemble
@@ -459,7 +467,7 @@ moco.after_step(ncl.model)
 
 
 class Lonely(torch.nn.Module):
-    """Diverges on rank 1 only."""
+    """Its loss at step s0 is non-finite on rank 1 only."""
 
     def __init__(self):
         super().__init__()
@@ -467,7 +475,7 @@ class Lonely(torch.nn.Module):
         self.after_steps = 0
 
     def forward(self, x, y):
-        bad = float("nan") if rank == 1 else 1.0
+        bad = float("nan") if rank == 1 and y == "s0" else 1.0  # y: the step's name
         return (self.w * x).sum() * bad, {}
 
     def after_step(self):
@@ -475,16 +483,20 @@ class Lonely(torch.nn.Module):
 
 
 lonely = Lonely()
+ddp = DistributedDataParallel(lonely)
 opt = torch.optim.SGD(lonely.parameters(), lr=0.1)
-stepped = trainer.train_step(lonely, lonely, opt, trainer.grad_scaler(), torch.ones(1), None, "s0")
+scaler = trainer.grad_scaler()
+steps = [trainer.train_step(ddp, lonely, opt, scaler, torch.ones(1), s, s) for s in ("s0", "s1")]
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({
         "queue_first_values": moco.queues[:, :, 0].tolist(),
         "queue_ptr": moco.queue_ptr.tolist(),
-        "stepped": stepped is not None,
+        "stepped": [s is not None for s in steps],
         "w": lonely.w.item(),
         "after_steps": lonely.after_steps,
     }, f)
+dist.barrier()  # neither rank leaves while the other still talks to it
+cleanup(trainer.dist)
 '''
 
 
@@ -495,16 +507,14 @@ def test_torchrun_ranks_share_moco_keys_and_skip_together(tmp_path):
     other ranks waiting in the gradient all-reduce."""
     worker = tmp_path / "worker.py"
     worker.write_text(_RANK_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [*cmd, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    _torchrun([str(worker), str(tmp_path)], timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["queue_first_values"] == ranks[1]["queue_first_values"]
     for expert, queue in enumerate(ranks[0]["queue_first_values"]):
         # rank 0's 3 keys, then rank 1's, on both ranks
         assert queue[:6] == [10.0 + expert] * 3 + [20.0 + expert] * 3
     assert all(r["queue_ptr"] == [6] * len(r["queue_ptr"]) for r in ranks)
-    assert [(r["stepped"], r["w"], r["after_steps"]) for r in ranks] == [(False, 1.0, 0)] * 2
+    # step s0 skipped on both ranks (no update, no after_step), then s1 taken on both
+    assert [r["stepped"] for r in ranks] == [[False, True]] * 2
+    assert [r["after_steps"] for r in ranks] == [1, 1]
+    assert ranks[0]["w"] == ranks[1]["w"] == pytest.approx(1.0 - 0.1)

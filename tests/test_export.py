@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -343,3 +344,15 @@ def test_serve_cache_exports_once_by_content_and_leaves_no_temp(tmp_path, monkey
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert export_cached(model) != path  # other weights, another file
+
+
+def test_weights_past_protobufs_limit_go_beside_the_graph(tmp_path, monkeypatch):
+    import ltzoo.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the graph were > 2 GB
+    torch.manual_seed(0)
+    model = zoo.Ensemble(zoo.EnsembleConfig(name="test-external", **CASES["shared"])).eval()
+    path = export_onnx(model, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert os.path.getsize(tmp_path / "big.onnx.data") > os.path.getsize(path)  # weights moved
+    assert check_parity(model, path, _x(3)) <= TOL  # onnxruntime finds the weights

@@ -55,8 +55,9 @@ def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
     Every rank must pass the same shape."""
     if not _in_group():
         return tensor
+    tensor = tensor.contiguous()  # the outputs take its strides, and nccl wants them dense
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor)
     return torch.cat(parts)
 
 

@@ -119,7 +119,7 @@ class MoCoBranch(nn.Module):
     @torch.no_grad()
     def _enqueue(self, i: int, keys: torch.Tensor) -> None:
         size = self.queues.shape[1]
-        keys = keys[-size:]  # more keys than slots (many ranks, small queue): the newest fill it
+        keys = keys[-size:]  # more keys than slots (many ranks, a small queue): the last fill it
         ptr = int(self.queue_ptr[i])
         idx = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
         self.queues[i, idx] = keys.to(self.queues.dtype)
