@@ -143,8 +143,10 @@ class MoCoBranch(nn.Module):
         skips (non-finite loss) queues nothing: an fp16 overflow in its keys would otherwise
         stay in the queue and make every later loss non-finite. Under torchrun the keys of
         every rank are queued."""
-        for i, key in enumerate(self.pending_keys):
-            self._enqueue(i, gather_from_ranks(key))
+        if self.pending_keys:  # one gather for all experts: (ranks x batch, experts, dim)
+            keys = gather_from_ranks(torch.stack(self.pending_keys, dim=1))
+            for i in range(keys.shape[1]):
+                self._enqueue(i, keys[:, i])
         self.pending_keys = []
         self.momentum_update(model)
 
