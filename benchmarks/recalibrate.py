@@ -2,10 +2,12 @@
 
     python benchmarks/recalibrate.py runs/bench/*-s[0-9]     # then --collect, report
     python benchmarks/recalibrate.py --data-root DIR ~/ltzoo-runs/cifar10lt/ncl_e100-s0
+    python benchmarks/recalibrate.py --val-max-per-class 1000 --data-root DIR RUN...
 
 For each run directory: rebuild its data split from the model's recorded data settings, fit
-the calibration on the balanced validation split (the family cross-validation picks there;
-``--temperature-only``: the temperature alone), save the calibrated model in ``RUN/model`` and
+the calibration on the validation split (the family cross-validation picks there;
+``--temperature-only``: the temperature alone; ``--val-max-per-class``: a larger split, each
+class weighing the same, recorded in the model), save the calibrated model in ``RUN/model`` and
 update the calibration entries of ``RUN/results.json`` (its accuracy entries come from the same logits and stay).
 """
 
@@ -22,9 +24,11 @@ from ltzoo.training.data import split_for_model
 from ltzoo.training.evaluate import calibrate_and_evaluate
 
 
-def recalibrate(run: Path, class_bias: bool, data_root: str | None = None) -> dict:
+def recalibrate(
+    run: Path, class_bias: bool, data_root: str | None = None, val_max: int | None = None
+) -> dict:
     model = zoo.load(str(run / "model"))
-    split = split_for_model(model.config, root=data_root)
+    split = split_for_model(model.config, root=data_root, val_max_per_class=val_max)
     results = calibrate_and_evaluate(model, split, class_bias=class_bias, plots_dir=run / "plots")
     model.save_pretrained(run / "model")
     path = run / "results.json"
@@ -43,11 +47,17 @@ def main() -> None:
     parser.add_argument(
         "--data-root", default=None, help="dataset root (CIFAR-10-LT: the JPEG tar)"
     )
+    parser.add_argument(
+        "--val-max-per-class",
+        type=int,
+        default=None,
+        help="validation images per class where a class has them (default: as recorded)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for run in args.runs:
-        c = recalibrate(run, not args.temperature_only, args.data_root)
+        c = recalibrate(run, not args.temperature_only, args.data_root, args.val_max_per_class)
         print(
             f"{run}: {c['method']}, T {c['temperature']:.3f}, ECE {c['ece_before']:.2f}% -> {c['ece_after']:.2f}%"
         )

@@ -102,7 +102,13 @@ def _model_and_split(args: argparse.Namespace, ref):  # ref: zoo.resolve.ModelRe
     from .data import split_for_model
 
     model = load_model(ref)
-    return model, split_for_model(model.config, dataset=args.data, root=args.data_root)
+    split = split_for_model(
+        model.config,
+        dataset=args.data,
+        root=args.data_root,
+        val_max_per_class=args.val_max_per_class,
+    )
+    return model, split
 
 
 def _print_shifted(report: dict) -> None:
@@ -245,6 +251,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "--data", default=None, help="dataset name (default: the one the model was trained on)"
         )
         p.add_argument("--data-root", default=None, help="dataset root directory")
+        p.add_argument(
+            "--val-max-per-class",
+            type=int,
+            default=None,
+            metavar="N",
+            help="let a class with more unused training images give up to N validation images "
+            "(a larger, class-weighted split for the calibration fit; the training images do "
+            "not change); default: the size the model was calibrated with",
+        )
         p.add_argument(
             "--temperature-only",
             action="store_true",

@@ -48,6 +48,11 @@ class DataConfig:
     #: papers' profile trains on all 5,000 of) gives its validation images from its training
     #: images (head 5,000 -> 4,980), instead of the validation split shrinking (to none)
     val_from_train: bool = False
+    #: a class with more unused images than val_per_class gives up to this many validation
+    #: images (0: val_per_class, a balanced split); the figures fitted and measured on the
+    #: split then weigh each class equally. More images for the calibration fit where the
+    #: balanced size is capped by one class (CIFAR-10-LT's head: 20)
+    val_max_per_class: int = 0
     augment: list[str] = field(default_factory=lambda: ["crop_flip"])
     train_split: str = ""
     val_split: str = ""
@@ -63,6 +68,8 @@ class DataConfig:
             raise ConfigError(f"data.rho must be >= 1, got {self.rho}")
         if self.val_per_class < 0:
             raise ConfigError("data.val_per_class must be >= 0")
+        if self.val_max_per_class < 0:
+            raise ConfigError("data.val_max_per_class must be >= 0")
 
     @property
     def num_classes(self) -> int | None:

@@ -168,6 +168,7 @@ class Trainer:
             val_split=d.val_split or None,
             test_split=d.test_split or None,
             val_from_train=d.val_from_train,
+            val_max_per_class=d.val_max_per_class,
         )
 
     def build_model(self, split) -> Ensemble:

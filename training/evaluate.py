@@ -42,21 +42,31 @@ def group_masks(labels: torch.Tensor, class_counts: Sequence[int]) -> dict[str, 
 
 
 def accuracy_report(
-    logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequence[int]
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_counts: Sequence[int],
+    weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """top-1, top-5, many/medium/few (in %), and per-class top-1 for combined logits (N, C)."""
+    """top-1, top-5, many/medium/few (in %), and per-class top-1 for combined logits (N, C);
+    with ``weights`` (e.g. :func:`~ltzoo.zoo.calibration.class_balanced_weights` on a
+    validation split) each image counts that much in the top-1, top-5 and group figures."""
     num_classes = logits.shape[1]
     pred = logits.argmax(1)
-    correct = (pred == labels).float()
+    correct = (pred == labels).double()
     k = min(5, num_classes)
-    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float()
+    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).double()
+    w = torch.ones_like(correct) if weights is None else weights.double()
+
+    def mean(hits: torch.Tensor, mask: torch.Tensor | slice = slice(None)) -> float:
+        return float((hits[mask] * w[mask]).sum() / w[mask].sum() * 100)
+
     per_class = [
-        float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan")
+        mean(correct, labels == c) if (labels == c).any() else float("nan")
         for c in range(num_classes)
     ]
-    report: dict[str, Any] = {"top1": float(correct.mean() * 100), "top5": float(top5.mean() * 100)}
+    report: dict[str, Any] = {"top1": mean(correct), "top5": mean(top5)}
     for g, mask in group_masks(labels, class_counts).items():
-        report[g] = float(correct[mask].mean() * 100) if mask.any() else None
+        report[g] = mean(correct, mask) if mask.any() else None
     report["per_class"] = per_class
     return report
 
@@ -68,11 +78,15 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Accuracy of the ensemble and of each expert on ``dataset``."""
+    """Accuracy of the ensemble and of each expert on ``dataset``, every class weighing the
+    same (the plain accuracy on a balanced set; a validation split may be imbalanced)."""
     expert_logits, labels = collect_logits(model, dataset, batch_size, device)
+    weights = cal.class_balanced_weights(labels)
     return {
-        "accuracy": accuracy_report(expert_logits.mean(0), labels, class_counts),
-        "experts": [accuracy_report(z, labels, class_counts)["top1"] for z in expert_logits],
+        "accuracy": accuracy_report(expert_logits.mean(0), labels, class_counts, weights),
+        "experts": [
+            accuracy_report(z, labels, class_counts, weights)["top1"] for z in expert_logits
+        ],
     }
 
 
@@ -101,17 +115,32 @@ def _fit_on_val(
     expert_val, val_labels = val_logits
     val_combined = expert_val.mean(0)
     balanced_val = val_combined + cal.balanced_shift(model.config)
+    weights = cal.class_balanced_weights(val_labels)
     family, held_out_nll = "temperature", dict[str, float]()
     if class_bias and len(val_labels) >= 2:
-        family, held_out_nll = cal.select_calibrator(balanced_val, val_labels)
-    temperature, bias = cal.fit_calibrator(family, balanced_val, val_labels)
+        family, held_out_nll = cal.select_calibrator(balanced_val, val_labels, weights=weights)
+    temperature, bias = cal.fit_calibrator(family, balanced_val, val_labels, weights=weights)
     model.config = dataclasses.replace(model.config, temperature=temperature, class_bias=bias)
     return {
         "calibrator": family,
         "calibrator_held_out_nll": held_out_nll,
-        "top1": accuracy_report(val_combined, val_labels, counts)["top1"],
-        "experts": [accuracy_report(z, val_labels, counts)["top1"] for z in expert_val],
+        "top1": accuracy_report(val_combined, val_labels, counts, weights)["top1"],
+        "experts": [accuracy_report(z, val_labels, counts, weights)["top1"] for z in expert_val],
     }
+
+
+def _record_val_split(model: Ensemble, split) -> None:
+    """Record the size of the validation split the calibration was just fitted on in
+    ``config.extra["data"]``, so that ``ltzoo eval`` / ``calibrate`` rebuild the same split."""
+    recorded, info = model.config.extra.get("data"), getattr(split, "info", {})
+    if recorded is None:  # a model without its data settings: nothing to rebuild from
+        return
+    data = {k: v for k, v in recorded.items() if k != "val_max_per_class"}
+    if "val_max_per_class" in info:
+        data["val_max_per_class"] = info["val_max_per_class"]
+    if "sizes" in data:
+        data["sizes"] = {**data["sizes"], "val": len(split.val)}
+    model.config = dataclasses.replace(model.config, extra={**model.config.extra, "data": data})
 
 
 def fit_calibration(
@@ -136,9 +165,11 @@ def fit_calibration(
     combined = expert_val.mean(0)
     before = cal.calibrated_probs(combined, cal.balanced_shift(model.config), 1.0)
     val = _fit_on_val(model, val_logits, split.class_counts, class_bias)
+    _record_val_split(model, split)
     after = cal.calibrated_probs(
         combined, cal.log_prior_shift(model.config, "balanced"), model.config.temperature
     )
+    weights = cal.class_balanced_weights(val_labels)
     stale = ("accuracy_calibrated", "calibration")
     metrics = {k: v for k, v in model.config.metrics.items() if k not in stale}
     model.config = dataclasses.replace(model.config, metrics=metrics)
@@ -148,8 +179,8 @@ def fit_calibration(
         "class_bias": model.config.class_bias,
         "val_images": len(val_labels),
         "val": val,
-        "ece_before": cal.expected_calibration_error(before, val_labels) * 100,
-        "ece_after": cal.expected_calibration_error(after, val_labels) * 100,
+        "ece_before": cal.expected_calibration_error(before, val_labels, weights=weights) * 100,
+        "ece_after": cal.expected_calibration_error(after, val_labels, weights=weights) * 100,
     }
 
 
@@ -189,6 +220,7 @@ def calibrate_and_evaluate(
         val_logits = collect_logits(model, split.val, batch_size, device)
         # what choices between runs are made on (never the test set)
         results["val"] = _fit_on_val(model, val_logits, counts, class_bias)
+        _record_val_split(model, split)
     temperature, bias = model.config.temperature, model.config.class_bias
     method = results["val"]["calibrator"] if "val" in results else "none"
     calibrated = cal.calibrated_probs(

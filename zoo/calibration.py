@@ -219,6 +219,21 @@ class CalibrationTail(nn.Module):
         return probs, disagreement, expert_probs
 
 
+def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-image weights (float64, mean 1) under which every class present weighs the same:
+    all ones on a balanced split. The validation fits and figures use them, so that an
+    imbalanced split (``data.val_max_per_class``) still stands for a balanced test set."""
+    counts = torch.bincount(labels).double()
+    return (len(labels) / ((counts > 0).sum() * counts))[labels]
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy, each image weighted by ``weights`` when given."""
+    if weights is None:
+        return F.cross_entropy(logits, labels)
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Temperature minimising NLL of ``softmax(logits / T)`` (LBFGS on log T), clamped to a sane range."""
     temperature, _ = fit_calibrator("temperature", logits, labels)
@@ -242,23 +257,34 @@ CALIBRATORS = ("none", "temperature", "temperature + class bias")
 
 
 def fit_calibrator(
-    family: str, logits: torch.Tensor, labels: torch.Tensor, warn: bool = True
+    family: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    warn: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> tuple[float, list[float]]:
-    """``(T, class_bias)`` of one of :data:`CALIBRATORS` fitted by NLL (``none``: T = 1)."""
+    """``(T, class_bias)`` of one of :data:`CALIBRATORS` fitted by NLL (``none``: T = 1),
+    each image weighted by ``weights`` when given (:func:`class_balanced_weights`)."""
     if family not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {family!r}; choose from {CALIBRATORS}")
     if family == "none":
         return 1.0, []
     with_bias = family == "temperature + class bias"
-    return _fit_nll(logits, labels, with_bias, warn)
+    return _fit_nll(logits, labels, with_bias, warn, weights)
 
 
 def select_calibrator(
-    logits: torch.Tensor, labels: torch.Tensor, folds: int = 5, repeats: int = 4, seed: int = 0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    folds: int = 5,
+    repeats: int = 4,
+    seed: int = 0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[str, dict[str, float]]:
     """The calibrator family with the lowest held-out NLL on the validation split itself
     (``repeats`` x stratified ``folds``-fold cross-validation, seeded: the same split gives
-    the same choice). Returns the family and each family's mean held-out NLL.
+    the same choice). Returns the family and each family's mean held-out NLL. ``weights``
+    weigh each image in the fits and the held-out NLL (:func:`class_balanced_weights`).
 
     Eleven parameters (T + 10 biases) fitted on 200 validation images can overfit it: an NCL
     model whose balanced logits were already calibrated (CIFAR-10-LT, ECE 1.96 %) left the
@@ -276,9 +302,14 @@ def select_calibrator(
             if held_out.all() or not held_out.any():
                 continue
             for family in CALIBRATORS:
-                t, bias = fit_calibrator(family, logits[~held_out], labels[~held_out], warn=False)
+                fit_w, held_w = (
+                    (None, None) if weights is None else (weights[~held_out], weights[held_out])
+                )
+                t, bias = fit_calibrator(
+                    family, logits[~held_out], labels[~held_out], warn=False, weights=fit_w
+                )
                 adjusted = logits[held_out] / t + (torch.tensor(bias).double() if bias else 0.0)
-                losses[family].append(float(F.cross_entropy(adjusted, labels[held_out])))
+                losses[family].append(float(_nll(adjusted, labels[held_out], held_w)))
     if len(losses["none"]) < 2:  # the standard error needs two folds
         raise ValueError(
             f"cross-validating a calibrator needs at least 2 images, got {len(labels)}"
@@ -314,9 +345,11 @@ def _fit_nll(
     labels: torch.Tensor,
     with_bias: bool,
     warn: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> tuple[float, list[float]]:
     logits = logits.detach().double().clone()  # clone: may be an inference-mode tensor
     labels = labels.clone()
+    weights = None if weights is None else weights.detach().double().clone()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(
         logits.shape[-1] if with_bias else 1, dtype=torch.float64, requires_grad=True
@@ -326,7 +359,7 @@ def _fit_nll(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp() + (bias - bias.mean()), labels)
+        loss = _nll(logits / log_t.exp() + (bias - bias.mean()), labels, weights)
         loss.backward()
         return loss
 
@@ -336,7 +369,8 @@ def _fit_nll(
     temperature = min(max(fitted, _TEMPERATURE_RANGE[0]), _TEMPERATURE_RANGE[1])
     centred = (bias - bias.mean()).detach()
     if warn:
-        _warn_if_unreliable(logits, labels, fitted, temperature, centred if with_bias else None)
+        bias_used = centred if with_bias else None
+        _warn_if_unreliable(logits, labels, fitted, temperature, bias_used, weights)
     return temperature, centred.tolist() if with_bias else []
 
 
@@ -346,14 +380,15 @@ def _warn_if_unreliable(
     fitted: float,
     temperature: float,
     bias: torch.Tensor | None,
+    weights: torch.Tensor | None = None,
 ) -> None:
     """Warn (one line) when a fit stopped at a bound of the temperature or does not lower the
     ECE of the split it was fitted on: what it stores then calibrates nothing (a diverged or
     untrained model, or too few validation images)."""
     low, high = _TEMPERATURE_RANGE  # ``temperature``: ``fitted`` clamped to this range
     adjusted = logits / temperature + (0.0 if bias is None else bias)
-    before = expected_calibration_error(torch.softmax(logits, -1), labels) * 100
-    after = expected_calibration_error(torch.softmax(adjusted, -1), labels) * 100
+    before = expected_calibration_error(torch.softmax(logits, -1), labels, weights=weights) * 100
+    after = expected_calibration_error(torch.softmax(adjusted, -1), labels, weights=weights) * 100
     problems = []
     if not low < fitted < high:
         problems.append(
@@ -371,31 +406,40 @@ def _warn_if_unreliable(
 
 
 def _binned(
-    values: torch.Tensor, hits: torch.Tensor, n_bins: int
+    values: torch.Tensor, hits: torch.Tensor, n_bins: int, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per equal-width bin (right-closed): sample count, sum of ``values``, sum of ``hits``."""
+    """Per equal-width bin (right-closed): sample count (or weight), sum of ``values``, sum of
+    ``hits`` (each weighted by ``weights`` when given)."""
     values = values.double().contiguous()
+    w = torch.ones_like(values) if weights is None else weights.double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     idx = torch.bucketize(values, edges[1:-1], right=False)
-    count = torch.bincount(idx, minlength=n_bins).double()
-    value_sum = torch.bincount(idx, weights=values, minlength=n_bins)
-    hit_sum = torch.bincount(idx, weights=hits.double(), minlength=n_bins)
+    count = torch.bincount(idx, weights=w, minlength=n_bins)
+    value_sum = torch.bincount(idx, weights=values * w, minlength=n_bins)
+    hit_sum = torch.bincount(idx, weights=hits.double() * w, minlength=n_bins)
     return count, value_sum, hit_sum
 
 
 def expected_calibration_error(
-    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, norm: str = "l1"
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    n_bins: int = 15,
+    norm: str = "l1",
+    weights: torch.Tensor | None = None,
 ) -> float:
-    """Top-label ECE (``norm="l1"``) or MCE (``norm="max"``) with equal-width bins.
+    """Top-label ECE (``norm="l1"``) or MCE (``norm="max"``) with equal-width bins, each image
+    counted with its weight in ``weights`` (e.g. :func:`class_balanced_weights`) when given.
 
     Matches torchmetrics' ``MulticlassCalibrationError`` (bins are right-closed).
     """
     conf, pred = probs.max(dim=1)
-    count, conf_sum, acc_sum = _binned(conf, pred == labels, n_bins)
-    gaps = (acc_sum - conf_sum).abs() / count.clamp_min(1)
+    count, conf_sum, acc_sum = _binned(conf, pred == labels, n_bins, weights)
+    filled = count > 0
+    if not filled.any():
+        return 0.0
     if norm == "max":
-        return float(gaps[count > 0].max()) if (count > 0).any() else 0.0
-    return float((gaps * count).sum() / count.sum().clamp_min(1))
+        return float(((acc_sum - conf_sum).abs()[filled] / count[filled]).max())
+    return float((acc_sum - conf_sum).abs().sum() / count.sum())
 
 
 def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

@@ -232,6 +232,7 @@ def _lt_from_arrays(
     train_transform: Callable,
     eval_transform: Callable,
     val_from_train: bool = False,
+    val_max_per_class: int = 0,
 ) -> LTSplit:
     """The one path of the in-memory datasets (Fashion-MNIST, CIFAR): the exponential
     profile of ``rho`` / ``n_max`` over ``arrays``' training set, a balanced val split, the
@@ -249,6 +250,7 @@ def _lt_from_arrays(
         val_per_class=val_per_class,
         dataset=name,
         val_from_train=val_from_train,
+        val_max_per_class=val_max_per_class,
     )
     inv = inverse_order(order)
     train = ArrayImageDataset(
@@ -279,6 +281,8 @@ def _lt_from_arrays(
     )
     if val_from_train:
         info["val_from_train"] = True
+    if val_max_per_class > v:  # recorded only when it changes the split
+        info["val_max_per_class"] = int(val_max_per_class)
     if arrays.variant:
         info["variant"] = arrays.variant
     return LTSplit(
@@ -741,6 +745,7 @@ def build_lt_dataset(
     val_split: str | None = None,
     test_split: str | None = None,
     val_from_train: bool = False,
+    val_max_per_class: int = 0,
 ) -> LTSplit:
     """Build a long-tailed train split plus balanced val/test splits.
 
@@ -756,7 +761,10 @@ def build_lt_dataset(
       ``n_max=5000`` the head class uses all its 5,000 images, so there is no unused image
       left for a balanced val split (warning; no temperature fit) unless ``n_max`` is lower
       or ``val_from_train`` takes the head's ``val_per_class`` out of its training images.
-      ``val_from_train`` applies to these profile datasets only.
+      ``val_max_per_class`` (these datasets only) lets a class with more unused images give
+      up to that many validation images: a larger split, imbalanced, weighed class by class
+      (:func:`~ltzoo.training.data.profile.select_lt`). ``val_from_train`` applies to these
+      profile datasets only.
     * ``imagenet_lt`` / ``places_lt`` / ``inat2018``: split files of ``path label`` lines
       under ``root`` (or the given paths); counts come from the train split, rho/n_max unused.
     * ``imagefolder_lt``: ``root/train/<class>/*`` (+ optional ``root/val``, ``root/test``);
@@ -785,6 +793,7 @@ def build_lt_dataset(
             train_transform=ttf,
             eval_transform=etf,
             val_from_train=val_from_train,
+            val_max_per_class=val_max_per_class,
         )
     if name in SPLIT_FILES:
         if n_max is not None or rho not in (None, DEFAULT_RHO):

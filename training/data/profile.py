@@ -63,6 +63,7 @@ def select_lt(
     val_per_class: int,
     dataset: str,
     val_from_train: bool = False,
+    val_max_per_class: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[int]]:
     """Pick the long-tailed train set and a balanced validation set from a labelled pool.
 
@@ -76,6 +77,12 @@ def select_lt(
     warning is emitted; if that is 0 there is no validation split. With ``val_from_train``
     such a class gives up training images instead (CIFAR-10-LT at ``n_max=5000``: the head
     trains on 4,980 and every other class keeps the papers' count).
+
+    ``val_max_per_class`` above the balanced size lets every class with more unused images give
+    up to that many (still its *last* ones, so the balanced images stay in): a larger but
+    class-imbalanced split, which calibration and validation figures weigh class by class
+    (:func:`ltzoo.zoo.calibration.class_balanced_weights`). CIFAR-10-LT's head can spare only
+    20 images, its other classes hundreds.
 
     Returns ``(train_idx, train_labels, val_idx, val_labels, val_per_class_used, counts)``
     with new labels; ``counts`` are the training images per class actually taken.
@@ -109,8 +116,10 @@ def select_lt(
     train_idx = np.concatenate([p[:n] for p, n in zip(by_class, counts, strict=True)])
     train_lab = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(counts)])
     if v:
-        val_idx = np.concatenate([p[len(p) - v :] for p in by_class])
-        val_lab = np.repeat(np.arange(len(order), dtype=np.int64), v)
+        spares = [len(p) - n for p, n in zip(by_class, counts, strict=True)]
+        sizes = [max(v, min(val_max_per_class, s)) for s in spares]
+        val_idx = np.concatenate([p[len(p) - k :] for p, k in zip(by_class, sizes, strict=True)])
+        val_lab = np.repeat(np.arange(len(order), dtype=np.int64), sizes)
     else:
         val_idx = np.zeros(0, dtype=np.int64)
         val_lab = np.zeros(0, dtype=np.int64)
