@@ -8,6 +8,8 @@ collect the finished ones into benchmarks/results/cifar10lt.json.
     python benchmarks/train_cifar10lt.py status          # epoch reached, s/epoch, ETA
     python benchmarks/train_cifar10lt.py collect         # finished runs -> the results JSON
     python benchmarks/train_cifar10lt.py ship            # collect, bundle what is new, report
+    python benchmarks/train_cifar10lt.py recalibrate     # refit shipped runs' calibration on
+                                                         # their recipe's validation split
 
 Runs live outside the work tree, in ``$LTZOO_RUNS`` (default ``~/ltzoo-runs``)
 ``/cifar10lt/<tag>-s0``, so a fresh checkout keeps them. Each checkpoints every epoch, and
@@ -238,12 +240,14 @@ def collect_results() -> dict:
 
 
 def ship() -> list[str]:
-    """Everything a finished run needs to ship: collect the results, bundle each finished run
-    of a shipping model (not the half-budget runs) that is not bundled yet, under its registry
-    name, then re-render README, measured.json and the cards. Returns the names bundled."""
+    """Everything a finished run needs to ship: :func:`recalibrate` what needs it, collect the
+    results, bundle each finished run of a shipping model (not the half-budget runs) that is
+    not bundled yet, under its registry name, then re-render README, measured.json and the
+    cards. Returns the names bundled."""
     from benchmarks.report import CIFAR10LT_NAMES
     from ltzoo.zoo.bundle import add_to_bundle, read_manifest
 
+    recalibrate(list(PLAN))  # runs started before their recipe's validation split grew
     collect_results()
     bundled = read_manifest()
     new = {t: n for t, n in CIFAR10LT_NAMES.items() if finished(t) and n not in bundled}
@@ -254,11 +258,73 @@ def ship() -> list[str]:
     return list(new.values())
 
 
+def _recipe_val_max(tag: str) -> int:
+    from ltzoo.training.config import load_recipe
+
+    return load_recipe(PLAN[tag][0], [f"data.root={DATA}"]).data.val_max_per_class
+
+
+def recalibrate(tags: list[str]) -> list[str]:
+    """Refit, without retraining, the calibration of each run calibrated on a smaller
+    validation split than its recipe now takes (``data.val_max_per_class``; runs started
+    before the recipe grew it). A run whose directory is here is recalibrated there (its
+    ``model/`` and ``results.json``, then collected); a shipped run whose directory is gone,
+    from its bundled copy (its entry in the results JSON is re-summarised from the new
+    evaluation: the raw accuracies come from the same weights). A shipped one is re-bundled.
+    Returns the tags recalibrated."""
+    import tempfile
+
+    from benchmarks.recalibrate import recalibrate as recalibrate_run
+    from benchmarks.report import CIFAR10LT_NAMES
+    from benchmarks.train_fmnistlt import summarise
+    from ltzoo import zoo
+    from ltzoo.training.data import split_for_model
+    from ltzoo.training.evaluate import calibrate_and_evaluate
+    from ltzoo.zoo.bundle import add_to_bundle, read_manifest
+    from ltzoo.zoo.ensemble import record_source
+
+    bundled, done = read_manifest(), []
+    for tag in tags:
+        name, want = CIFAR10LT_NAMES.get(tag, ""), _recipe_val_max(tag)
+        if finished(tag):
+            model_dir = run_dir(tag) / "model"
+        elif name in bundled:
+            model_dir = None
+        else:
+            continue
+        model = zoo.load(str(model_dir) if model_dir else name)
+        if model.config.extra.get("data", {}).get("val_max_per_class", 0) == want:
+            continue
+        print(f"{tag}: recalibrating {name} on val_max_per_class={want}", flush=True)
+        if model_dir is not None:
+            recalibrate_run(run_dir(tag), True, DATA, want)
+            if name in bundled:  # a new one is bundled by ship
+                add_to_bundle(run_dir(tag), name=name)
+        else:
+            split = split_for_model(model.config, root=DATA, val_max_per_class=want)
+            results = calibrate_and_evaluate(model, split)
+            summary = json.loads(RESULTS.read_text())
+            summary[tag].update(summarise([results]))
+            RESULTS.write_text(json.dumps(summary, indent=2))
+            with tempfile.TemporaryDirectory() as tmp:
+                record_source(model, None)  # where it was loaded from, not what it is
+                model.save_pretrained(tmp)
+                add_to_bundle(tmp, name=name, run=bundled[name].get("run"))
+        done.append(tag)
+    if done:
+        collect_results()
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")], check=True)
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["measure", "start", "queue", "status", "collect", "ship"])
+    ap.add_argument(
+        "command",
+        choices=["measure", "start", "queue", "status", "collect", "ship", "recalibrate"],
+    )
     ap.add_argument(
         "tags",
         nargs="*",
@@ -298,6 +364,8 @@ def main() -> None:
         for tag in tags:
             if run_dir(tag).is_dir():
                 print(json.dumps(progress(tag)))
+    elif args.command == "recalibrate":
+        print(f"recalibrated: {recalibrate(tags) or 'none'}")
     elif args.command == "ship":
         names = ship()
         if names:  # the wheel test holds README's "With N models the wheel is X MB" to the wheel

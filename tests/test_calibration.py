@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ltzoo import zoo
 from ltzoo.zoo import calibration as cal
@@ -317,3 +318,49 @@ def test_select_calibrator_is_seeded_and_stratified():
         assert sorted(positions[labels == c].tolist()) == list(range(20))
     with pytest.raises(ValueError, match="unknown calibrator"):
         cal.fit_calibrator("platt", logits, labels)
+
+
+def _replicated_to_balance(logits: torch.Tensor, labels: torch.Tensor):
+    """Each image repeated (largest class size / its class's size) times: a balanced set."""
+    counts = torch.bincount(labels)
+    repeats = counts.max() // counts[labels]
+    return logits.repeat_interleave(repeats, 0), labels.repeat_interleave(repeats)
+
+
+COUNTS = [150, 50, 30, 10, 5]  # training images per class: many, medium x2, few x2
+
+
+def test_an_imbalanced_validation_split_weighs_like_its_balanced_replica():
+    """class_balanced_weights: the fit, its cross-validated choice's NLL, the ECE and the
+    top-1 of an imbalanced split are those of the same split with each class repeated to
+    balance (the CIFAR-10-LT recipes' split: 20 head images, up to 1,000 of the others)."""
+    from ltzoo.training.evaluate import accuracy_report
+
+    g = torch.Generator().manual_seed(4)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([10, 20, 40, 80, 40])])
+    logits = torch.randn(len(labels), 5, generator=g) * 2 + 1.5 * F.one_hot(labels, 5)
+    weights = cal.class_balanced_weights(labels)
+    assert torch.allclose(weights.mean(), torch.tensor(1.0, dtype=torch.float64))
+    for c in range(5):  # every class weighs the same
+        assert math.isclose(float(weights[labels == c].sum()), len(labels) / 5)
+    rep_logits, rep_labels = _replicated_to_balance(logits, labels)
+    assert torch.equal(cal.class_balanced_weights(rep_labels), torch.ones(len(rep_labels)).double())
+    family = "temperature + class bias"
+    t_w, bias_w = cal.fit_calibrator(family, logits, labels, warn=False, weights=weights)
+    t_r, bias_r = cal.fit_calibrator(family, rep_logits, rep_labels, warn=False)
+    assert math.isclose(t_w, t_r, rel_tol=1e-4)
+    torch.testing.assert_close(torch.tensor(bias_w), torch.tensor(bias_r), atol=1e-4, rtol=0)
+    unweighted_t, _ = cal.fit_calibrator(family, logits, labels, warn=False)
+    assert not math.isclose(unweighted_t, t_r, rel_tol=1e-3)  # the weights do something
+    probs, rep_probs = logits.softmax(1), rep_logits.softmax(1)
+    for norm in ("l1", "max"):
+        assert math.isclose(
+            cal.expected_calibration_error(probs, labels, norm=norm, weights=weights),
+            cal.expected_calibration_error(rep_probs, rep_labels, norm=norm),
+            rel_tol=1e-9,
+        )
+    weighted = accuracy_report(logits, labels, COUNTS, weights)  # many, medium and few
+    replica = accuracy_report(rep_logits, rep_labels, COUNTS)
+    for key in ("top1", "top5", "many", "medium", "few"):
+        assert math.isclose(weighted[key], replica[key], rel_tol=1e-9), key
+    assert weighted["top1"] != accuracy_report(logits, labels, COUNTS)["top1"]

@@ -170,6 +170,23 @@ def test_val_from_train_keeps_the_papers_profile_but_the_heads_20():
     assert split.info["val_from_train"] is True and split.info["class_counts"][0] == 4980
 
 
+def test_recipes_validation_split_grows_to_1000_where_a_class_can_spare_them():
+    """data.val_max_per_class: the head still gives its 20 (from training), every other class
+    up to 1,000 unused images; the training images and the 20-per-class images stay."""
+    root = _shared_cifar()
+    kw = {"root": root, "rho": 100, "val_per_class": 20, "val_from_train": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "smaller validation split" warning
+        small = build_lt_dataset("cifar10_lt", **kw)
+        split = build_lt_dataset("cifar10_lt", **kw, val_max_per_class=1000)
+    assert split.train.indices == small.train.indices and split.class_counts == small.class_counts
+    assert np.bincount(split.val.labels).tolist() == [20] + [1000] * 9
+    assert set(small.val.indices) < set(split.val.indices)
+    assert not set(split.train.indices) & set(split.val.indices)
+    assert split.info["val_max_per_class"] == 1000 and "val_max_per_class" not in small.info
+    assert split.info["sizes"]["val"] == 9020
+
+
 def test_val_from_train_refuses_to_empty_a_class(tmp_path):
     tree = _fake_tree(tmp_path / "tree", 3, 1)
     with pytest.raises(ValueError, match="leaves a class no training image"):
@@ -183,6 +200,7 @@ def test_cifar10lt_recipes_validate(recipe):
     cfg = load_recipe(recipe)
     assert cfg.data.name == "cifar10_lt" and cfg.data.n_max == 5000
     assert cfg.data.rho == (50 if "_r50_" in recipe else 100)
+    assert (cfg.data.val_per_class, cfg.data.val_max_per_class) == (20, 1000)
 
 
 def test_ecl_mirrors_ncl_so_the_two_compare():

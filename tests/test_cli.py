@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data import needs_fmnist
 
 from ltzoo import zoo
 from ltzoo.cli import main
@@ -164,6 +165,22 @@ def test_calibrate_updates_the_run_model(run_dir, image_folder, capsys):
     summary = next(line for line in out.splitlines() if line.startswith("top-1 "))
     assert "top-5" in summary and not re.search(r"\d\.\d{3,}", summary)
     assert re.search(r"^calibrated top-1 \d+\.\d\d ", out, re.M) and "ECE " in out
+
+
+@needs_fmnist
+def test_calibrate_on_a_larger_validation_split_records_it(tmp_path, capsys):
+    """--val-max-per-class: the fit sees up to N images of each class that can spare them,
+    and the model records it, so that eval and calibrate rebuild the same split."""
+    from ltzoo.training.data import split_for_model
+
+    data = {"name": "fashion_mnist_lt", "rho": 10, "n_max": 200, "seed": 0, "val_per_class": 5}
+    _small_model(data=data).save_pretrained(tmp_path / "model")
+    assert main(["calibrate", str(tmp_path / "model"), "--val-max-per-class", "30"]) == 0
+    assert "fitted on 300 validation images" in capsys.readouterr().out
+    config = zoo.load(str(tmp_path / "model")).config
+    assert config.extra["data"]["val_max_per_class"] == 30
+    assert len(split_for_model(config).val) == 300
+    assert len(split_for_model(config, val_max_per_class=0).val) == 50
 
 
 def test_calibrate_needs_out_for_a_hub_model(capsys):

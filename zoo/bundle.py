@@ -105,14 +105,18 @@ def _file_pin(path: Path) -> dict[str, Any]:
 
 
 def add_to_bundle(
-    model_dir: str | Path, root: Path | None = None, name: str | None = None
+    model_dir: str | Path,
+    root: Path | None = None,
+    name: str | None = None,
+    run: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Copy a saved model (``config.json`` + weights) into the bundle and pin it.
 
     ``model_dir`` is a model folder or a run folder holding ``model/``. The model is
     loaded once first (nothing unloadable is bundled). ``name``: the name to publish it
     under (a run is named after its directory, not its registry entry), written into the
-    bundled ``config.json``; default the config's own. Returns (name, manifest entry).
+    bundled ``config.json``; default the config's own. ``run``: the run it came from, for the
+    record (default ``model_dir``). Returns (name, manifest entry).
     """
     from .ensemble import Ensemble
 
@@ -136,7 +140,7 @@ def add_to_bundle(
     top1 = config.metrics.get("accuracy", {}).get("top1")
     if isinstance(top1, int | float):
         entry["top1"] = float(top1)
-    entry["run"] = str(Path(model_dir))
+    entry["run"] = run or str(Path(model_dir))
     models = read_manifest(root)
     models[config.name] = entry
     _write_manifest(root, models)
