@@ -14,6 +14,7 @@ update the calibration entries of ``RUN/results.json`` (its accuracy entries com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,9 +26,17 @@ from ltzoo.training.evaluate import calibrate_and_evaluate
 
 
 def recalibrate(
-    run: Path, class_bias: bool, data_root: str | None = None, val_max: int | None = None
+    run: Path,
+    class_bias: bool,
+    data_root: str | None = None,
+    val_max: int | None = None,
+    name: str | None = None,
 ) -> dict:
+    """Recalibrate ``run`` (see the module's doc); ``name``: the model's name from now on (the
+    name it ships under, which the plots' titles show), default its own."""
     model = zoo.load(str(run / "model"))
+    if name:
+        model.config = dataclasses.replace(model.config, name=name)
     split = split_for_model(model.config, root=data_root, val_max_per_class=val_max)
     results = calibrate_and_evaluate(model, split, class_bias=class_bias, plots_dir=run / "plots")
     model.save_pretrained(run / "model")

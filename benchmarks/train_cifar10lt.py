@@ -297,7 +297,7 @@ def recalibrate(tags: list[str]) -> list[str]:
             continue
         print(f"{tag}: recalibrating {name} on val_max_per_class={want}", flush=True)
         if model_dir is not None:
-            recalibrate_run(run_dir(tag), True, DATA, want)
+            recalibrate_run(run_dir(tag), True, DATA, want, name=name or None)
             if name in bundled:  # a new one is bundled by ship
                 add_to_bundle(run_dir(tag), name=name)
         else:

@@ -6,8 +6,8 @@ for balanced methods, the training prior for plain CE). Serving under a target p
 
     z' = z + log(pi_tgt) - log(pi_src)
 
-and the temperature ``T`` (fitted by NLL on the balanced validation split, after the
-balanced adjustment) then divides the adjusted logits: ``p = softmax(z' / T)``.
+and the temperature ``T`` (fitted by NLL on the validation split, each class weighing the
+same, after the balanced adjustment) then divides the adjusted logits: ``p = softmax(z' / T)``.
 
 This module is the one calibration path: prior resolution for a model config
 (:func:`log_prior_shift`, :func:`batch_log_prior_shift` for ``prior="estimate"``), the

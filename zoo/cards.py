@@ -132,6 +132,13 @@ _LOGIT_ADJUSTMENT = (
 )
 
 
+def _validation_desc(config: EnsembleConfig) -> str:
+    """The validation split the calibration was fitted on, as the model records it."""
+    images = config.extra.get("data", {}).get("sizes", {}).get("val")
+    where = f"{images} validation images" if images else "the validation split"
+    return f"{where}, each class weighing the same"
+
+
 def _precision_desc(record: dict[str, str] | None) -> str:
     """How the weights were trained: ``extra["precision"]`` as the engine recorded it."""
     if not record:
@@ -170,8 +177,8 @@ def render_card(config: EnsembleConfig, extra: str = "") -> str:
         input_desc=f"{pre.channels}x{pre.input_size[0]}x{pre.input_size[1]}, mean {pre.mean}, std {pre.std}, {pre.resize}",
         temperature=f"{config.temperature:.4f}"
         + (
-            " and a per-class bias (bias-corrected temperature scaling, fitted on the balanced "
-            "validation split)"
+            " and a per-class bias (bias-corrected temperature scaling, fitted on "
+            f"{_validation_desc(config)})"
             if config.class_bias
             else ""
         ),

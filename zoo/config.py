@@ -207,8 +207,8 @@ class EnsembleConfig:
     logit_prior: LogitPrior = "uniform"
     temperature: float = 1.0
     #: Per-class bias of bias-corrected temperature scaling (fitted with the temperature on
-    #: the balanced validation split; mean zero, empty = none): the calibrated balanced
-    #: posterior is ``softmax(z_balanced / T + class_bias)``.
+    #: the validation split, each class weighing the same; mean zero, empty = none): the
+    #: calibrated balanced posterior is ``softmax(z_balanced / T + class_bias)``.
     class_bias: list[float] = field(default_factory=list)
     default_prior: str = "balanced"
     name: str = ""
