@@ -247,7 +247,7 @@ def ship() -> list[str]:
     from benchmarks.report import CIFAR10LT_NAMES
     from ltzoo.zoo.bundle import add_to_bundle, read_manifest
 
-    recalibrate(list(PLAN))  # runs started before their recipe's validation split grew
+    recalibrate(list(PLAN), render=False)  # runs calibrated before the recipe's split grew
     collect_results()
     bundled = read_manifest()
     new = {t: n for t, n in CIFAR10LT_NAMES.items() if finished(t) and n not in bundled}
@@ -264,57 +264,70 @@ def _recipe_val_max(tag: str) -> int:
     return load_recipe(PLAN[tag][0], [f"data.root={DATA}"]).data.val_max_per_class
 
 
-def recalibrate(tags: list[str]) -> list[str]:
+def recalibrate(tags: list[str], render: bool = True) -> list[str]:
     """Refit, without retraining, the calibration of each run calibrated on a smaller
     validation split than its recipe now takes (``data.val_max_per_class``; runs started
     before the recipe grew it). A run whose directory is here is recalibrated there (its
-    ``model/`` and ``results.json``, then collected); a shipped run whose directory is gone,
-    from its bundled copy (its entry in the results JSON is re-summarised from the new
-    evaluation: the raw accuracies come from the same weights). A shipped one is re-bundled.
-    Returns the tags recalibrated."""
-    import tempfile
-
+    ``model/`` and ``results.json``, then collected, and re-bundled if it ships); a shipped
+    run whose directory is gone, from its bundled copy (:func:`_recalibrate_bundled`).
+    ``render``: re-render README, measured.json and the cards afterwards. Returns the tags
+    recalibrated."""
     from benchmarks.recalibrate import recalibrate as recalibrate_run
     from benchmarks.report import CIFAR10LT_NAMES
-    from benchmarks.train_fmnistlt import summarise
     from ltzoo import zoo
-    from ltzoo.training.data import split_for_model
-    from ltzoo.training.evaluate import calibrate_and_evaluate
     from ltzoo.zoo.bundle import add_to_bundle, read_manifest
-    from ltzoo.zoo.ensemble import record_source
 
     bundled, done = read_manifest(), []
     for tag in tags:
         name, want = CIFAR10LT_NAMES.get(tag, ""), _recipe_val_max(tag)
         if finished(tag):
-            model_dir = run_dir(tag) / "model"
+            model = zoo.load(str(run_dir(tag) / "model"))
         elif name in bundled:
-            model_dir = None
+            model = zoo.load(name)
         else:
-            continue
-        model = zoo.load(str(model_dir) if model_dir else name)
-        if model.config.extra.get("data", {}).get("val_max_per_class", 0) == want:
-            continue
-        print(f"{tag}: recalibrating {name} on val_max_per_class={want}", flush=True)
-        if model_dir is not None:
+            continue  # neither trained here nor shipped
+        data = model.config.extra.get("data")
+        if data is None or data.get("val_max_per_class", 0) == want:
+            continue  # no split recorded to rebuild, or calibrated on the recipe's already
+        print(f"{tag}: recalibrating on val_max_per_class={want}", flush=True)
+        if finished(tag):
             recalibrate_run(run_dir(tag), True, DATA, want, name=name or None)
             if name in bundled:  # a new one is bundled by ship
                 add_to_bundle(run_dir(tag), name=name)
         else:
-            split = split_for_model(model.config, root=DATA, val_max_per_class=want)
-            results = calibrate_and_evaluate(model, split)
-            summary = json.loads(RESULTS.read_text())
-            summary[tag].update(summarise([results]))
-            RESULTS.write_text(json.dumps(summary, indent=2))
-            with tempfile.TemporaryDirectory() as tmp:
-                record_source(model, None)  # where it was loaded from, not what it is
-                model.save_pretrained(tmp)
-                add_to_bundle(tmp, name=name, run=bundled[name].get("run"))
+            _recalibrate_bundled(tag, model, want, bundled[name].get("run"))
         done.append(tag)
     if done:
         collect_results()
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")], check=True)
+        if render:
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py")], check=True)
     return done
+
+
+def _recalibrate_bundled(tag: str, model, val_max: int, run: str | None) -> None:
+    """Refit a shipped run's bundled copy (its directory is gone), re-summarise its entry in
+    the results JSON from the new evaluation (the raw accuracies come from the same weights;
+    the precision is the one the model records) and re-bundle it."""
+    import tempfile
+
+    from benchmarks.train_fmnistlt import summarise
+    from ltzoo.training.data import split_for_model
+    from ltzoo.training.evaluate import calibrate_and_evaluate
+    from ltzoo.zoo.bundle import add_to_bundle
+    from ltzoo.zoo.ensemble import record_source
+
+    summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if tag not in summary:
+        raise RuntimeError(f"{tag} ships but has no entry in {RESULTS.name} to update")
+    split = split_for_model(model.config, root=DATA, val_max_per_class=val_max)
+    results = calibrate_and_evaluate(model, split)
+    results["precision"] = model.config.extra.get("precision", {})
+    summary[tag].update(summarise([results]))
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    with tempfile.TemporaryDirectory() as tmp:
+        record_source(model, None)  # where it was loaded from, not what it is
+        model.save_pretrained(tmp)
+        add_to_bundle(tmp, name=model.config.name, run=run)
 
 
 def main() -> None:

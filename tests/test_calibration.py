@@ -364,3 +364,21 @@ def test_an_imbalanced_validation_split_weighs_like_its_balanced_replica():
     for key in ("top1", "top5", "many", "medium", "few"):
         assert math.isclose(weighted[key], replica[key], rel_tol=1e-9), key
     assert weighted["top1"] != accuracy_report(logits, labels, COUNTS)["top1"]
+
+
+def test_cross_validation_on_an_imbalanced_split_judges_the_balanced_posterior():
+    """Labels drawn from softmax(z) (calibrated for a balanced population), then a split
+    keeping 1 .. 1/16 of each class. Unweighted, the split's own prior looks like a
+    miscalibration that a class bias fixes; weighed class by class, there is nothing to fit."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(30_000, 5, generator=g) * 2
+    labels = torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
+    kept = (
+        torch.rand(len(labels), generator=g)
+        < torch.tensor([1, 1 / 2, 1 / 4, 1 / 8, 1 / 16])[labels]
+    )
+    z, y = logits[kept], labels[kept]
+    assert cal.select_calibrator(z, y)[0] == "temperature + class bias"
+    assert cal.select_calibrator(z, y, weights=cal.class_balanced_weights(y))[0] == "none"
+    assert cal.validation_weights(y) is not None
+    assert cal.validation_weights(torch.arange(20) % 5) is None  # balanced: unweighted

@@ -169,18 +169,28 @@ def test_calibrate_updates_the_run_model(run_dir, image_folder, capsys):
 
 @needs_fmnist
 def test_calibrate_on_a_larger_validation_split_records_it(tmp_path, capsys):
-    """--val-max-per-class: the fit sees up to N images of each class that can spare them,
-    and the model records it, so that eval and calibrate rebuild the same split."""
+    """--val-max-per-class: the fit sees up to N images of each class that can spare them
+    (the head of this profile has 10), and the model records it, so that eval and calibrate
+    rebuild the same split; 0 goes back to the balanced split."""
     from ltzoo.training.data import split_for_model
 
-    data = {"name": "fashion_mnist_lt", "rho": 10, "n_max": 200, "seed": 0, "val_per_class": 5}
-    _small_model(data=data).save_pretrained(tmp_path / "model")
-    assert main(["calibrate", str(tmp_path / "model"), "--val-max-per-class", "30"]) == 0
-    assert "fitted on 300 validation images" in capsys.readouterr().out
-    config = zoo.load(str(tmp_path / "model")).config
+    data = {"name": "fashion_mnist_lt", "rho": 10, "n_max": 5990, "seed": 0, "val_per_class": 5}
+    model_dir = tmp_path / "model"
+    _small_model(data={**data, "sizes": {"val": 50}}).save_pretrained(model_dir)
+    quick = ["--temperature-only"]  # the split is under test, not the choice of calibrator
+    assert main(["calibrate", str(model_dir), *quick, "--val-max-per-class", "30"]) == 0
+    assert "fitted on 280 validation images" in capsys.readouterr().out  # 10 + 9 x 30
+    config = zoo.load(str(model_dir)).config
     assert config.extra["data"]["val_max_per_class"] == 30
-    assert len(split_for_model(config).val) == 300
-    assert len(split_for_model(config, val_max_per_class=0).val) == 50
+    assert config.extra["data"]["sizes"]["val"] == 280
+    assert len(split_for_model(config).val) == 280
+    assert main(["calibrate", str(model_dir), *quick, "--val-max-per-class", "0"]) == 0
+    config = zoo.load(str(model_dir)).config
+    assert "val_max_per_class" not in config.extra["data"]
+    assert config.extra["data"]["sizes"]["val"] == len(split_for_model(config).val) == 50
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["calibrate", str(model_dir), "--val-max-per-class", "-1"])
+    assert "must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_calibrate_needs_out_for_a_hub_model(capsys):

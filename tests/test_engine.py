@@ -220,6 +220,12 @@ def test_torchrun_two_process_gloo(tmp_path, recipe):
         ("fmnistlt_ce", "run.eval_batch_size=0", "run.eval_batch_size must be >= 1"),
         ("fmnistlt_ce", "optim.batch_size=100000", "larger than the training set ("),
         ("fmnistlt_ce", "run.max_steps_per_epoch=-1", "run.max_steps_per_epoch must be >= 0"),
+        ("fmnistlt_ce", "data.val_max_per_class=-1", "data.val_max_per_class must be >= 0"),
+        (
+            "imagenetlt_resnet50_ce",
+            "data.val_max_per_class=50",
+            "data.val_max_per_class applies to fashion_mnist_lt",
+        ),
     ],
 )
 def test_dry_run_rejects_what_the_run_would(recipe, override, message, capsys):

@@ -206,6 +206,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``train``, ``eval`` and ``calibrate``."""
     p = sub.add_parser(
@@ -241,7 +248,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         (
             "calibrate",
             _cmd_calibrate,
-            "fit the calibration (temperature and per-class bias) on the balanced validation "
+            "fit the calibration (temperature and per-class bias) on the validation "
             "split and store it in the model",
         ),
     ):
@@ -253,7 +260,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data-root", default=None, help="dataset root directory")
         p.add_argument(
             "--val-max-per-class",
-            type=int,
+            type=_non_negative,
             default=None,
             metavar="N",
             help="let a class with more unused training images give up to N validation images "

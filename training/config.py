@@ -60,7 +60,7 @@ class DataConfig:
     workers: int = 0
 
     def validate(self) -> None:
-        from .data.datasets import NAMES
+        from .data.datasets import DEFAULT_N_MAX, NAMES
 
         if self.name not in NAMES:
             raise ConfigError(f"unknown data.name {self.name!r}; valid: {', '.join(NAMES)}")
@@ -70,6 +70,11 @@ class DataConfig:
             raise ConfigError("data.val_per_class must be >= 0")
         if self.val_max_per_class < 0:
             raise ConfigError("data.val_max_per_class must be >= 0")
+        if self.val_max_per_class and self.name not in DEFAULT_N_MAX:
+            raise ConfigError(
+                f"data.val_max_per_class applies to {', '.join(DEFAULT_N_MAX)} only, not "
+                f"{self.name!r} (its validation split comes from its own files)"
+            )
 
     @property
     def num_classes(self) -> int | None:

@@ -1,5 +1,5 @@
 """Evaluation: top-1/top-5 overall and on many/medium/few-shot classes, per expert,
-per class; temperature fitting on the balanced validation split; plots."""
+per class; calibration fitted on the validation split (each class weighing the same); plots."""
 
 from __future__ import annotations
 
@@ -52,13 +52,15 @@ def accuracy_report(
     validation split) each image counts that much in the top-1, top-5 and group figures."""
     num_classes = logits.shape[1]
     pred = logits.argmax(1)
-    correct = (pred == labels).double()
+    correct = (pred == labels).float()
     k = min(5, num_classes)
-    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).double()
-    w = torch.ones_like(correct) if weights is None else weights.double()
+    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float()
 
     def mean(hits: torch.Tensor, mask: torch.Tensor | slice = slice(None)) -> float:
-        return float((hits[mask] * w[mask]).sum() / w[mask].sum() * 100)
+        if weights is None:
+            return float(hits[mask].mean() * 100)
+        w = weights[mask].double()
+        return float((hits[mask].double() * w).sum() / w.sum() * 100)
 
     per_class = [
         mean(correct, labels == c) if (labels == c).any() else float("nan")
@@ -81,7 +83,7 @@ def evaluate(
     """Accuracy of the ensemble and of each expert on ``dataset``, every class weighing the
     same (the plain accuracy on a balanced set; a validation split may be imbalanced)."""
     expert_logits, labels = collect_logits(model, dataset, batch_size, device)
-    weights = cal.class_balanced_weights(labels)
+    weights = cal.validation_weights(labels)
     return {
         "accuracy": accuracy_report(expert_logits.mean(0), labels, class_counts, weights),
         "experts": [
@@ -115,7 +117,7 @@ def _fit_on_val(
     expert_val, val_labels = val_logits
     val_combined = expert_val.mean(0)
     balanced_val = val_combined + cal.balanced_shift(model.config)
-    weights = cal.class_balanced_weights(val_labels)
+    weights = cal.validation_weights(val_labels)
     family, held_out_nll = "temperature", dict[str, float]()
     if class_bias and len(val_labels) >= 2:
         family, held_out_nll = cal.select_calibrator(balanced_val, val_labels, weights=weights)
@@ -150,7 +152,7 @@ def fit_calibration(
     device: torch.device | str = "cpu",
     class_bias: bool = True,
 ) -> dict[str, Any]:
-    """What ``ltzoo calibrate`` does: fit the calibration on the balanced val split alone (the
+    """What ``ltzoo calibrate`` does: fit the calibration on the val split alone (the
     test set is not run) and store it in ``model.config``. Returns the fit and the val split's
     ECE (in %) of the balanced-prior softmax at T = 1 and of the calibrated probabilities.
 
@@ -169,7 +171,7 @@ def fit_calibration(
     after = cal.calibrated_probs(
         combined, cal.log_prior_shift(model.config, "balanced"), model.config.temperature
     )
-    weights = cal.class_balanced_weights(val_labels)
+    weights = cal.validation_weights(val_labels)
     stale = ("accuracy_calibrated", "calibration")
     metrics = {k: v for k, v in model.config.metrics.items() if k not in stale}
     model.config = dataclasses.replace(model.config, metrics=metrics)
@@ -193,7 +195,7 @@ def calibrate_and_evaluate(
     class_bias: bool = True,
     test_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Fit the calibration on the balanced val split (after the balanced prior adjustment):
+    """Fit the calibration on the val split (after the balanced prior adjustment):
     the temperature and, with ``class_bias``, a per-class bias (bias-corrected temperature
     scaling); store it in ``model.config`` and report test accuracy and calibration
     before/after, and the val split's top-1 (ensemble and per expert: the numbers to choose

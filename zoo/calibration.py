@@ -227,6 +227,13 @@ def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     return (len(labels) / ((counts > 0).sum() * counts))[labels]
 
 
+def validation_weights(labels: torch.Tensor) -> torch.Tensor | None:
+    """:func:`class_balanced_weights` of a validation split, or ``None`` when its classes are
+    balanced already (all ones: the unweighted computation, bit for bit)."""
+    counts = torch.bincount(labels)
+    return None if counts[counts > 0].unique().numel() <= 1 else class_balanced_weights(labels)
+
+
 def _nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy, each image weighted by ``weights`` when given."""
     if weights is None:
@@ -248,7 +255,8 @@ def fit_temperature_and_bias(
 
     One temperature cannot undo class-dependent miscalibration, which long-tailed training
     leaves behind; the bias can, and it keeps EM prior estimation (``prior="estimate"``)
-    well founded. Fit on a balanced split with every class present."""
+    well founded. Fit on a balanced split with every class present (for an imbalanced one,
+    :func:`fit_calibrator` with :func:`class_balanced_weights`)."""
     return fit_calibrator("temperature + class bias", logits, labels)
 
 
@@ -430,7 +438,8 @@ def expected_calibration_error(
     """Top-label ECE (``norm="l1"``) or MCE (``norm="max"``) with equal-width bins, each image
     counted with its weight in ``weights`` (e.g. :func:`class_balanced_weights`) when given.
 
-    Matches torchmetrics' ``MulticlassCalibrationError`` (bins are right-closed).
+    Without weights it matches torchmetrics' ``MulticlassCalibrationError`` (bins are
+    right-closed).
     """
     conf, pred = probs.max(dim=1)
     count, conf_sum, acc_sum = _binned(conf, pred == labels, n_bins, weights)

@@ -75,7 +75,8 @@ BALANCED_TOLERANCE = 0.9
 
 @dataclass
 class LTSplit:
-    """A long-tailed training set with balanced validation / test sets."""
+    """A long-tailed training set with validation / test sets (balanced, unless
+    ``val_max_per_class`` grows the validation split)."""
 
     train: Dataset
     val: Dataset | None
@@ -235,7 +236,7 @@ def _lt_from_arrays(
     val_max_per_class: int = 0,
 ) -> LTSplit:
     """The one path of the in-memory datasets (Fashion-MNIST, CIFAR): the exponential
-    profile of ``rho`` / ``n_max`` over ``arrays``' training set, a balanced val split, the
+    profile of ``rho`` / ``n_max`` over ``arrays``' training set, a val split, the
     official test set."""
     cfg = DATASETS[name].preprocess_config()
     base_names = DATASETS[name].class_names()
@@ -281,7 +282,7 @@ def _lt_from_arrays(
     )
     if val_from_train:
         info["val_from_train"] = True
-    if val_max_per_class > v:  # recorded only when it changes the split
+    if val_max_per_class and v:  # what eval / calibrate rebuild the split with
         info["val_max_per_class"] = int(val_max_per_class)
     if arrays.variant:
         info["variant"] = arrays.variant
@@ -747,7 +748,7 @@ def build_lt_dataset(
     val_from_train: bool = False,
     val_max_per_class: int = 0,
 ) -> LTSplit:
-    """Build a long-tailed train split plus balanced val/test splits.
+    """Build a long-tailed train split plus val/test splits (balanced unless ``val_max_per_class``).
 
     * ``fashion_mnist_lt`` (root default ``/usr/share/datasets/fashion-mnist``, the Debian
       ``dataset-fashion-mnist`` package), ``cifar10_lt`` / ``cifar100_lt`` (root holds
@@ -794,6 +795,11 @@ def build_lt_dataset(
             eval_transform=etf,
             val_from_train=val_from_train,
             val_max_per_class=val_max_per_class,
+        )
+    if val_max_per_class:
+        warnings.warn(
+            f"{name}: val_max_per_class applies to the profile datasets only; ignored",
+            stacklevel=2,
         )
     if name in SPLIT_FILES:
         if n_max is not None or rho not in (None, DEFAULT_RHO):

@@ -65,7 +65,7 @@ def select_lt(
     val_from_train: bool = False,
     val_max_per_class: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[int]]:
-    """Pick the long-tailed train set and a balanced validation set from a labelled pool.
+    """Pick the long-tailed train set and a validation set (balanced by default) from a pool.
 
     For new class ``i`` (original class ``order[i]``) the pool's images of that class are
     shuffled with a generator seeded by ``(seed, original class)``; the first ``counts[i]``
