@@ -386,6 +386,22 @@ def test_prepare_rejects_teacher_from_other_config(tmp_path, index, spec, overri
         method.prepare({"trainer": _fake_trainer(tmp_path, cfg), "split": None})
 
 
+def test_run_json_from_an_older_version_is_the_same_run(tmp_path):
+    """A run.json written before a config field existed lacks it; with the field at its default
+    that is the same run (a teacher finished by an older ltzoo is reused, not refused)."""
+    from ltzoo.training.config import check_same_run
+
+    cfg = teacher_run_config(load_recipe("fmnistlt_cbd"), 0, TeacherSpec(0, False))
+    old = cfg.to_dict()
+    del old["data"]["val_max_per_class"]  # added after the CIFAR-10-LT teachers had finished
+    (tmp_path / "run.json").write_text(json.dumps({"config": old}, default=str))
+    check_same_run(tmp_path, cfg)
+    old["optim"]["lr"] = cfg.optim.lr * 2
+    (tmp_path / "run.json").write_text(json.dumps({"config": old}, default=str))
+    with pytest.raises(ValueError, match="different configuration"):
+        check_same_run(tmp_path, cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_two_stage_smoke(tmp_path):

@@ -535,6 +535,9 @@ def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
     if not run_json.is_file():
         return
     stored = json.loads(run_json.read_text()).get("config", {})
+    # Through the dataclasses, so a field added since (with its default) is no difference.
+    raw = {k: v for k, v in stored.items() if k != "recipe"}
+    stored = _build(raw, stored.get("recipe", ""), str(run_json)).to_dict()
     if _defining(stored) != _defining(cfg.to_dict()):
         raise ValueError(
             f"{run_dir} holds a run trained with a different configuration than the one "
