@@ -23,6 +23,21 @@ import torch
 from ltzoo import zoo
 from ltzoo.training.data import split_for_model
 from ltzoo.training.evaluate import calibrate_and_evaluate
+from ltzoo.zoo.ensemble import Ensemble
+
+
+def refit(
+    model: Ensemble,
+    data_root: str | None = None,
+    val_max: int | None = None,
+    class_bias: bool = True,
+    plots_dir: Path | None = None,
+) -> dict:
+    """Rebuild ``model``'s data split from its recorded settings (``val_max``: the validation
+    split's size per class, default as recorded), refit its calibration there and evaluate it:
+    :func:`~ltzoo.training.evaluate.calibrate_and_evaluate`'s results."""
+    split = split_for_model(model.config, root=data_root, val_max_per_class=val_max)
+    return calibrate_and_evaluate(model, split, class_bias=class_bias, plots_dir=plots_dir)
 
 
 def recalibrate(
@@ -37,8 +52,7 @@ def recalibrate(
     model = zoo.load(str(run / "model"))
     if name:
         model.config = dataclasses.replace(model.config, name=name)
-    split = split_for_model(model.config, root=data_root, val_max_per_class=val_max)
-    results = calibrate_and_evaluate(model, split, class_bias=class_bias, plots_dir=run / "plots")
+    results = refit(model, data_root, val_max, class_bias, plots_dir=run / "plots")
     model.save_pretrained(run / "model")
     path = run / "results.json"
     stored = json.loads(path.read_text())

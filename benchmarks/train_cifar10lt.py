@@ -310,17 +310,15 @@ def _recalibrate_bundled(tag: str, model, val_max: int, run: str | None) -> None
     the precision is the one the model records) and re-bundle it."""
     import tempfile
 
+    from benchmarks.recalibrate import refit
     from benchmarks.train_fmnistlt import summarise
-    from ltzoo.training.data import split_for_model
-    from ltzoo.training.evaluate import calibrate_and_evaluate
     from ltzoo.zoo.bundle import add_to_bundle
     from ltzoo.zoo.ensemble import record_source
 
     summary = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if tag not in summary:
         raise RuntimeError(f"{tag} ships but has no entry in {RESULTS.name} to update")
-    split = split_for_model(model.config, root=DATA, val_max_per_class=val_max)
-    results = calibrate_and_evaluate(model, split)
+    results = refit(model, DATA, val_max)
     results["precision"] = model.config.extra.get("precision", {})
     summary[tag].update(summarise([results]))
     RESULTS.write_text(json.dumps(summary, indent=2))

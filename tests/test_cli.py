@@ -193,6 +193,39 @@ def test_calibrate_on_a_larger_validation_split_records_it(tmp_path, capsys):
     assert "must be >= 0, got -1" in capsys.readouterr().err
 
 
+@needs_fmnist
+def test_recalibrate_a_run_refits_on_the_larger_split_and_keeps_its_results(tmp_path, monkeypatch):
+    """benchmarks/recalibrate.py (what train_cifar10lt.py recalibrate runs on a finished run):
+    the model is refitted and saved with the split it used, results.json gets the new
+    calibration entries, and its other entries stay."""
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    import benchmarks.recalibrate as recal
+    from ltzoo.training.data import split_for_model
+
+    def with_a_short_test_set(*args, **kwargs):  # the refit is under test, not a 10k-image pass
+        split = split_for_model(*args, **kwargs)
+        return dataclasses.replace(split, test=Subset(split.test, range(0, 10_000, 20)))
+
+    monkeypatch.setattr(recal, "split_for_model", with_a_short_test_set)
+    data = {"name": "fashion_mnist_lt", "rho": 10, "n_max": 5990, "seed": 0, "val_per_class": 5}
+    run = tmp_path / "run"
+    _small_model(data={**data, "sizes": {"val": 50}}).save_pretrained(run / "model")
+    (run / "results.json").write_text(json.dumps({"accuracy": {"top1": 12.5}, "wall_s": 7}))
+    c = recal.recalibrate(run, class_bias=False, val_max=30, name="shipped-name")
+    model = zoo.load(str(run / "model"))
+    assert model.config.name == "shipped-name" and model.config.temperature == c["temperature"]
+    assert model.config.extra["data"]["val_max_per_class"] == 30
+    assert model.config.extra["data"]["sizes"]["val"] == 280
+    stored = json.loads((run / "results.json").read_text())
+    assert stored["calibration"] == json.loads(json.dumps(c))
+    assert stored["val"]["calibrator"] == "temperature" and "top1" in stored["accuracy_calibrated"]
+    assert stored["accuracy"] == {"top1": 12.5} and stored["wall_s"] == 7
+    assert (run / "plots" / "reliability.png").is_file()
+
+
 def test_calibrate_needs_out_for_a_hub_model(capsys):
     assert main(["calibrate", "ncl-resnet32-fmnistlt"]) == 2
     assert "--out" in _one_line_error(capsys, "calibrate")
