@@ -294,6 +294,56 @@ def test_calibration_fit_that_helps_says_nothing(caplog):
     assert not [r for r in caplog.records if r.name == "zoo"]
 
 
+def test_ece_sampling_noise_is_the_ece_of_a_calibrated_model_by_chance():
+    """Labels drawn from the model's own probabilities (calibrated by construction): the mean
+    ECE over draws is what ece_sampling_noise predicts, unweighted and class-weighted."""
+    g = torch.Generator().manual_seed(0)
+    for weighted in (False, True):
+        eces, noises = [], []
+        for _ in range(60):
+            probs = torch.softmax(3 * torch.randn(2000, 10, generator=g), 1)
+            labels = torch.multinomial(probs, 1, generator=g).flatten()
+            keep = (
+                labels != 0
+                if not weighted
+                else (labels != 0) | (torch.rand(2000, generator=g) < 0.05)
+            )
+            probs, labels = (probs, labels) if not weighted else (probs[keep], labels[keep])
+            w = cal.class_balanced_weights(labels) if weighted else None
+            eces.append(cal.expected_calibration_error(probs, labels, weights=w))
+            noises.append(cal.ece_sampling_noise(probs, weights=w))
+        assert 0.85 < sum(eces) / sum(noises) < 1.15, (weighted, sum(eces), sum(noises))
+
+
+def test_calibration_fit_of_a_calibrated_model_says_nothing(caplog):
+    """Its ECE moves by chance (the fit lowers the NLL, not the ECE): the old rule, "the ECE
+    must fall", warned on such fits; a rise within the sampling noise is no warning."""
+    rose = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        logits = 3 * torch.randn(300, 10, generator=g)
+        labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).flatten()
+        with caplog.at_level(logging.WARNING, logger="zoo"):
+            temperature = cal.fit_temperature(logits, labels)
+        ece = [
+            cal.expected_calibration_error(torch.softmax(logits / t, 1), labels)
+            for t in (1, temperature)
+        ]
+        rose += ece[1] > ece[0]
+    assert rose >= 2  # the case the old rule warned on did occur
+    assert not [r for r in caplog.records if r.name == "zoo"]
+
+
+def test_calibration_that_raises_the_ece_beyond_noise_warns(caplog):
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(1000, 10, generator=g)
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).flatten()
+    with caplog.at_level(logging.WARNING, logger="zoo"):  # T = 0.3: far overconfident
+        cal._warn_if_unreliable(logits, labels, fitted=0.3, temperature=0.3, bias=None)
+    warned = [r.getMessage() for r in caplog.records if r.name == "zoo"]
+    assert len(warned) == 1 and "rose beyond its sampling noise" in warned[0], warned
+
+
 def test_list_into_a_closed_pipe_is_quiet():
     proc = subprocess.Popen(
         [sys.executable, "-m", "ltzoo", "list", "--json"],

@@ -19,6 +19,7 @@ fused ONNX graph and its parity check, the serve backends and evaluation all cal
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -390,20 +391,25 @@ def _warn_if_unreliable(
     bias: torch.Tensor | None,
     weights: torch.Tensor | None = None,
 ) -> None:
-    """Warn (one line) when a fit stopped at a bound of the temperature or does not lower the
-    ECE of the split it was fitted on: what it stores then calibrates nothing (a diverged or
-    untrained model, or too few validation images)."""
+    """Warn (one line) when a fit stopped at a bound of the temperature or raised the ECE of
+    the split it was fitted on by more than :func:`ece_sampling_noise`: what it stores then
+    calibrates nothing (a diverged or untrained model, or too few validation images)."""
     low, high = _TEMPERATURE_RANGE  # ``temperature``: ``fitted`` clamped to this range
     adjusted = logits / temperature + (0.0 if bias is None else bias)
     before = expected_calibration_error(torch.softmax(logits, -1), labels, weights=weights) * 100
     after = expected_calibration_error(torch.softmax(adjusted, -1), labels, weights=weights) * 100
+    # An already calibrated model's ECE moves by sampling noise alone (NLL, not ECE, is fitted)
+    noise = ece_sampling_noise(torch.softmax(adjusted, -1), weights=weights) * 100
     problems = []
     if not low < fitted < high:
         problems.append(
             f"the temperature stopped at its bound T={temperature:g} (range {low:g}-{high:g})"
         )
-    if not after < before:
-        problems.append(f"the validation ECE did not improve ({before:.2f}% -> {after:.2f}%)")
+    if after > before + noise:
+        problems.append(
+            f"the validation ECE rose beyond its sampling noise ({before:.2f}% -> {after:.2f}%, "
+            f"noise {noise:.2f}%)"
+        )
     if problems:
         logger.warning(
             "calibration: %s on %d validation images: the fitted calibration is unreliable "
@@ -449,6 +455,24 @@ def expected_calibration_error(
     if norm == "max":
         return float(((acc_sum - conf_sum).abs()[filled] / count[filled]).max())
     return float((acc_sum - conf_sum).abs().sum() / count.sum())
+
+
+def ece_sampling_noise(
+    probs: torch.Tensor, n_bins: int = 15, weights: torch.Tensor | None = None
+) -> float:
+    """The ECE a perfectly calibrated model with these confidences would show on this many
+    images by chance: per bin of :func:`expected_calibration_error`, the mean absolute
+    deviation of a binomial proportion (normal approximation, ``sqrt(2 c (1 - c) / (pi n))``
+    at confidence ``c``, ``n`` the bin's effective size under ``weights``), averaged by weight.
+    A change in ECE smaller than this is no evidence either way."""
+    conf = probs.max(dim=1).values
+    w = torch.ones_like(conf, dtype=torch.float64) if weights is None else weights.double()
+    count, conf_sum, squares = _binned(conf, w, n_bins, weights)  # squares: sum of w^2
+    filled = count > 0
+    c = conf_sum[filled] / count[filled]
+    n_eff = count[filled] ** 2 / squares[filled]
+    spread = (2 * c * (1 - c) / (math.pi * n_eff)).sqrt()
+    return float((count[filled] * spread).sum() / count.sum())
 
 
 def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
