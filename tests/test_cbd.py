@@ -347,6 +347,18 @@ def test_student_without_trained_teachers_says_which_stage_to_run(tmp_path):
         method.prepare({"trainer": _fake_trainer(tmp_path, cfg), "split": None})
 
 
+def test_student_refuses_a_teacher_without_its_run_json(tmp_path):
+    """A model copied into teachers/t0 by hand: nothing says what it was trained with."""
+    cfg = load_recipe("fmnistlt_cbd", ['stages=["student"]'])
+    _finished_teacher(
+        tmp_path / "teachers" / "t0", teacher_run_config(cfg, 0, TeacherSpec(0, False)), 60, 0
+    )
+    (tmp_path / "teachers" / "t0" / "run.json").unlink()
+    method = CBD(_student(), COUNTS, CBDParams.from_dict(cfg.method_params))
+    with pytest.raises(FileNotFoundError, match=r"teacher t0 .* has no run.json"):
+        method.prepare({"trainer": _fake_trainer(tmp_path, cfg), "split": None})
+
+
 @pytest.mark.parametrize("stages", ['["student", "teachers"]', '["teachers", "teachers"]', '["x"]'])
 def test_stages_must_be_the_methods_in_order(stages):
     with pytest.raises(ConfigError, match=r"stages .* must be distinct stages of method 'cbd'"):

@@ -342,6 +342,11 @@ class CBD(Method):
                     f"CBD: teacher t{i} is not trained ({tdir / 'model'} is missing); run the "
                     '"teachers" stage first (stages = ["teachers", "student"])'
                 )
+            if not (tdir / "run.json").is_file():  # what check_same_run compares against
+                raise FileNotFoundError(
+                    f"CBD: teacher t{i} in {tdir} has no run.json, so what it was trained with "
+                    'cannot be checked against this recipe; train it with the "teachers" stage'
+                )
             teachers.append(Ensemble.from_pretrained(tdir / "model"))
             records.append(self._record(i, spec, run.config, tdir, trainer.run_dir))
         self.set_teachers(teachers)
