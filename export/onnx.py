@@ -64,7 +64,7 @@ from torch import nn
 from ltzoo.zoo import calibration as cal
 from ltzoo.zoo.calibration import PriorSpec
 from ltzoo.zoo.ensemble import Ensemble
-from ltzoo.zoo.files import atomic_write
+from ltzoo.zoo.files import atomic_write, staging_dir
 
 INPUT_NAMES = ("pixel_values", "log_prior_shift")
 OUTPUT_NAMES = ("probs", "disagreement", "expert_probs")
@@ -335,8 +335,8 @@ def _save_with_external_data(proto: Any, path: Path) -> None:
     import onnx
 
     data = path.name + ".data"
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        staged = Path(tmp) / path.name
+    with staging_dir(path) as tmp:
+        staged = tmp / path.name
         onnx.save(proto, str(staged), save_as_external_data=True, location=data)
         os.replace(staged.with_name(data), path.with_name(data))
         os.replace(staged, path)
@@ -557,8 +557,6 @@ def quantize_int8(
         form_name, form = form, INT8_FORMS[form]
     else:
         form_name = next((k for k, v in INT8_FORMS.items() if v == form), "custom")
-    import tempfile
-
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -659,8 +657,6 @@ def fastest_int8(
     Returns the written path and a report (per form: ms per batch, agreement, speed-up
     vs fp32) that is also stored in the file's metadata as ``int8_selection``.
     """
-    import tempfile
-
     import onnx
 
     images = _as_images(calib_images)

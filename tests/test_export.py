@@ -352,6 +352,11 @@ def test_weights_past_protobufs_limit_go_beside_the_graph(tmp_path, monkeypatch)
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the graph were > 2 GB
     torch.manual_seed(0)
     model = zoo.Ensemble(zoo.EnsembleConfig(name="test-external", **CASES["shared"])).eval()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # an export killed mid-write left its staging folder; the next one clears it
+    killed = tmp_path / f".big.onnx.{dead.pid}.tmp"
+    killed.mkdir()
+    (killed / "big.onnx.data").write_bytes(b"half")
     path = export_onnx(model, tmp_path / "big.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     assert os.path.getsize(tmp_path / "big.onnx.data") > os.path.getsize(path)  # weights moved

@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,8 +36,15 @@ def local_model_dir(directory: str | Path) -> Path:
     )
 
 
+def _temp_for(path: Path) -> Path:
+    """This process's temp file (or folder) for writing ``path``: one per process, since two
+    processes may fill the same cache at once; its pid lets a later writer clear it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _remove_stale_temps(path: Path) -> None:
-    """Remove the temp files that killed writers of ``path`` left (their process is gone)."""
+    """Remove the temp files and folders that killed writers of ``path`` left (their process
+    is gone)."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -43,9 +52,27 @@ def _remove_stale_temps(path: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         except OSError:  # alive, owned by someone else
             pass
+
+
+@contextmanager
+def staging_dir(path: Path) -> Iterator[Path]:
+    """A private folder beside ``path`` to write several files in before renaming them into
+    place (one rename is atomic, a folder of files is not); removed on exit, and, should the
+    writer be killed, by the next writer of ``path``."""
+    _remove_stale_temps(path)
+    tmp = _temp_for(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -70,8 +97,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> Non
     write); a full disk raises ``OSError(ENOSPC)`` naming ``path`` (torch's own error names
     a C++ source file)."""
     _remove_stale_temps(path)
-    # one per process: two processes may fill the same cache at once
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_for(path)
     try:
         with open(tmp, "wb") as fh:  # a Python file: write errors keep their errno
             if isinstance(write, bytes):
