@@ -446,7 +446,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from ltzoo.training.config import load_recipe
-from ltzoo.training.distributed import cleanup
+from ltzoo.training.distributed import cleanup, shuffle_across_ranks
 from ltzoo.training.engine import Trainer
 from ltzoo.training.methods import METHODS
 from ltzoo.zoo import Ensemble
@@ -493,8 +493,13 @@ ddp = DistributedDataParallel(lonely)
 opt = torch.optim.SGD(lonely.parameters(), lr=0.1)
 scaler = trainer.grad_scaler()
 steps = [trainer.train_step(ddp, lonely, opt, scaler, torch.ones(1), s, s) for s in ("s0", "s1")]
+torch.manual_seed(rank)  # each rank draws another order: rank 0's must be the one used
+own = torch.arange(8.0).view(8, 1) + 100 * rank  # rank 0: 0..7, rank 1: 100..107
+share, restore = shuffle_across_ranks(own)
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({
+        "shuffled_share": share.flatten().tolist(),
+        "restored": restore(share * 2).flatten().tolist(),
         "queue_first_values": moco.queues[:, :, 0].tolist(),
         "queue_ptr": moco.queue_ptr.tolist(),
         "stepped": [s is not None for s in steps],
@@ -508,9 +513,10 @@ cleanup(trainer.dist)
 
 @pytest.mark.slow
 def test_torchrun_ranks_share_moco_keys_and_skip_together(tmp_path):
-    """Under torchrun every rank queues every rank's MoCo keys (the official NCL gathers them),
-    and a loss that is non-finite on one rank skips the step on all, instead of leaving the
-    other ranks waiting in the gradient all-reduce."""
+    """Under torchrun every rank queues every rank's MoCo keys (the official NCL gathers them)
+    and runs its key encoder on a batch shuffled across ranks (shuffle BN), and a loss that
+    is non-finite on one rank skips the step on all, instead of leaving the other ranks
+    waiting in the gradient all-reduce."""
     worker = tmp_path / "worker.py"
     worker.write_text(_RANK_WORKER)
     _torchrun([str(worker), str(tmp_path)], timeout=300)
@@ -524,3 +530,9 @@ def test_torchrun_ranks_share_moco_keys_and_skip_together(tmp_path):
     assert [r["stepped"] for r in ranks] == [[False, True]] * 2
     assert [r["after_steps"] for r in ranks] == [1, 1]
     assert ranks[0]["w"] == ranks[1]["w"] == pytest.approx(1.0 - 0.1)
+    # shuffle BN: the key encoder's batches mix the ranks' images (one order for all), and
+    # each rank gets its own images' outputs back in their order
+    shares = [r["shuffled_share"] for r in ranks]
+    assert sorted(shares[0] + shares[1]) == [*range(8), *range(100, 108)]
+    assert any(v >= 100 for v in shares[0]) and any(v < 100 for v in shares[1])
+    assert [r["restored"] for r in ranks] == [[2.0 * v + 200 * r for v in range(8)] for r in (0, 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,28 @@ def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
+
+
+def shuffle_across_ranks(
+    batch: torch.Tensor,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """MoCo's shuffle BN: this rank's share of every rank's ``batch`` in one random order (the
+    same on all ranks, drawn on rank 0), and ``restore``, which maps this rank's per-image
+    outputs on that share back to its own images in their order. Outside torchrun: ``batch``
+    itself and the identity. Every rank must pass the same shape (the loader drops last)."""
+    if not _in_group():
+        return batch, lambda out: out
+    everyone = gather_from_ranks(batch)
+    order = torch.randperm(len(everyone), device=batch.device)
+    dist.broadcast(order, src=0)
+    rank, n = dist.get_rank(), len(batch)
+    mine = order.view(-1, n)[rank]
+    back = torch.argsort(order).view(-1, n)[rank]  # where this rank's images went
+
+    def restore(out: torch.Tensor) -> torch.Tensor:
+        return gather_from_ranks(out)[back]
+
+    return everyone[mine], restore
 
 
 def barrier(info: DistInfo) -> None:

@@ -7,7 +7,8 @@ augmentation of the same images (random flip + random translation), so the data 
 stays single-view; the official NCL code instead loads two augmented crops per image.
 Under torchrun every rank queues the keys of all ranks (gathered in rank order, as the official
 code's ``concat_all_gather``), so the queues stay identical across ranks and DDP's buffer
-broadcast changes nothing.
+broadcast changes nothing; and the key encoder runs on a batch shuffled across ranks (MoCo's
+shuffle BN, the official code's ``shuffle_BN_DDP``). In one process both are no-ops.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.models import as_experts
 
-from ..distributed import gather_from_ranks
+from ..distributed import gather_from_ranks, shuffle_across_ranks
 from ..precision import float32_loss
 from .base import MethodParams
 
@@ -109,12 +110,16 @@ class MoCoBranch(nn.Module):
 
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> list[torch.Tensor]:
-        h = self.key_encoder["stem"](key_view(images))
+        # Shuffle BN: under torchrun the key encoder's BatchNorm sees a batch mixed across
+        # ranks, so a key cannot match its query through the statistics of one shared batch.
+        view, restore = shuffle_across_ranks(key_view(images))
+        h = self.key_encoder["stem"](view)
         key_experts = cast(nn.ModuleList, self.key_encoder["experts"])
-        return [
+        keys = [
             F.normalize(head(e.forward_features(h)), dim=1)
             for e, head in zip(as_experts(key_experts), self.key_heads, strict=True)
         ]
+        return list(restore(torch.stack(keys, dim=1)).unbind(1))  # one gather for all experts
 
     @torch.no_grad()
     def _enqueue(self, i: int, keys: torch.Tensor) -> None:
