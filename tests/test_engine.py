@@ -187,7 +187,11 @@ def _torchrun(args: list[str], timeout: float = 600) -> None:
 @needs_fmnist
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "recipe", [["fmnistlt_ce"], ["fmnistlt_ncl", "method_params.contrastive_weight=1.0"]]
+    "recipe",
+    # ECL with its MoCo branch: the MoCo branch is NCL's too, and ECL adds class weights that
+    # every rank must keep the same
+    [["fmnistlt_ce"], ["fmnistlt_ecl", "method_params.contrastive_weight=1.0"]],
+    ids=["ce", "ecl-moco"],
 )
 def test_torchrun_two_process_gloo(tmp_path, recipe):
     run_dir = tmp_path / "ddp"
@@ -457,7 +461,7 @@ trainer = Trainer(load_recipe("fmnistlt_ncl"), out)  # joins torchrun's gloo gro
 rank = trainer.dist.rank
 counts = [100, 60, 36, 22, 13, 8, 5, 3, 2, 1]
 cfg = load_recipe("fmnistlt_ncl")
-torch.manual_seed(0)  # the same initial queues, as DDP's first buffer broadcast would make them
+torch.manual_seed(0)  # the same initial queues, as the engine's broadcast at the start makes them
 ncl = METHODS["ncl"](
     Ensemble(get_entry(cfg.model).build_config(class_counts=counts)),
     counts,
@@ -493,11 +497,22 @@ ddp = DistributedDataParallel(lonely)
 opt = torch.optim.SGD(lonely.parameters(), lr=0.1)
 scaler = trainer.grad_scaler()
 steps = [trainer.train_step(ddp, lonely, opt, scaler, torch.ones(1), s, s) for s in ("s0", "s1")]
+ecl_cfg = load_recipe("fmnistlt_ecl", ["method_params.contrastive_weight=0"])
+ecl = METHODS["ecl"](
+    Ensemble(get_entry(ecl_cfg.model).build_config(class_counts=counts)),
+    counts,
+    METHODS["ecl"].Params.from_dict(ecl_cfg.method_params),
+)
+# rank 0's batch holds classes 0-1 only, rank 1's classes 8-9: each rank's weights see both
+ecl.pending_gap = (torch.full((4,), 0.5 + rank), torch.tensor([0, 1, 0, 1]) + 8 * rank)
+ecl.after_step()
 torch.manual_seed(rank)  # each rank draws another order: rank 0's must be the one used
 own = torch.arange(8.0).view(8, 1) + 100 * rank  # rank 0: 0..7, rank 1: 100..107
 share, restore = shuffle_across_ranks(own)
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({
+        "ecl_class_gap": ecl.class_gap.tolist(),
+        "ecl_class_weights": ecl.class_weights.tolist(),
         "shuffled_share": share.flatten().tolist(),
         "restored": restore(share * 2).flatten().tolist(),
         "queue_first_values": moco.queues[:, :, 0].tolist(),
@@ -514,7 +529,8 @@ cleanup(trainer.dist)
 @pytest.mark.slow
 def test_torchrun_ranks_share_moco_keys_and_skip_together(tmp_path):
     """Under torchrun every rank queues every rank's MoCo keys (the official NCL gathers them)
-    and runs its key encoder on a batch shuffled across ranks (shuffle BN), and a loss that
+    and runs its key encoder on a batch shuffled across ranks (shuffle BN), ECL's class weights
+    follow every rank's batch, and a loss that
     is non-finite on one rank skips the step on all, instead of leaving the other ranks
     waiting in the gradient all-reduce."""
     worker = tmp_path / "worker.py"
@@ -530,6 +546,10 @@ def test_torchrun_ranks_share_moco_keys_and_skip_together(tmp_path):
     assert [r["stepped"] for r in ranks] == [[False, True]] * 2
     assert [r["after_steps"] for r in ranks] == [1, 1]
     assert ranks[0]["w"] == ranks[1]["w"] == pytest.approx(1.0 - 0.1)
+    # ECL's class weights come from every rank's batch, so they stay the same on every rank
+    assert ranks[0]["ecl_class_weights"] == ranks[1]["ecl_class_weights"]
+    gap = ranks[0]["ecl_class_gap"]
+    assert gap[0] > 0 and gap[9] > gap[0] and gap[2:8] == [0.0] * 6
     # shuffle BN: the key encoder's batches mix the ranks' images (one order for all), and
     # each rank gets its own images' outputs back in their order
     shares = [r["shuffled_share"] for r in ranks]

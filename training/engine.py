@@ -307,10 +307,17 @@ class Trainer:
                 method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
+                # Buffers go from rank 0 once, at the start (below), not at every step: the
+                # methods keep theirs the same on every rank (MoCo queues, ECL's class weights
+                # are updated from every rank's batch), a training forward uses batch
+                # statistics, and BatchNorm's running statistics are averaged at the end
+                # (ImageNet-LT's MoCo queues alone would be 100 MB a step).
+                broadcast_buffers=False,
             )
             if self.dist.enabled
             else method
         )
+        self._broadcast_buffers(method)
         forward = self.forward_for(ddp)
 
         start_epoch = 0
@@ -487,6 +494,15 @@ class Trainer:
             "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0),
             "epoch_s": time.perf_counter() - t0,
         }
+
+    def _broadcast_buffers(self, method: Method) -> None:
+        """Start every rank from rank 0's buffers (once: DDP does not broadcast them)."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        for buf in method.buffers():
+            dist.broadcast(buf, src=0)
 
     def _average_buffers(self, method: Method) -> None:
         """Average BatchNorm running statistics over ranks (as timm's distribute_bn), so every

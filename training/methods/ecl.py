@@ -65,6 +65,7 @@ from torch import nn
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.models import build_head
 
+from ..distributed import gather_from_ranks
 from ..precision import float32_loss
 from .base import Method, balanced_logits, sum_tensors
 from .contrastive import MoCoParams, optional_moco
@@ -275,10 +276,11 @@ class ECL(Method):
 
     def after_step(self) -> None:
         """The class weights' EMA update from the last training batch's gaps (the step used
-        the weights from before it), then the MoCo branch's (queue the step's keys, move
+        the weights from before it; under torchrun the batches of all ranks, so the weights
+        stay the same on every rank), then the MoCo branch's (queue the step's keys, move
         the key encoder)."""
         if self.pending_gap is not None:
-            self.update_class_weights(*self.pending_gap)
+            self.update_class_weights(*(gather_from_ranks(t) for t in self.pending_gap))
             self.pending_gap = None
         if self.moco is not None:
             self.moco.after_step(self.model)
