@@ -188,10 +188,9 @@ def _torchrun(args: list[str], timeout: float = 600) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
-    # ECL with its MoCo branch: the MoCo branch is NCL's too, and ECL adds class weights that
-    # every rank must keep the same
-    [["fmnistlt_ce"], ["fmnistlt_ecl", "method_params.contrastive_weight=1.0"]],
-    ids=["ce", "ecl-moco"],
+    # ECL with the MoCo branch (NCL's too) and class weights every rank must keep the same
+    [["fmnistlt_ce"], ["fmnistlt_ncl"], ["fmnistlt_ecl", "method_params.contrastive_weight=1.0"]],
+    ids=["ce", "ncl", "ecl-moco"],
 )
 def test_torchrun_two_process_gloo(tmp_path, recipe):
     run_dir = tmp_path / "ddp"

@@ -285,7 +285,7 @@ def test_atomic_write_clears_what_killed_writers_left_and_nothing_else(tmp_path)
     it, but never the temp file of a writer that is still alive."""
     import os
 
-    from ltzoo.zoo.files import atomic_write
+    from ltzoo.zoo.files import _temp_for, atomic_write
 
     target = tmp_path / "checkpoint.pt"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -295,6 +295,11 @@ def test_atomic_write_clears_what_killed_writers_left_and_nothing_else(tmp_path)
     other = tmp_path / f".other.pt.{dead.pid}.tmp"
     for p in (killed, alive, other):
         p.write_bytes(b"half")
+    killed_folder = tmp_path / f".checkpoint.pt.{dead.pid}-7.tmp"  # a staging_dir, per thread
+    killed_folder.mkdir()
+    (killed_folder / "part").write_bytes(b"half")
+    _temp_for(target).mkdir()  # a dead process with this pid left a folder where ours goes
     atomic_write(target, b"whole")
     assert target.read_bytes() == b"whole"
     assert not killed.exists() and alive.exists() and other.exists()
+    assert not killed_folder.exists() and not _temp_for(target).exists()

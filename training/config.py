@@ -520,9 +520,15 @@ def _defining(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a run config that define what it trains (device, threads, logging,
     data location and the stages to run may change between runs of the same thing)."""
     d = json.loads(json.dumps(config, default=str))
-    data = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "workers")}
-    keys = ("model", "method", "optim", "model_overrides", "method_params")
+    # a field added since a run was written (absent there) counts at its default
+    data, optim = (
+        {**json.loads(json.dumps(dataclasses.asdict(section()), default=str)), **d.get(key, {})}
+        for key, section in (("data", DataConfig), ("optim", OptimConfig))
+    )
+    data = {k: v for k, v in data.items() if k not in ("root", "workers")}
+    keys = ("model", "method", "model_overrides", "method_params")
     return {k: d.get(k) for k in keys} | {
+        "optim": optim,
         "data": data,
         "seed": d.get("run", {}).get("seed"),
         "pretrained_backbone": d.get("pretrained_backbone", ""),
@@ -535,9 +541,6 @@ def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
     if not run_json.is_file():
         return
     stored = json.loads(run_json.read_text()).get("config", {})
-    # Through the dataclasses, so a field added since (with its default) is no difference.
-    raw = {k: v for k, v in stored.items() if k != "recipe"}
-    stored = _build(raw, stored.get("recipe", ""), str(run_json)).to_dict()
     if _defining(stored) != _defining(cfg.to_dict()):
         raise ValueError(
             f"{run_dir} holds a run trained with a different configuration than the one "

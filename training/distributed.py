@@ -62,6 +62,15 @@ def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every rank, the same on all (itself outside torchrun)."""
+    if not _in_group():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def shuffle_across_ranks(
     batch: torch.Tensor,
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:

@@ -9,6 +9,7 @@ SIGKILL and resumed ends with the same weights as an uninterrupted run (CPU).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -124,6 +125,15 @@ def resumable(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a checkpoint to resume: the method's own or one of its
     earlier stages' runs (a CBD run killed while training its teachers)."""
     return any(Path(run_dir).rglob(CHECKPOINT))
+
+
+# DDP's keyword for "no buffer broadcast at every forward": ``forward_sync_buffers`` from
+# torch 2.14 (``broadcast_buffers`` warns there), ``broadcast_buffers`` before it.
+_NO_BUFFER_SYNC_PER_STEP: dict[str, Any] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class Trainer:
@@ -307,16 +317,15 @@ class Trainer:
                 method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
-                # Buffers go from rank 0 once, at the start (below), not at every step: the
-                # methods keep theirs the same on every rank (MoCo queues, ECL's class weights
-                # are updated from every rank's batch), a training forward uses batch
-                # statistics, and BatchNorm's running statistics are averaged at the end
-                # (ImageNet-LT's MoCo queues alone would be 100 MB a step).
-                broadcast_buffers=False,
+                **_NO_BUFFER_SYNC_PER_STEP,
             )
             if self.dist.enabled
             else method
         )
+        # Buffers go from rank 0 once, here, not at every step: the methods keep theirs the
+        # same on every rank (MoCo queues; ECL's class weights, updated from every rank's
+        # batch), a training forward uses batch statistics, and BatchNorm's running statistics
+        # are averaged before each checkpoint (ImageNet-LT's MoCo queues alone: 100 MB a step).
         self._broadcast_buffers(method)
         forward = self.forward_for(ddp)
 
@@ -339,6 +348,7 @@ class Trainer:
             logs = self._train_epoch(
                 forward, method, loader, steps, optimizer, scheduler, scaler, epoch
             )
+            self._average_buffers(method)  # every rank evaluates and saves the same model
             if (
                 cfg.run.eval_every
                 and (epoch + 1) % cfg.run.eval_every == 0
@@ -368,7 +378,6 @@ class Trainer:
                 # logged once saved: an epoch a resume repeats was never logged (no duplicates)
                 self._log({"epoch": epoch, **logs}, writer, epoch)
             barrier(self.dist)
-        self._average_buffers(method)
         self._record_ddp(method, loader)
         if self.dist.is_main:
             self._finish(method.model, split)
@@ -505,9 +514,9 @@ class Trainer:
             dist.broadcast(buf, src=0)
 
     def _average_buffers(self, method: Method) -> None:
-        """Average BatchNorm running statistics over ranks (as timm's distribute_bn), so every
-        rank ends with the same model: DDP keeps parameters in sync but each rank's last
-        forward pass updates its own running statistics."""
+        """Average BatchNorm running statistics over ranks (as timm's distribute_bn, after every
+        epoch), so every rank holds the same model: DDP keeps parameters in sync, but each
+        rank's forward passes update its own running statistics."""
         if not self.dist.enabled:
             return
         import torch.distributed as dist

@@ -392,8 +392,9 @@ def _warn_if_unreliable(
     weights: torch.Tensor | None = None,
 ) -> None:
     """Warn (one line) when a fit stopped at a bound of the temperature or raised the ECE of
-    the split it was fitted on by more than :func:`ece_sampling_noise`: what it stores then
-    calibrates nothing (a diverged or untrained model, or too few validation images)."""
+    the split it was fitted on by more than a calibrated model's chance ECE there
+    (:func:`ece_sampling_noise`): what it stores then calibrates nothing (a diverged or
+    untrained model?). A deliberately lax test: the fit lowers the NLL, not the ECE."""
     low, high = _TEMPERATURE_RANGE  # ``temperature``: ``fitted`` clamped to this range
     adjusted = logits / temperature + (0.0 if bias is None else bias)
     before = expected_calibration_error(torch.softmax(logits, -1), labels, weights=weights) * 100
@@ -464,7 +465,7 @@ def ece_sampling_noise(
     images by chance: per bin of :func:`expected_calibration_error`, the mean absolute
     deviation of a binomial proportion (normal approximation, ``sqrt(2 c (1 - c) / (pi n))``
     at confidence ``c``, ``n`` the bin's effective size under ``weights``), averaged by weight.
-    A change in ECE smaller than this is no evidence either way."""
+    A change in ECE smaller than this is of the size chance alone gives a calibrated model."""
     conf = probs.max(dim=1).values
     w = torch.ones_like(conf, dtype=torch.float64) if weights is None else weights.double()
     count, conf_sum, squares = _binned(conf, w, n_bins, weights)  # squares: sum of w^2

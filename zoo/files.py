@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,25 +38,30 @@ def local_model_dir(directory: str | Path) -> Path:
 
 
 def _temp_for(path: Path) -> Path:
-    """This process's temp file (or folder) for writing ``path``: one per process, since two
-    processes may fill the same cache at once; its pid lets a later writer clear it."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """This thread's temp file (or folder) for writing ``path``: one per process and thread,
+    since two may fill the same cache at once; its pid lets a later writer clear it."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
+def _discard(tmp: Path) -> None:
+    """Remove ``tmp``, a file or a folder (a pid can be reused: either may be there)."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def _remove_stale_temps(path: Path) -> None:
     """Remove the temp files and folders that killed writers of ``path`` left (their process
     is gone)."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")].split("-")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            _discard(tmp)
         except OSError:  # alive, owned by someone else
             pass
 
@@ -67,12 +73,12 @@ def staging_dir(path: Path) -> Iterator[Path]:
     writer be killed, by the next writer of ``path``."""
     _remove_stale_temps(path)
     tmp = _temp_for(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _discard(tmp)
     tmp.mkdir()
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -98,6 +104,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> Non
     a C++ source file)."""
     _remove_stale_temps(path)
     tmp = _temp_for(path)
+    _discard(tmp)
     try:
         with open(tmp, "wb") as fh:  # a Python file: write errors keep their errno
             if isinstance(write, bytes):
@@ -109,7 +116,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object] | bytes) -> Non
         os.replace(tmp, path)
         _fsync_directory(path.parent)  # the rename itself survives a power cut too
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on device: {path}") from exc
         raise
@@ -120,4 +127,11 @@ def write_json(path: Path, obj: Any, **dumps: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, **dumps) + "\n").encode())
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_write", "local_model_dir", "write_json"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "atomic_write",
+    "local_model_dir",
+    "staging_dir",
+    "write_json",
+]

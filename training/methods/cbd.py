@@ -345,7 +345,8 @@ class CBD(Method):
             if not (tdir / "run.json").is_file():  # what check_same_run compares against
                 raise FileNotFoundError(
                     f"CBD: teacher t{i} in {tdir} has no run.json, so what it was trained with "
-                    'cannot be checked against this recipe; train it with the "teachers" stage'
+                    f'cannot be checked against this recipe; delete {tdir} and run the "teachers" '
+                    "stage again"
                 )
             teachers.append(Ensemble.from_pretrained(tdir / "model"))
             records.append(self._record(i, spec, run.config, tdir, trainer.run_dir))

@@ -6,14 +6,16 @@ encoder + head (key), and a queue of negatives. The key view is a second, batch-
 augmentation of the same images (random flip + random translation), so the data pipeline
 stays single-view; the official NCL code instead loads two augmented crops per image.
 Under torchrun every rank queues the keys of all ranks (gathered in rank order, as the official
-code's ``concat_all_gather``), so the queues stay identical across ranks and DDP's buffer
-broadcast changes nothing; and the key encoder runs on a batch shuffled across ranks (MoCo's
-shuffle BN, the official code's ``shuffle_BN_DDP``). In one process both are no-ops.
+code's ``concat_all_gather``), so the queues stay identical across ranks without a broadcast;
+and, unless its BatchNorm is synchronised, the key encoder runs on a batch shuffled across
+ranks (MoCo's shuffle BN, the official code's ``shuffle_BN_DDP``). In one process both are
+no-ops.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -112,7 +114,11 @@ class MoCoBranch(nn.Module):
     def _keys(self, images: torch.Tensor) -> list[torch.Tensor]:
         # Shuffle BN: under torchrun the key encoder's BatchNorm sees a batch mixed across
         # ranks, so a key cannot match its query through the statistics of one shared batch.
-        view, restore = shuffle_across_ranks(key_view(images))
+        # SyncBN's statistics are the global batch's whatever the order: nothing to shuffle.
+        view = key_view(images)
+        restore: Callable[[torch.Tensor], torch.Tensor] = _same
+        if not any(isinstance(m, nn.SyncBatchNorm) for m in self.key_encoder.modules()):
+            view, restore = shuffle_across_ranks(view)
         h = self.key_encoder["stem"](view)
         key_experts = cast(nn.ModuleList, self.key_encoder["experts"])
         keys = [
@@ -154,6 +160,10 @@ class MoCoBranch(nn.Module):
                 self._enqueue(i, keys[:, i])
         self.pending_keys = []
         self.momentum_update(model)
+
+
+def _same(keys: torch.Tensor) -> torch.Tensor:
+    return keys
 
 
 def optional_moco(model: Ensemble, params: MoCoParams) -> MoCoBranch | None:

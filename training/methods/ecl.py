@@ -65,7 +65,7 @@ from torch import nn
 from ltzoo.zoo import Ensemble
 from ltzoo.zoo.models import build_head
 
-from ..distributed import gather_from_ranks
+from ..distributed import sum_over_ranks
 from ..precision import float32_loss
 from .base import Method, balanced_logits, sum_tensors
 from .contrastive import MoCoParams, optional_moco
@@ -214,12 +214,15 @@ class ECL(Method):
 
     @torch.no_grad()
     def update_class_weights(self, sample_gap: torch.Tensor, labels: torch.Tensor) -> None:
-        """EMA of the per-class gap over classes present in the batch, then new class weights."""
+        """EMA of the per-class gap over classes present in the batch (under torchrun, the
+        batches of all ranks, so the weights are the same on every rank), then new class
+        weights."""
         c = self.class_gap.numel()
         counts = torch.bincount(labels, minlength=c).to(self.class_gap.dtype)
         sums = torch.zeros_like(self.class_gap).index_add_(
             0, labels, sample_gap.to(self.class_gap.dtype)
         )
+        counts, sums = sum_over_ranks(torch.stack([counts, sums])).unbind(0)
         present = counts > 0
         batch_mean = sums[present] / counts[present]
         m = self.params.reweight_momentum
@@ -276,11 +279,10 @@ class ECL(Method):
 
     def after_step(self) -> None:
         """The class weights' EMA update from the last training batch's gaps (the step used
-        the weights from before it; under torchrun the batches of all ranks, so the weights
-        stay the same on every rank), then the MoCo branch's (queue the step's keys, move
+        the weights from before it), then the MoCo branch's (queue the step's keys, move
         the key encoder)."""
         if self.pending_gap is not None:
-            self.update_class_weights(*(gather_from_ranks(t) for t in self.pending_gap))
+            self.update_class_weights(*self.pending_gap)
             self.pending_gap = None
         if self.moco is not None:
             self.moco.after_step(self.model)
