@@ -24,6 +24,7 @@ from ltzoo import zoo
 from ltzoo.training.data import split_for_model
 from ltzoo.training.evaluate import calibrate_and_evaluate
 from ltzoo.zoo.ensemble import Ensemble
+from ltzoo.zoo.files import write_json
 
 
 def refit(
@@ -59,7 +60,7 @@ def recalibrate(
     stored["calibration"] = results["calibration"]
     stored["accuracy_calibrated"] = results["accuracy_calibrated"]
     stored["val"] = results["val"]  # the calibrator chosen there
-    path.write_text(json.dumps(stored, indent=2))
+    write_json(path, stored)
     return results["calibration"]
 
 

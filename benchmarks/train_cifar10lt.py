@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import LoadGuard, process_cmdline  # noqa: E402
 from benchmarks.train_fmnistlt import collect  # noqa: E402
+from ltzoo.zoo.files import write_json  # noqa: E402
 
 RUNS = Path(os.environ.get("LTZOO_RUNS", Path.home() / "ltzoo-runs")) / "cifar10lt"
 RESULTS = ROOT / "benchmarks" / "results" / "cifar10lt.json"
@@ -174,7 +175,7 @@ def measure(steps: int = 40) -> dict:
                 print(tag, rows[tag], flush=True)
     report = {"steps": steps, "settings": COMMON, "two_runs_side_by_side": True, "rows": rows}
     report["machine"] = guard.finish()
-    PLAN_JSON.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(PLAN_JSON, report)
     return report
 
 
@@ -235,7 +236,7 @@ def collect_results() -> dict:
     for tag in summary:
         if (run_dir(tag) / "results.json").is_file():
             summary[tag]["budget"] = budget(tag)
-    RESULTS.write_text(json.dumps(summary, indent=2))
+    write_json(RESULTS, summary)
     return summary
 
 
@@ -321,7 +322,7 @@ def _recalibrate_bundled(tag: str, model, val_max: int, run: str | None) -> None
     results = refit(model, DATA, val_max)
     results["precision"] = model.config.extra.get("precision", {})
     summary[tag].update(summarise([results]))
-    RESULTS.write_text(json.dumps(summary, indent=2))
+    write_json(RESULTS, summary)
     with tempfile.TemporaryDirectory() as tmp:
         record_source(model, None)  # where it was loaded from, not what it is
         model.save_pretrained(tmp)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ltzoo.training.config import load_recipe
 from ltzoo.training.engine import train
+from ltzoo.zoo.files import write_json
 
 RESULTS = Path(__file__).parent / "results" / "fmnistlt.json"
 RECIPES = {
@@ -110,7 +111,7 @@ def collect(
             **summarise([r for _, r in sorted(found, key=lambda x: x[0])]),
         }
     summary = dict(sorted(summary.items()))
-    results.write_text(json.dumps(summary, indent=2))
+    write_json(results, summary)
     print({tag: summary[tag]["seeds"] for tag in summary}, file=sys.stderr)
     return summary
 
@@ -147,7 +148,7 @@ def main() -> None:
             **summarise(runs),
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(summary, indent=2))
+        write_json(RESULTS, summary)
         print(tag, {k: round(summary[tag][k]["mean"], 2) for k in KEYS}, file=sys.stderr)
 
 
