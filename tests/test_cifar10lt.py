@@ -256,6 +256,7 @@ def test_smoke_train_a_few_batches_on_the_shared_copy(tmp_path, method):
             "data.workers=0",
             f"data.root={_shared_cifar()}",
             "run.device=cpu",
+            "data.val_max_per_class=50",  # the recipes' 1,000: 9,000 images to calibrate on
         ],
     )
     run = train(cfg, tmp_path / method)
@@ -265,6 +266,7 @@ def test_smoke_train_a_few_batches_on_the_shared_copy(tmp_path, method):
     # the papers' profile but the head, which gives its 2 validation images (TINY)
     assert data["counts"] == [4998, *PAPER_R100[1:]]
     assert data["variant"] == CIFAR10_JPEG_VARIANT and data["val_from_train"] is True
+    assert data["sizes"]["val"] == 2 + 9 * 50  # the head's 2, 50 of every other class
 
 
 @pytest.mark.gpu
