@@ -505,7 +505,8 @@ class Trainer:
         }
 
     def _broadcast_buffers(self, method: Method) -> None:
-        """Start every rank from rank 0's buffers (once: DDP does not broadcast them)."""
+        """Start every rank from rank 0's buffers, whatever the torch version (from 2.14 DDP
+        does so at its start too; before, with ``broadcast_buffers=False``, it does not)."""
         if not self.dist.enabled:
             return
         import torch.distributed as dist
