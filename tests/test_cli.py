@@ -193,11 +193,10 @@ def test_calibrate_on_a_larger_validation_split_records_it(tmp_path, capsys):
     assert "must be >= 0, got -1" in capsys.readouterr().err
 
 
-@needs_fmnist
-def test_recalibrate_a_run_refits_on_the_larger_split_and_keeps_its_results(tmp_path, monkeypatch):
-    """benchmarks/recalibrate.py (what train_cifar10lt.py recalibrate runs on a finished run):
-    the model is refitted and saved with the split it used, results.json gets the new
-    calibration entries, and its other entries stay."""
+@pytest.fixture
+def recal(monkeypatch):
+    """benchmarks/recalibrate.py, its splits with a 500-image test set: the refit is under
+    test, not a 10k-image pass."""
     import dataclasses
 
     from torch.utils.data import Subset
@@ -205,14 +204,24 @@ def test_recalibrate_a_run_refits_on_the_larger_split_and_keeps_its_results(tmp_
     import benchmarks.recalibrate as recal
     from ltzoo.training.data import split_for_model
 
-    def with_a_short_test_set(*args, **kwargs):  # the refit is under test, not a 10k-image pass
+    def with_a_short_test_set(*args, **kwargs):
         split = split_for_model(*args, **kwargs)
         return dataclasses.replace(split, test=Subset(split.test, range(0, 10_000, 20)))
 
     monkeypatch.setattr(recal, "split_for_model", with_a_short_test_set)
-    data = {"name": "fashion_mnist_lt", "rho": 10, "n_max": 5990, "seed": 0, "val_per_class": 5}
+    return recal
+
+
+FMNIST_DATA = {"name": "fashion_mnist_lt", "rho": 10, "n_max": 5990, "seed": 0, "val_per_class": 5}
+
+
+@needs_fmnist
+def test_recalibrate_a_run_refits_on_the_larger_split_and_keeps_its_results(tmp_path, recal):
+    """benchmarks/recalibrate.py (what train_cifar10lt.py recalibrate runs on a finished run):
+    the model is refitted and saved with the split it used, results.json gets the new
+    calibration entries, and its other entries stay."""
     run = tmp_path / "run"
-    _small_model(data={**data, "sizes": {"val": 50}}).save_pretrained(run / "model")
+    _small_model(data={**FMNIST_DATA, "sizes": {"val": 50}}).save_pretrained(run / "model")
     (run / "results.json").write_text(json.dumps({"accuracy": {"top1": 12.5}, "wall_s": 7}))
     c = recal.recalibrate(run, class_bias=False, val_max=30, name="shipped-name")
     model = zoo.load(str(run / "model"))
@@ -224,6 +233,44 @@ def test_recalibrate_a_run_refits_on_the_larger_split_and_keeps_its_results(tmp_
     assert stored["val"]["calibrator"] == "temperature" and "top1" in stored["accuracy_calibrated"]
     assert stored["accuracy"] == {"top1": 12.5} and stored["wall_s"] == 7
     assert (run / "plots" / "reliability.png").is_file()
+
+
+@needs_fmnist
+def test_recalibrate_a_bundled_copy_rebundles_it_and_updates_its_entry(
+    tmp_path, monkeypatch, recal
+):
+    """train_cifar10lt.py's path for a shipped run whose directory is gone: the refitted model
+    is bundled again under its name and run, and its results-JSON entry is summarised anew
+    from the new evaluation; other entries, and the entry's budget, stay."""
+    import functools
+
+    import benchmarks.train_cifar10lt as plan
+    import ltzoo.zoo.bundle as bundle
+
+    results = tmp_path / "cifar10lt.json"
+    results.write_text(json.dumps({"ce": {"budget": {"epochs": 200}}, "bs": {"kept": 1}}))
+    monkeypatch.setattr(plan, "RESULTS", results)
+    monkeypatch.setattr(plan, "DATA", None)  # Fashion-MNIST from its Debian folder
+    bundled: dict = {}
+
+    def add_to_bundle(model_dir, root=None, name=None, run=None):
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        bundled.update(config=config, name=name, run=run)
+        return name, {}
+
+    monkeypatch.setattr(bundle, "add_to_bundle", add_to_bundle)
+    # the temperature alone: the bookkeeping is under test, not the choice of calibrator
+    monkeypatch.setattr(recal, "refit", functools.partial(recal.refit, class_bias=False))
+    model = _small_model(data={**FMNIST_DATA, "sizes": {"val": 50}})
+    plan._recalibrate_bundled("ce", model, 10, run="ce-s0")
+    summary = json.loads(results.read_text())
+    assert summary["bs"] == {"kept": 1} and summary["ce"]["budget"] == {"epochs": 200}
+    assert bundled["name"] == "cli-test" and bundled["run"] == "ce-s0"
+    assert bundled["config"]["extra"]["data"]["val_max_per_class"] == 10
+    assert summary["ce"]["temperature"]["mean"] == bundled["config"]["temperature"]
+    assert summary["ce"]["seeds"] == 1 and summary["ce"]["top1"]["mean"] is not None
+    with pytest.raises(RuntimeError, match="ncl ships but has no entry"):
+        plan._recalibrate_bundled("ncl", model, 10, run=None)
 
 
 def test_calibrate_needs_out_for_a_hub_model(capsys):
