@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import same_weights
 from huggingface_hub import HfApi, constants
 
 from ltzoo import zoo
@@ -21,11 +22,6 @@ from ltzoo.zoo.registry import get_entry, list_models
 
 NAME = "ce-resnet32-fmnistlt"
 FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _same(a: zoo.Ensemble, b: zoo.Ensemble) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture
@@ -47,7 +43,7 @@ def test_offline_with_empty_cache_loads_the_bundled_copy(tiny_bundle, monkeypatc
     model, _ = tiny_bundle
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     loaded = zoo.load(NAME)
-    assert _same(model, loaded)
+    assert same_weights(model, loaded)
     assert loaded.config.extra["source"]["bundled"] == NAME
     assert (
         get_entry(NAME).bundled["files"][WEIGHTS_NAME]["sha256"]
@@ -60,7 +56,7 @@ def test_unreachable_hub_falls_back_to_the_bundle(tiny_bundle, monkeypatch):
     model, _ = tiny_bundle
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
     loaded = zoo.load(NAME)
-    assert _same(model, loaded) and "bundled" in loaded.config.extra["source"]
+    assert same_weights(model, loaded) and "bundled" in loaded.config.extra["source"]
     # an explicitly requested revision is never silently replaced by the bundle
     with pytest.raises(zoo.ModelNotAvailableError):
         zoo.load(NAME, revision="v9")
@@ -89,9 +85,9 @@ def test_push_zoo_round_trips_through_the_local_hub(tiny_bundle, hub_server, mon
     assert "zalando-datasets/fashion_mnist" in Path(card).read_text()
     monkeypatch.setenv("LTZOO_HUB_ORG", "zoo-org")
     loaded = zoo.load(NAME)
-    assert _same(model, loaded)
+    assert same_weights(model, loaded)
     assert loaded.config.extra["source"] == {"repo_id": f"zoo-org/{NAME}", "revision": "main"}
-    assert _same(model, zoo.load(f"zoo-org/{NAME}@v1.0"))
+    assert same_weights(model, zoo.load(f"zoo-org/{NAME}@v1.0"))
 
 
 def test_bundle_script_writes_a_pinned_manifest(tmp_path, capsys):

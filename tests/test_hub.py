@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from checks import same_weights
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.torch import save_file
@@ -49,12 +50,6 @@ def _small(seed: int = 0) -> zoo.Ensemble:
 def _same_outputs(a: zoo.Ensemble, b: zoo.Ensemble, x: torch.Tensor = X28) -> bool:
     with torch.inference_mode():
         return torch.equal(a.expert_logits(x), b.expert_logits(x))
-
-
-def _same_weights(a: zoo.Ensemble, b: zoo.Ensemble) -> bool:
-    """Bitwise-equal state dicts (cheaper than a forward pass, and implies equal outputs)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _config_without_source(model: zoo.Ensemble) -> dict:
@@ -119,7 +114,7 @@ def test_server_repo_id_charset_matches_hub_io():
 def test_push_then_load_by_repo_id_revision_and_branch(hub_server):
     repo = "test-org/push-roundtrip"
     first, second, on_dev = _small(10), _small(11), _small(12)
-    assert not _same_weights(first, second)
+    assert not same_weights(first, second)
 
     c1 = zoo.push_to_hub(first, repo)
     loaded = zoo.load(repo)
@@ -129,16 +124,16 @@ def test_push_then_load_by_repo_id_revision_and_branch(hub_server):
 
     c2 = zoo.push_to_hub(second, repo, commit_message="second model")
     assert len(c1) == len(c2) == 40 and c1 != c2
-    assert _same_weights(second, zoo.load(repo))
+    assert same_weights(second, zoo.load(repo))
     # old weights stay reachable by commit id, as an argument or as "repo@rev"
-    assert _same_weights(first, zoo.load(repo, revision=c1))
-    assert _same_weights(first, zoo.load(f"{repo}@{c1}"))
+    assert same_weights(first, zoo.load(repo, revision=c1))
+    assert same_weights(first, zoo.load(f"{repo}@{c1}"))
     assert zoo.load(f"{repo}@{c1}").config.extra["source"]["revision"] == c1
 
     c3 = zoo.push_to_hub(on_dev, repo, revision="dev")
-    assert _same_weights(on_dev, zoo.load(repo, revision="dev"))
-    assert _same_weights(on_dev, zoo.load(f"{repo}@dev"))
-    assert _same_weights(second, zoo.load(repo))  # main did not move
+    assert same_weights(on_dev, zoo.load(repo, revision="dev"))
+    assert same_weights(on_dev, zoo.load(f"{repo}@dev"))
+    assert same_weights(second, zoo.load(repo))  # main did not move
 
     api = HfApi()
     refs = {b.name: b.target_commit for b in api.list_repo_refs(repo).branches}
@@ -147,7 +142,7 @@ def test_push_then_load_by_repo_id_revision_and_branch(hub_server):
     assert titles[:2] == ["second model", "Upload ltzoo ensemble"]
     assert api.model_info(repo, revision=c1).sha == c1
     api.create_branch(repo, branch="from-first", revision=c1)
-    assert _same_weights(first, zoo.load(f"{repo}@from-first"))
+    assert same_weights(first, zoo.load(f"{repo}@from-first"))
     assert sorted(api.list_repo_files(repo)) == [
         ".gitattributes",
         "README.md",
@@ -182,7 +177,7 @@ def test_offline_load_uses_cache_and_explains_missing_models(
         path = zoo.download("test-org/offline-cached")
     assert path.is_relative_to(hub_cache)
 
-    assert _same_weights(model, zoo.load("test-org/offline-cached"))
+    assert same_weights(model, zoo.load("test-org/offline-cached"))
     with pytest.raises(zoo.ModelNotAvailableError) as err:
         zoo.load("test-org/offline-never-downloaded")
     msg = str(err.value)
@@ -246,7 +241,7 @@ def test_cli_push_and_download(hub_server, tmp_path, capsys):
     assert cli_main(["download", "test-org/cli"]) == 0
     path = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert (path / WEIGHTS_NAME).is_file()
-    assert _same_weights(model, zoo.load(str(path)))
+    assert same_weights(model, zoo.load(str(path)))
 
 
 # --- hostile input ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import same_weights
 from huggingface_hub import HfApi, constants
 
 from ltzoo import zoo
@@ -41,11 +42,6 @@ def _publish(api: HfApi, store: Path, tmp_path: Path) -> tuple[zoo.Ensemble, Pat
     return model, store / "blobs" / sha[:2] / sha
 
 
-def _same(a: zoo.Ensemble, b: zoo.Ensemble) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def _flip_byte(path: Path, offset: int = -100) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
@@ -65,7 +61,7 @@ def test_truncated_blob_served_once_does_not_poison_the_cache(own_hub, tmp_path)
         zoo.load(REPO)
     assert _cached_weight_blobs(tmp_path / "cache") == []  # evicted, nothing half-kept
     blob.write_bytes(good)  # the Hub is repaired: loading works again, no manual cleanup
-    assert _same(model, zoo.load(REPO))
+    assert same_weights(model, zoo.load(REPO))
 
 
 def test_flipped_byte_on_the_hub_does_not_load(own_hub, tmp_path):
@@ -79,10 +75,10 @@ def test_flipped_byte_on_the_hub_does_not_load(own_hub, tmp_path):
 def test_flipped_byte_in_the_cache_is_refetched_or_evicted(own_hub, tmp_path, monkeypatch):
     api, store = own_hub
     model, _ = _publish(api, store, tmp_path)
-    assert _same(model, zoo.load(REPO))
+    assert same_weights(model, zoo.load(REPO))
     [cached] = _cached_weight_blobs(tmp_path / "cache")
     _flip_byte(cached)
-    assert _same(model, zoo.load(REPO))  # online: evicted and downloaded again
+    assert same_weights(model, zoo.load(REPO))  # online: evicted and downloaded again
 
     [cached] = _cached_weight_blobs(tmp_path / "cache")
     _flip_byte(cached)
@@ -91,4 +87,4 @@ def test_flipped_byte_in_the_cache_is_refetched_or_evicted(own_hub, tmp_path, mo
         zoo.load(REPO)
     assert _cached_weight_blobs(tmp_path / "cache") == []
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    assert _same(model, zoo.load(REPO))
+    assert same_weights(model, zoo.load(REPO))

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import torch
+from checks import same_weights
 from huggingface_hub import HfApi, RepoCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
@@ -55,11 +56,6 @@ def _header(**extra) -> bytes:
 def _file(path: str, content: bytes = b"x") -> bytes:
     value = {"path": path, "encoding": "base64", "content": base64.b64encode(content).decode()}
     return _line({"key": "file", "value": value})
-
-
-def _same(a: zoo.Ensemble, b: zoo.Ensemble) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _blobs(store) -> list[str]:
@@ -178,7 +174,7 @@ def test_push_tag_from_the_cli_and_library(hub_server, tmp_path, capsys):
     assert "tagged v1.0" in capsys.readouterr().out
     second = zoo.Ensemble(zoo.EnsembleConfig(num_experts=1, layout="single")).eval()
     zoo.push_to_hub(second, repo, tag="v2.0")
-    assert _same(first, zoo.load(f"{repo}@v1.0")) and _same(second, zoo.load(repo))
+    assert same_weights(first, zoo.load(f"{repo}@v1.0")) and same_weights(second, zoo.load(repo))
     assert {t.name for t in HfApi().list_repo_refs(repo).tags} == {"v1.0", "v2.0"}
 
 

@@ -72,13 +72,14 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def shuffle_across_ranks(
-    batch: torch.Tensor,
+    batch: torch.Tensor, enabled: bool = True
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """MoCo's shuffle BN: this rank's share of every rank's ``batch`` in one random order (the
     same on all ranks, drawn on rank 0), and ``restore``, which maps this rank's per-image
-    outputs on that share back to its own images in their order. Outside torchrun: ``batch``
-    itself and the identity. Every rank must pass the same shape (the loader drops last)."""
-    if not _in_group():
+    outputs on that share back to its own images in their order. Outside torchrun, or when
+    not ``enabled``: ``batch`` itself and the identity. Every rank must pass the same shape
+    (the loader drops last)."""
+    if not enabled or not _in_group():
         return batch, lambda out: out
     everyone = gather_from_ranks(batch)
     order = torch.randperm(len(everyone), device=batch.device)

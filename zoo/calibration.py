@@ -397,10 +397,11 @@ def _warn_if_unreliable(
     untrained model?). A deliberately lax test: the fit lowers the NLL, not the ECE."""
     low, high = _TEMPERATURE_RANGE  # ``temperature``: ``fitted`` clamped to this range
     adjusted = logits / temperature + (0.0 if bias is None else bias)
+    probs = torch.softmax(adjusted, -1)
     before = expected_calibration_error(torch.softmax(logits, -1), labels, weights=weights) * 100
-    after = expected_calibration_error(torch.softmax(adjusted, -1), labels, weights=weights) * 100
+    after = expected_calibration_error(probs, labels, weights=weights) * 100
     # An already calibrated model's ECE moves by sampling noise alone (NLL, not ECE, is fitted)
-    noise = ece_sampling_noise(torch.softmax(adjusted, -1), weights=weights) * 100
+    noise = ece_sampling_noise(probs, weights=weights) * 100
     problems = []
     if not low < fitted < high:
         problems.append(

@@ -15,7 +15,6 @@ no-ops.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -115,10 +114,10 @@ class MoCoBranch(nn.Module):
         # Shuffle BN: under torchrun the key encoder's BatchNorm sees a batch mixed across
         # ranks, so a key cannot match its query through the statistics of one shared batch.
         # SyncBN's statistics are the global batch's whatever the order: nothing to shuffle.
-        view = key_view(images)
-        restore: Callable[[torch.Tensor], torch.Tensor] = _same
-        if not any(isinstance(m, nn.SyncBatchNorm) for m in self.key_encoder.modules()):
-            view, restore = shuffle_across_ranks(view)
+        # (The walk is looked up per step, not cached: the engine converts to SyncBN after the
+        # branch is built, and ~100 isinstance checks are nothing beside a forward.)
+        sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.key_encoder.modules())
+        view, restore = shuffle_across_ranks(key_view(images), enabled=not sync_bn)
         h = self.key_encoder["stem"](view)
         key_experts = cast(nn.ModuleList, self.key_encoder["experts"])
         keys = [
@@ -160,10 +159,6 @@ class MoCoBranch(nn.Module):
                 self._enqueue(i, keys[:, i])
         self.pending_keys = []
         self.momentum_update(model)
-
-
-def _same(keys: torch.Tensor) -> torch.Tensor:
-    return keys
 
 
 def optional_moco(model: Ensemble, params: MoCoParams) -> MoCoBranch | None:
