@@ -47,6 +47,8 @@ static QDQ quantization with calibration images, again keeping the tail in float
 from __future__ import annotations
 
 import copy
+import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -72,7 +74,8 @@ FORMAT = "ltzoo-fused-ensemble/1"
 #: metadata key listing the float32 calibration-tail nodes (kept fp32 by fp16/int8 variants)
 TAIL_NODES_KEY = "ltzoo_tail_nodes"
 _TAIL_SCOPE = "tail"
-#: graphs larger than this keep their weights in a ``.data`` file beside them (protobuf's 2 GB limit)
+#: graphs larger than this keep their weights in a ``.data`` file beside them (protobuf's 2 GB
+#: limit; :func:`_save_with_external_data`)
 EXTERNAL_DATA_BYTES = 1_900_000_000
 
 #: onnxruntime session settings used by :func:`make_session` (and recorded by benchmarks)
@@ -330,16 +333,26 @@ def export_onnx(
 
 
 def _save_with_external_data(proto: Any, path: Path) -> None:
-    """Save ``proto`` with its weights in ``<name>.data`` beside ``path``: both are written in a
-    private folder, then renamed into place, the data first (the graph names it)."""
+    """Save ``proto`` with its weights in ``<name>.<digest>.data`` beside ``path``.
+
+    Both are written in a private folder, then renamed into place, the data first. The data
+    file is named after the weights, so it never replaces the file an older graph at ``path``
+    names: a kill between the renames leaves the old graph with its own data (and an unused
+    file, removed by the next export), never a graph paired with another export's weights."""
     import onnx
 
-    data = path.name + ".data"
+    digest = hashlib.sha256()
+    for tensor in proto.graph.initializer:  # each under 2 GB, unlike the whole graph
+        digest.update(tensor.SerializeToString())
+    data = f"{path.name}.{digest.hexdigest()[:16]}.data"
     with staging_dir(path) as tmp:
         staged = tmp / path.name
         onnx.save(proto, str(staged), save_as_external_data=True, location=data)
         os.replace(staged.with_name(data), path.with_name(data))
         os.replace(staged, path)
+    for old in path.parent.glob(f"{glob.escape(path.name)}.*.data"):
+        if old.name != data:  # an earlier export's, or a killed one's
+            old.unlink(missing_ok=True)
 
 
 # -- runtime helpers ------------------------------------------------------------------------

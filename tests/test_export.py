@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -358,6 +359,38 @@ def test_weights_past_protobufs_limit_go_beside_the_graph(tmp_path, monkeypatch)
     killed.mkdir()
     (killed / "big.onnx.data").write_bytes(b"half")
     path = export_onnx(model, tmp_path / "big.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
-    assert os.path.getsize(tmp_path / "big.onnx.data") > os.path.getsize(path)  # weights moved
+    graph, data = sorted(tmp_path.iterdir())
+    assert graph == path and re.fullmatch(r"big\.onnx\.[0-9a-f]{16}\.data", data.name)
+    assert os.path.getsize(data) > os.path.getsize(path)  # the weights moved out
     assert check_parity(model, path, _x(3)) <= TOL  # onnxruntime finds the weights
+    assert export_onnx(model, path) == path and sorted(tmp_path.iterdir()) == [graph, data]
+
+
+def test_an_export_killed_between_its_renames_leaves_the_old_graph_whole(tmp_path, monkeypatch):
+    """Past protobuf's limit an export is two renames (data, then graph); a kill between them
+    must not pair the old graph with the new weights."""
+    import ltzoo.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    torch.manual_seed(0)
+    old, new = (
+        zoo.Ensemble(zoo.EnsembleConfig(name="test-external", **CASES["shared"])).eval()
+        for _ in range(2)
+    )
+    path = export_onnx(old, tmp_path / "big.onnx")
+    renames = []
+
+    def killed_after_the_data(src, dst):
+        if renames:
+            raise KeyboardInterrupt  # the process dies before the graph's rename
+        renames.append(dst)
+        os.rename(src, dst)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(onnx_export.os, "replace", killed_after_the_data)
+        export_onnx(new, path)
+    assert check_parity(old, path, _x(3)) <= TOL  # the old graph still reads its own weights
+    assert len(list(tmp_path.glob("big.onnx.*.data"))) == 2  # and the new data lies unused
+    export_onnx(new, path)  # the next export replaces the graph and clears both old files
+    assert len(list(tmp_path.glob("big.onnx.*.data"))) == 1
+    assert check_parity(new, path, _x(3)) <= TOL
