@@ -418,6 +418,19 @@ def test_run_json_from_an_older_version_is_the_same_run(tmp_path):
         check_same_run(tmp_path, cfg)
 
 
+def test_a_method_parameter_added_since_counts_at_its_default(tmp_path):
+    """A recipe that now names a method parameter at its default (one an older run.json lacks)
+    still resumes that run; at another value it does not."""
+    from ltzoo.training.config import check_same_run
+
+    old = load_recipe("fmnistlt_ncl").to_dict()
+    assert "moco_queue" not in old["method_params"]
+    (tmp_path / "run.json").write_text(json.dumps({"config": old}, default=str))
+    check_same_run(tmp_path, load_recipe("fmnistlt_ncl", ["method_params.moco_queue=1024"]))
+    with pytest.raises(ValueError, match="different configuration"):
+        check_same_run(tmp_path, load_recipe("fmnistlt_ncl", ["method_params.moco_queue=512"]))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_two_stage_smoke(tmp_path):

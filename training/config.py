@@ -519,20 +519,46 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
 def _defining(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a run config that define what it trains (device, threads, logging,
     data location and the stages to run may change between runs of the same thing)."""
-    d = json.loads(json.dumps(config, default=str))
+    d = _plain(config)
     # a field added since a run was written (absent there) counts at its default
     data, optim = (
-        {**json.loads(json.dumps(dataclasses.asdict(section()), default=str)), **d.get(key, {})}
+        {**_field_defaults(section), **d.get(key, {})}
         for key, section in (("data", DataConfig), ("optim", OptimConfig))
     )
     data = {k: v for k, v in data.items() if k not in ("root", "workers")}
-    keys = ("model", "method", "model_overrides", "method_params")
+    method = registered_methods().get(d.get("method"))
+    params = d.get("method_params", {})
+    if method is not None:
+        params = {**_field_defaults(method.Params), **params}
+    keys = ("model", "method", "model_overrides")
     return {k: d.get(k) for k in keys} | {
+        "method_params": params,
         "optim": optim,
         "data": data,
         "seed": d.get("run", {}).get("seed"),
         "pretrained_backbone": d.get("pretrained_backbone", ""),
     }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples as lists, dataclasses as dicts, the rest as str)."""
+
+    def encode(obj: Any) -> Any:
+        is_instance = dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+        return dataclasses.asdict(obj) if is_instance else str(obj)
+
+    return json.loads(json.dumps(value, default=encode))
+
+
+def _field_defaults(section: type) -> dict[str, Any]:
+    """The default of each field of the dataclass ``section`` that has one."""
+    defaults = {}
+    for f in dataclasses.fields(section):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return _plain(defaults)
 
 
 def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
