@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,10 @@ DATA = os.environ.get("LTZOO_CIFAR10_JPEG", str(ROOT.parent / "shared/data/cifar
 #: every run: one thread (two runs side by side give more images/s in total on 2 cores:
 #: README, "Planning long runs"), the batched augmentation path in the main process
 COMMON = ["run.threads=1", "data.workers=0", "run.precision=auto"]
+#: a run training alone gets every core: more images/s than on one, fewer than two runs side by side
+CORES = os.cpu_count() or 1
+#: background runs yield the CPU to whatever else runs (tests, benchmarks' guards)
+NICE = 19
 #: tag -> (recipe, the budget's overrides); the budgets are the plan in README
 PLAN: dict[str, tuple[str, list[str]]] = {
     "ce": ("cifar10lt_r100_ce", []),
@@ -91,16 +96,18 @@ def unlanded(tags: list[str]) -> list[str]:
     return [t for t in tags if t not in landed]
 
 
-def start(tag: str) -> subprocess.Popen:
-    """Start (or resume) ``tag`` as a detached process logging to ``<run dir>/train.log``."""
+def start(tag: str, threads: int = 1) -> subprocess.Popen:
+    """Start (or resume) ``tag`` on ``threads`` threads as a detached process at nice
+    :data:`NICE`, logging to ``<run dir>/train.log``."""
     if (pid := training_pid(tag)) is not None:
         raise RuntimeError(f"{tag} is already training (pid {pid})")
     recipe, overrides = PLAN[tag]
     out = run_dir(tag)
     out.mkdir(parents=True, exist_ok=True)
     resume = ["--resume"] if (out / "run.json").is_file() else []
-    argv = [sys.executable, "-m", "ltzoo", "train", recipe, *COMMON, f"data.root={DATA}"]
-    argv += [*overrides, "--out", str(out), *resume]
+    settings = [s for s in COMMON if not s.startswith("run.threads=")] + [f"run.threads={threads}"]
+    argv = ["nice", "-n", str(NICE), sys.executable, "-m", "ltzoo", "train", recipe, *settings]
+    argv += [f"data.root={DATA}", *overrides, "--out", str(out), *resume]
     env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log
     with open(out / "train.log", "a") as log:
         return subprocess.Popen(
@@ -108,11 +115,44 @@ def start(tag: str) -> subprocess.Popen:
         )
 
 
+def running_threads(tag: str) -> int | None:
+    """The ``run.threads`` the training of ``tag`` runs with (None when not training)."""
+    pid = training_pid(tag)
+    argv = process_cmdline(pid).split(b"\0") if pid is not None else []
+    given = [a for a in argv if a.startswith(b"run.threads=")]
+    return int(given[-1].split(b"=")[1]) if given else None
+
+
+def checkpoint_age_s(tag: str) -> float:
+    """Seconds since ``tag``'s newest checkpoint (of any stage) was written; inf if none."""
+    times = [p.stat().st_mtime for p in run_dir(tag).rglob("checkpoint.pt")]
+    return time.time() - max(times) if times else float("inf")
+
+
+def restart(tag: str, threads: int, grace_s: float = 120.0) -> subprocess.Popen:
+    """Stop ``tag``'s training (SIGTERM to its session, SIGKILL after ``grace_s``) and resume
+    it from its checkpoint on ``threads`` threads."""
+    pid = training_pid(tag)
+    if pid is not None:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while training_pid(tag) is not None and time.monotonic() < deadline:
+            time.sleep(1)
+        if training_pid(tag) is not None:
+            os.killpg(pid, signal.SIGKILL)
+            while training_pid(tag) is not None:
+                time.sleep(1)
+    return start(tag, threads)
+
+
 def queue(tags: list[str], streams: int, poll_s: float = 60.0, max_starts: int = 3) -> None:
     """Keep ``streams`` of ``tags`` training, in order, until all are finished.
 
     Runs already training (started by ``start`` or an earlier queue) count as streams; a run
-    that stops unfinished is resumed, at most ``max_starts`` times (then left, logged)."""
+    that stops unfinished is resumed, at most ``max_starts`` times (then left, logged). The
+    cores are shared among the runs started together; a run left training alone is
+    restarted on every core right after it writes a checkpoint (losing under a poll's
+    worth of its epoch), which is not counted as a start."""
     starts = dict.fromkeys(tags, 0)
     while True:
         active = [t for t in tags if training_pid(t) is not None]
@@ -122,9 +162,21 @@ def queue(tags: list[str], streams: int, poll_s: float = 60.0, max_starts: int =
             given_up = [t for t in waiting if starts[t] >= max_starts]
             print(f"queue done; given up after {max_starts} starts: {given_up or 'none'}")
             return
-        for tag in runnable[: max(0, streams - len(active))]:
+        new = runnable[: max(0, streams - len(active))]
+        threads = max(1, CORES // (len(active) + len(new)))
+        for tag in new:
             starts[tag] += 1
-            print(f"{time.strftime('%F %T')} start {tag} (#{starts[tag]}): pid {start(tag).pid}")
+            pid = start(tag, threads).pid
+            print(
+                f"{time.strftime('%F %T')} start {tag} (#{starts[tag]}, {threads} threads): pid {pid}"
+            )
+        if len(active) == 1 and not runnable:
+            (alone,) = active
+            if (running_threads(alone) or CORES) < CORES and checkpoint_age_s(alone) < poll_s:
+                pid = restart(alone, CORES).pid
+                print(
+                    f"{time.strftime('%F %T')} {alone} trains alone: on {CORES} threads, pid {pid}"
+                )
         sys.stdout.flush()
         time.sleep(poll_s)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -325,7 +327,7 @@ def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsy
     done: set[str] = set()
     started: list[str] = []
 
-    def fake_start(tag):
+    def fake_start(tag, threads=1):
         started.append(tag)
         live.add(tag)
         return type("Proc", (), {"pid": 1000 + len(started)})()
@@ -343,6 +345,93 @@ def test_the_run_queue_keeps_two_streams_resumes_and_gives_up(monkeypatch, capsy
     plan.queue(["ce", "bs", "ncl", "cbd"], streams=2, max_starts=2)
     assert started == ["bs", "bs", "ncl", "cbd"]  # never a second ce; bs given up after 2
     assert "given up after 2 starts: ['bs']" in capsys.readouterr().out
+
+
+def test_a_run_left_alone_gets_every_core_once_it_has_checkpointed(monkeypatch, capsys):
+    """Two runs share the cores; once ``cbd`` ends, ``ecl`` (one thread) is restarted on all
+    of them, but only right after a checkpoint, and only once."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    threads = {"cbd": 1, "ecl": 1}  # the runs training now, and on how many threads
+    polls, calls = [], []
+    ages = iter([5.0, 500.0, 30.0, 30.0, 30.0])  # seconds since ecl's checkpoint, per poll
+
+    def fake_sleep(_):
+        polls.append(1)
+        if len(polls) == 1:
+            del threads["cbd"]  # cbd finishes after the first poll
+        if len(polls) == 5:
+            threads.clear()  # ecl finishes
+
+    monkeypatch.setattr(plan, "CORES", 2)
+    monkeypatch.setattr(plan, "training_pid", lambda tag: 1 if tag in threads else None)
+    monkeypatch.setattr(plan, "running_threads", lambda tag: threads.get(tag))
+    monkeypatch.setattr(plan, "finished", lambda tag: tag not in threads)
+    monkeypatch.setattr(plan, "checkpoint_age_s", lambda tag: next(ages))
+    monkeypatch.setattr(plan.time, "sleep", fake_sleep)
+
+    def fake_restart(tag, n):
+        calls.append((tag, n))
+        threads[tag] = n
+        return type("Proc", (), {"pid": 7})()
+
+    monkeypatch.setattr(plan, "restart", fake_restart)
+    monkeypatch.setattr(plan, "start", lambda tag, n=1: pytest.fail(f"started {tag}"))
+    plan.queue(["cbd", "ecl"], streams=2, poll_s=60.0)
+    # poll 1: two runs, no restart; poll 2: alone but its checkpoint is 500 s old (mid-epoch);
+    # poll 3: a checkpoint 30 s old: restarted on 2 threads; polls 4-5: already on 2
+    assert calls == [("ecl", 2)]
+    assert "ecl trains alone: on 2 threads" in capsys.readouterr().out
+
+
+def test_restart_stops_the_training_and_resumes_it_on_more_threads(tmp_path, monkeypatch):
+    """A real process that looks like a run's training (its argv names ltzoo, train and the
+    run directory), stopped by its session, and on how many threads it is told to go on."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    monkeypatch.setattr(plan, "RUNS", tmp_path)
+    sleeper = "import time; time.sleep(120)"
+    argv = [sys.executable, "-c", sleeper, "ltzoo", "train", "run.threads=1"]
+    proc = subprocess.Popen([*argv, str(plan.run_dir("ecl"))], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while plan.running_threads("ecl") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert plan.running_threads("ecl") == 1
+        resumed = []
+        monkeypatch.setattr(plan, "start", lambda tag, n: resumed.append((tag, n)) or proc)
+        plan.restart("ecl", 2)
+        assert proc.wait(timeout=10) == -signal.SIGTERM and resumed == [("ecl", 2)]
+        assert plan.training_pid("ecl") is None
+    finally:
+        proc.kill()
+
+
+def test_runs_started_together_share_the_cores(monkeypatch):
+    """One poll each: the runs start, the clock ticks, they have finished."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    started: dict[str, int] = {}  # tag -> threads
+    seen: list[dict[str, int]] = []  # what was training at each poll
+
+    def fake_start(tag, n=1):
+        started[tag] = n
+        return type("Proc", (), {"pid": 1})()
+
+    monkeypatch.setattr(plan, "CORES", 2)
+    monkeypatch.setattr(plan, "start", fake_start)
+    monkeypatch.setattr(plan, "training_pid", lambda tag: None)
+    monkeypatch.setattr(plan, "finished", lambda tag: bool(seen))
+    monkeypatch.setattr(plan.time, "sleep", lambda _: seen.append(dict(started)))
+    plan.queue(["cbd", "ecl"], streams=2)
+    assert seen == [{"cbd": 1, "ecl": 1}]
+    started.clear()
+    seen.clear()
+    plan.queue(["ecl_e100"], streams=2)  # the last run left: every core from the start
+    assert seen == [{"ecl_e100": 2}]
 
 
 def test_the_queue_never_retrains_a_run_whose_numbers_landed(tmp_path, monkeypatch, capsys):
