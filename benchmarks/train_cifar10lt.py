@@ -129,17 +129,31 @@ def checkpoint_age_s(tag: str) -> float:
     return time.time() - max(times) if times else float("inf")
 
 
+def worth_restarting(tag: str, threads: int, poll_s: float) -> bool:
+    """Whether ``tag``, training on fewer than ``threads`` threads, wrote a checkpoint within
+    the last ``poll_s`` and has more than its last epoch to go in the stage in progress (a
+    restart then would only repeat the final evaluation)."""
+    # stages train one after the other: the one in progress is the one not finished
+    left = [s["epochs"] - s["epoch"] for s in progress(tag)["stages"] if s["epoch"] < s["epochs"]]
+    return (
+        (running_threads(tag) or threads) < threads
+        and checkpoint_age_s(tag) < poll_s
+        and bool(left)
+        and left[0] > 1
+    )
+
+
 def restart(tag: str, threads: int, grace_s: float = 120.0) -> subprocess.Popen:
-    """Stop ``tag``'s training (SIGTERM to its session, SIGKILL after ``grace_s``) and resume
-    it from its checkpoint on ``threads`` threads."""
+    """Stop ``tag``'s training (SIGTERM, SIGKILL after ``grace_s``; checkpoints are written
+    atomically) and resume it from its checkpoint on ``threads`` threads."""
     pid = training_pid(tag)
     if pid is not None:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while training_pid(tag) is not None and time.monotonic() < deadline:
             time.sleep(1)
         if training_pid(tag) is not None:
-            os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
             while training_pid(tag) is not None:
                 time.sleep(1)
     return start(tag, threads)
@@ -172,7 +186,7 @@ def queue(tags: list[str], streams: int, poll_s: float = 60.0, max_starts: int =
             )
         if len(active) == 1 and not runnable:
             (alone,) = active
-            if (running_threads(alone) or CORES) < CORES and checkpoint_age_s(alone) < poll_s:
+            if worth_restarting(alone, CORES, poll_s):
                 pid = restart(alone, CORES).pid
                 print(
                     f"{time.strftime('%F %T')} {alone} trains alone: on {CORES} threads, pid {pid}"

@@ -369,6 +369,8 @@ def test_a_run_left_alone_gets_every_core_once_it_has_checkpointed(monkeypatch, 
     monkeypatch.setattr(plan, "running_threads", lambda tag: threads.get(tag))
     monkeypatch.setattr(plan, "finished", lambda tag: tag not in threads)
     monkeypatch.setattr(plan, "checkpoint_age_s", lambda tag: next(ages))
+    stage = {"epoch": 100, "epochs": 200}
+    monkeypatch.setattr(plan, "progress", lambda tag: {"stages": [stage]})
     monkeypatch.setattr(plan.time, "sleep", fake_sleep)
 
     def fake_restart(tag, n):
@@ -383,6 +385,34 @@ def test_a_run_left_alone_gets_every_core_once_it_has_checkpointed(monkeypatch, 
     # poll 3: a checkpoint 30 s old: restarted on 2 threads; polls 4-5: already on 2
     assert calls == [("ecl", 2)]
     assert "ecl trains alone: on 2 threads" in capsys.readouterr().out
+
+
+def test_a_restart_waits_for_a_fresh_checkpoint_in_the_stage_in_progress(tmp_path, monkeypatch):
+    """CBD's student (the run directory's own metrics) trains after its finished teachers."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    monkeypatch.setattr(plan, "RUNS", tmp_path)
+    monkeypatch.setattr(plan, "running_threads", lambda tag: 1)
+    out = plan.run_dir("cbd")
+
+    def stage(path: Path, epochs_done: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "run.json").write_text(json.dumps({"config": {"optim": {"epochs": 200}}}))
+        rows = [json.dumps({"epoch": e, "epoch_s": 60.0}) for e in range(epochs_done)]
+        (path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+        (path / "checkpoint.pt").write_bytes(b"")
+
+    stage(out / "teachers" / "t0", 200)
+    stage(out / "teachers" / "t1", 200)
+    stage(out, 50)
+    assert plan.worth_restarting("cbd", 2, poll_s=60)
+    assert not plan.worth_restarting("cbd", 1, poll_s=60)  # on every core already
+    for ckpt in out.rglob("checkpoint.pt"):
+        os.utime(ckpt, (time.time() - 120,) * 2)
+    assert not plan.worth_restarting("cbd", 2, poll_s=60)  # mid-epoch: wait for the next
+    stage(out, 199)
+    assert not plan.worth_restarting("cbd", 2, poll_s=60)  # only the final epoch to go
 
 
 def test_restart_stops_the_training_and_resumes_it_on_more_threads(tmp_path, monkeypatch):
