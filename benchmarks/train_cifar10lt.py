@@ -44,7 +44,8 @@ DATA = os.environ.get("LTZOO_CIFAR10_JPEG", str(ROOT.parent / "shared/data/cifar
 #: every run: one thread (two runs side by side give more images/s in total on 2 cores:
 #: README, "Planning long runs"), the batched augmentation path in the main process
 COMMON = ["run.threads=1", "data.workers=0", "run.precision=auto"]
-#: a run training alone gets every core: more images/s than on one, fewer than two runs side by side
+#: a run training alone gets every core: 1.7x the images/s of one thread, if less than two
+#: runs side by side (README, "Planning long runs")
 CORES = os.cpu_count() or 1
 #: background runs yield the CPU to whatever else runs (tests, benchmarks' guards)
 NICE = 19
