@@ -81,6 +81,12 @@ def _pm(entry: dict[str, Any], key: str) -> str:
     return f"{v['mean']:.2f} ± {v['std']:.2f}" if entry.get("seeds", 1) > 1 else f"{v['mean']:.2f}"
 
 
+def _alone_epochs(budget: dict) -> str:
+    """How many of a run's epochs trained alone on more threads (none: an empty string)."""
+    more = {n: k for n, k in budget.get("epochs_by_threads", {}).items() if n != "1"}
+    return "".join(f" ({k} epochs alone on {n} threads)" for n, k in more.items())
+
+
 def _accuracy_table(
     fm: dict[str, Any], tags: list[str], labels: dict[str, str] = LABELS
 ) -> list[str]:
@@ -327,6 +333,7 @@ def _cifar10lt_lines(plan: dict[str, Any], step: dict[str, Any], c10: dict[str, 
             "not finished"
             if tag not in c10
             else f"trained: {b.get('wall_h')} h of epochs, median {b.get('median_epoch_s')} s"
+            + _alone_epochs(b)
         )
         lines.append(f"| {label} | {budget} | {status} |")
     if c10:

@@ -22,6 +22,7 @@ at most the epoch in progress. Data: the JPEG copy of CIFAR-10
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +43,9 @@ from ltzoo.zoo.files import write_json  # noqa: E402
 RUNS = Path(os.environ.get("LTZOO_RUNS", Path.home() / "ltzoo-runs")) / "cifar10lt"
 RESULTS = ROOT / "benchmarks" / "results" / "cifar10lt.json"
 DATA = os.environ.get("LTZOO_CIFAR10_JPEG", str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
-#: every run: one thread (two runs side by side give more images/s in total on 2 cores:
-#: README, "Planning long runs"), the batched augmentation path in the main process
+#: every run: the batched augmentation path in the main process; one thread where it shares
+#: the cores (two runs side by side give more images/s in total on 2 cores: README, "Planning
+#: long runs"; :func:`start` sets the threads of a run the queue gives more)
 COMMON = ["run.threads=1", "data.workers=0", "run.precision=auto"]
 #: a run training alone gets every core: 1.7x the images/s of one thread, if less than two
 #: runs side by side (README, "Planning long runs")
@@ -117,7 +120,8 @@ def start(tag: str, threads: int = 1) -> subprocess.Popen:
 
 
 def running_threads(tag: str) -> int | None:
-    """The ``run.threads`` the training of ``tag`` runs with (None when not training)."""
+    """The ``run.threads`` the training of ``tag`` was started with (None when it is not
+    training, or was started without that setting)."""
     pid = training_pid(tag)
     argv = process_cmdline(pid).split(b"\0") if pid is not None else []
     given = [a for a in argv if a.startswith(b"run.threads=")]
@@ -147,16 +151,16 @@ def worth_restarting(tag: str, threads: int, poll_s: float) -> bool:
 def restart(tag: str, threads: int, grace_s: float = 120.0) -> subprocess.Popen:
     """Stop ``tag``'s training (SIGTERM, SIGKILL after ``grace_s``; checkpoints are written
     atomically) and resume it from its checkpoint on ``threads`` threads."""
-    pid = training_pid(tag)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if (pid := training_pid(tag)) is None:
+            break
+        with contextlib.suppress(ProcessLookupError):  # it ended by itself meanwhile
+            os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
         while training_pid(tag) is not None and time.monotonic() < deadline:
             time.sleep(1)
-        if training_pid(tag) is not None:
-            os.kill(pid, signal.SIGKILL)
-            while training_pid(tag) is not None:
-                time.sleep(1)
+    if (pid := training_pid(tag)) is not None:
+        raise RuntimeError(f"{tag} (pid {pid}) outlived SIGKILL; not restarted")
     return start(tag, threads)
 
 
@@ -178,7 +182,8 @@ def queue(tags: list[str], streams: int, poll_s: float = 60.0, max_starts: int =
             print(f"queue done; given up after {max_starts} starts: {given_up or 'none'}")
             return
         new = runnable[: max(0, streams - len(active))]
-        threads = max(1, CORES // (len(active) + len(new)))
+        busy = sum(running_threads(t) or 1 for t in active)
+        threads = max(1, (CORES - busy) // max(1, len(new)))
         for tag in new:
             starts[tag] += 1
             pid = start(tag, threads).pid
@@ -263,7 +268,9 @@ def progress(tag: str) -> dict:
         config = json.loads((path.parent / "run.json").read_text())["config"]
         epochs = config["optim"]["epochs"]
         seconds = [r["epoch_s"] for r in rows if "epoch_s" in r]
-        median = statistics.median(seconds) if seconds else None
+        # the ETA's pace: the epochs on as many threads as the latest (a run moves to more)
+        latest = [r["epoch_s"] for r in rows if _threads(r) == _threads(rows[-1])] if rows else []
+        median = statistics.median(latest) if latest else None
         report["stages"].append(
             {
                 "dir": str(path.parent.relative_to(out)) or ".",
@@ -282,20 +289,25 @@ def budget(tag: str) -> dict:
     out = run_dir(tag)
     run = json.loads((out / "run.json").read_text())
     cfg = run["config"]
-    seconds = [
-        r["epoch_s"] for p in out.rglob("metrics.jsonl") for r in _metrics(p) if "epoch_s" in r
-    ]
+    rows = [r for p in out.rglob("metrics.jsonl") for r in _metrics(p) if "epoch_s" in r]
+    one_thread = [r["epoch_s"] for r in rows if _threads(r) == 1]
     return {
         "epochs": cfg["optim"]["epochs"],
         "augment": cfg["data"]["augment"],
         "moco": cfg["method_params"].get("contrastive_weight", 0) > 0,
         "precision": run.get("precision", {}).get("used", "fp32"),
         # the sum holds the sessions' pauses and whatever shared the 2 cores; the median
-        # epoch is what one epoch takes beside one other run
-        "wall_h": round(sum(seconds) / 3600, 2),
-        "median_epoch_s": round(statistics.median(seconds), 1) if seconds else None,
+        # epoch is what one epoch takes on one thread beside one other run
+        "wall_h": round(sum(r["epoch_s"] for r in rows) / 3600, 2),
+        "median_epoch_s": round(statistics.median(one_thread), 1) if one_thread else None,
+        "epochs_by_threads": dict(sorted(Counter(str(_threads(r)) for r in rows).items())),
         "run_overrides": PLAN[tag][1],
     }
+
+
+def _threads(row: dict) -> int:
+    """The threads an epoch trained on (rows written before the engine recorded it: one)."""
+    return int(row.get("threads", 1))
 
 
 def collect_results() -> dict:

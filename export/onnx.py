@@ -47,14 +47,14 @@ static QDQ quantization with calibration images, again keeping the tail in float
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -336,13 +336,14 @@ def _save_with_external_data(proto: Any, path: Path) -> None:
     """Save ``proto`` with its weights in ``<name>.<digest>.data`` beside ``path``.
 
     Both are written in a private folder, then renamed into place, the data first. The data
-    file is named after the weights, so it never replaces the file an older graph at ``path``
-    names: a kill between the renames leaves the old graph with its own data (and an unused
-    file, removed by the next export), never a graph paired with another export's weights."""
+    file is named after what it holds (every tensor, in order, and the onnx version that lays
+    them out), so it never replaces the file an older graph at ``path`` names: a kill between
+    the renames leaves the old graph with its own data (and an unused file, removed by the
+    next export), never a graph paired with another export's weights."""
     import onnx
 
-    digest = hashlib.sha256()
-    for tensor in proto.graph.initializer:  # each under 2 GB, unlike the whole graph
+    digest = hashlib.sha256(onnx.__version__.encode())
+    for tensor in _all_tensors(proto.graph):  # each under 2 GB, unlike the whole graph
         digest.update(tensor.SerializeToString())
     data = f"{path.name}.{digest.hexdigest()[:16]}.data"
     with staging_dir(path) as tmp:
@@ -350,9 +351,23 @@ def _save_with_external_data(proto: Any, path: Path) -> None:
         onnx.save(proto, str(staged), save_as_external_data=True, location=data)
         os.replace(staged.with_name(data), path.with_name(data))
         os.replace(staged, path)
-    for old in path.parent.glob(f"{glob.escape(path.name)}.*.data"):
-        if old.name != data:  # an earlier export's, or a killed one's
+    ours = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{16})?\.data")  # and the unhashed name
+    for old in path.parent.iterdir():
+        if old.name != data and ours.fullmatch(old.name):  # an earlier export's, a killed one's
             old.unlink(missing_ok=True)
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor ``graph`` holds, those of its nodes' attributes and subgraphs included:
+    all that ``onnx.save(save_as_external_data=True)`` may move to the data file."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
 
 
 # -- runtime helpers ------------------------------------------------------------------------

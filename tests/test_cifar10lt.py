@@ -355,7 +355,7 @@ def test_a_run_left_alone_gets_every_core_once_it_has_checkpointed(monkeypatch, 
 
     threads = {"cbd": 1, "ecl": 1}  # the runs training now, and on how many threads
     polls, calls = [], []
-    ages = iter([5.0, 500.0, 30.0, 30.0, 30.0])  # seconds since ecl's checkpoint, per poll
+    ages = iter([500.0, 30.0, 30.0, 30.0])  # seconds since ecl's checkpoint, once it is alone
 
     def fake_sleep(_):
         polls.append(1)
@@ -374,7 +374,7 @@ def test_a_run_left_alone_gets_every_core_once_it_has_checkpointed(monkeypatch, 
     monkeypatch.setattr(plan.time, "sleep", fake_sleep)
 
     def fake_restart(tag, n):
-        calls.append((tag, n))
+        calls.append((tag, n, len(polls) + 1))
         threads[tag] = n
         return type("Proc", (), {"pid": 7})()
 
@@ -383,7 +383,7 @@ def test_a_run_left_alone_gets_every_core_once_it_has_checkpointed(monkeypatch, 
     plan.queue(["cbd", "ecl"], streams=2, poll_s=60.0)
     # poll 1: two runs, no restart; poll 2: alone but its checkpoint is 500 s old (mid-epoch);
     # poll 3: a checkpoint 30 s old: restarted on 2 threads; polls 4-5: already on 2
-    assert calls == [("ecl", 2)]
+    assert calls == [("ecl", 2, 3)]
     assert "ecl trains alone: on 2 threads" in capsys.readouterr().out
 
 
@@ -415,9 +415,33 @@ def test_a_restart_waits_for_a_fresh_checkpoint_in_the_stage_in_progress(tmp_pat
     assert not plan.worth_restarting("cbd", 2, poll_s=60)  # only the final epoch to go
 
 
+def test_budget_and_eta_tell_epochs_on_more_threads_apart(tmp_path, monkeypatch):
+    """A run restarted alone on 2 threads: its budget's median epoch stays the one-thread
+    figure the README names, and its ETA follows the 2-thread pace it trains at now."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_cifar10lt as plan
+
+    monkeypatch.setattr(plan, "RUNS", tmp_path)
+    out = plan.run_dir("ecl")
+    out.mkdir(parents=True)
+    config = {"optim": {"epochs": 10}, "data": {"augment": ["crop_flip"]}, "method_params": {}}
+    (out / "run.json").write_text(json.dumps({"config": config}))
+    rows = [{"epoch_s": 100.0}] * 3 + [{"epoch_s": 60.0, "threads": 2}] * 2  # older rows: 1
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    budget = plan.budget("ecl")
+    assert budget["median_epoch_s"] == 100.0 and budget["epochs_by_threads"] == {"1": 3, "2": 2}
+    assert budget["wall_h"] == round(420 / 3600, 2)
+    import report  # README's run-time table says so
+
+    assert report._alone_epochs(budget) == " (2 epochs alone on 2 threads)"
+    assert report._alone_epochs({"epochs_by_threads": {"1": 5}}) == ""
+    (stage,) = plan.progress("ecl")["stages"]
+    assert stage["s_per_epoch"] == 60.0 and stage["eta_h"] == round(5 * 60 / 3600, 2)
+
+
 def test_restart_stops_the_training_and_resumes_it_on_more_threads(tmp_path, monkeypatch):
     """A real process that looks like a run's training (its argv names ltzoo, train and the
-    run directory), stopped by its session, and on how many threads it is told to go on."""
+    run directory) is stopped, and told on how many threads to go on."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import train_cifar10lt as plan
 
@@ -462,6 +486,12 @@ def test_runs_started_together_share_the_cores(monkeypatch):
     seen.clear()
     plan.queue(["ecl_e100"], streams=2)  # the last run left: every core from the start
     assert seen == [{"ecl_e100": 2}]
+    started.clear()
+    seen.clear()
+    monkeypatch.setattr(plan, "training_pid", lambda tag: 1 if tag == "ecl" and not seen else None)
+    monkeypatch.setattr(plan, "running_threads", lambda tag: 2)
+    plan.queue(["ecl", "ecl_e100"], streams=2)  # ecl trains on every core already
+    assert seen == [{"ecl_e100": 1}]
 
 
 def test_the_queue_never_retrains_a_run_whose_numbers_landed(tmp_path, monkeypatch, capsys):

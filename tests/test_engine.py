@@ -288,6 +288,11 @@ def test_resume_takes_the_settings_of_run_json(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "fmnistlt_ce", "optim.lr=0.1", *opts]) == 2
     assert "would change them: optim.lr 0.05 -> 0.1" in capsys.readouterr().err
+    assert main(["train", "fmnistlt_ce", "run.threads=2", "data.workers=0", *opts]) == 0
+    out = capsys.readouterr().out  # how fast it goes and where the data is may change
+    assert json.loads(out[out.index("{") :])["run"]["threads"] == 2
+    assert main(["train", "fmnistlt_ce", "run.precision=bf16", *opts]) == 2  # what it computes
+    assert "would change them: run.precision 'auto' -> 'bf16'" in capsys.readouterr().err
     assert main(["train", "fmnistlt_ncl", *opts]) == 2
     assert "is a run of recipe 'fmnistlt_ce'" in capsys.readouterr().err
     (run / "checkpoint.pt").unlink()
@@ -370,13 +375,16 @@ def test_resume_after_a_crash_logs_every_epoch_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "atomic_save", crash_at_second_save)
     with pytest.raises(_Crash):
-        main(["train", "fmnistlt_ce", *TINY, "optim.epochs=2", "--out", str(run)])
-    recorded = (run / "run.json").read_text()
+        main(["train", "fmnistlt_ce", *TINY, "optim.epochs=2", "run.threads=1", "--out", str(run)])
+    recorded = json.loads((run / "run.json").read_text())["config"]
     monkeypatch.setattr(engine, "atomic_save", real_save)
-    assert main(["train", "fmnistlt_ce", "--out", str(run), "--resume"]) == 0
-    rows = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [0, 1]  # 2 epochs (run.json), no repeat
-    assert (run / "run.json").read_text() == recorded
+    resumed = ["run.threads=2", "--out", str(run), "--resume"]  # how fast, not what: may change
+    assert main(["train", "fmnistlt_ce", *resumed]) == 0
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]  # 2 epochs (run.json), no repeat
+    assert [r["threads"] for r in rows] == [1, 2]  # each epoch says what it trained on
+    recorded["run"]["threads"] = 2
+    assert json.loads((run / "run.json").read_text())["config"] == recorded
     assert (run / "model" / "model.safetensors").is_file()
 
 

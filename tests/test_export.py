@@ -358,7 +358,10 @@ def test_weights_past_protobufs_limit_go_beside_the_graph(tmp_path, monkeypatch)
     killed = tmp_path / f".big.onnx.{dead.pid}.tmp"
     killed.mkdir()
     (killed / "big.onnx.data").write_bytes(b"half")
+    (tmp_path / "big.onnx.data").write_bytes(b"old")  # an earlier ltzoo's unhashed name
+    (tmp_path / "big.onnx.bak.data").write_bytes(b"a user's")  # not ours
     path = export_onnx(model, tmp_path / "big.onnx")
+    (tmp_path / "big.onnx.bak.data").unlink()  # kept; out of the way for the checks below
     graph, data = sorted(tmp_path.iterdir())
     assert graph == path and re.fullmatch(r"big\.onnx\.[0-9a-f]{16}\.data", data.name)
     assert os.path.getsize(data) > os.path.getsize(path)  # the weights moved out

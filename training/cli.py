@@ -12,7 +12,8 @@ from pathlib import Path
 
 def _train_config(args: argparse.Namespace):  # -> tuple[RunConfig, Path]
     """The run's configuration and directory: the recipe's, or with ``--resume`` the run's own
-    (``run.json``; overrides that would change it are rejected). Every error surfaces here."""
+    (``run.json``; overrides that would change what it trains are rejected). Every error
+    surfaces here."""
     from .config import ConfigError, load_recipe, load_run_config
     from .engine import resumable
 
@@ -232,7 +233,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue from the run directory's last checkpoint with the settings recorded in "
         "its run.json; overrides that would change them are rejected (start a new --out to "
-        "change settings); an error if there is no checkpoint",
+        "change settings), but for how fast it runs and where the data is: run.threads, "
+        "data.workers, data.root, run.eval_batch_size, run.tensorboard; an error if there is "
+        "no checkpoint",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="validate and print the config, train nothing"

@@ -484,11 +484,19 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+#: settings a resumed run may take anew: where the data is read from and how fast the run
+#: goes, never what it computes (``run.device`` would change the precision ``auto`` picks)
+RESUME_MAY_CHANGE = frozenset(
+    {"run.threads", "data.workers", "data.root", "run.eval_batch_size", "run.tensorboard"}
+)
+
+
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """The configuration a run was started with (``run_dir/run.json``), for ``--resume``.
 
-    Overrides that agree with it are accepted (the same command line plus ``--resume``);
-    overrides that would change it are a :class:`ConfigError`: a resumed run keeps its settings.
+    Overrides that agree with it are accepted (the same command line plus ``--resume``), as
+    are those of :data:`RESUME_MAY_CHANGE`; overrides that would change anything else are a
+    :class:`ConfigError`: a resumed run keeps its settings.
     """
     path = Path(run_dir) / "run.json"
     if not path.is_file():
@@ -504,7 +512,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     changed = [
         f"{k} {_lookup(stored, k)!r} -> {_lookup(new, k)!r}"
         for k in sorted(overridden)
-        if _lookup(stored, k) != _lookup(new, k)
+        if _lookup(stored, k) != _lookup(new, k) and k not in RESUME_MAY_CHANGE
     ]
     if changed:
         raise ConfigError(

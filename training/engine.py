@@ -502,6 +502,7 @@ class Trainer:
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen * self.dist.world_size / (time.perf_counter() - t0),
             "epoch_s": time.perf_counter() - t0,
+            "threads": torch.get_num_threads(),  # a resumed run may be given other threads
         }
 
     def _broadcast_buffers(self, method: Method) -> None:
