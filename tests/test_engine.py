@@ -276,6 +276,7 @@ def _recorded_run(tmp_path: Path, overrides: list[str]) -> Path:
 
 def test_resume_takes_the_settings_of_run_json(tmp_path, capsys):
     from ltzoo.cli import main
+    from ltzoo.training.config import RESUME_MAY_CHANGE
 
     run = _recorded_run(tmp_path, ["optim.epochs=3", "optim.lr=0.05"])
     opts = ["--out", str(run), "--resume", "--dry-run"]
@@ -293,6 +294,10 @@ def test_resume_takes_the_settings_of_run_json(tmp_path, capsys):
     assert json.loads(out[out.index("{") :])["run"]["threads"] == 2
     assert main(["train", "fmnistlt_ce", "run.precision=bf16", *opts]) == 2  # what it computes
     assert "would change them: run.precision 'auto' -> 'bf16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # --help names each one a resume may change
+    assert all(key in shown for key in RESUME_MAY_CHANGE)
     assert main(["train", "fmnistlt_ncl", *opts]) == 2
     assert "is a run of recipe 'fmnistlt_ce'" in capsys.readouterr().err
     (run / "checkpoint.pt").unlink()
